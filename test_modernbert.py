@@ -210,3 +210,237 @@ def test_wrong_variants_fail_the_golden_comparison(variant, impl, monkeypatch):
         WRONG[variant](model)
     with pytest.raises(AssertionError, match="max diff"):
         compare_case(model, inputs, expected, FP32_TOL, variant)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Live comparisons with transformers: random configs, every head, gradients, state-dict exchange
+
+
+def official_and_ours(cls_name, seed=0, **overrides):
+    """The official model with weights that make every layer count, and ours holding the same weights."""
+    from fixtures.make_fixtures import build
+
+    official = build(cls_name, seed, **overrides)
+    ours = getattr(mb, cls_name)(mb.ModernBertConfig.from_dict(official.config.to_dict())).eval()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    return official, ours
+
+
+def ragged_batch(config, lengths, left=(), seq=None, seed=0):
+    from fixtures.make_fixtures import ragged_mask, random_batch
+
+    seq = seq or max(lengths)
+    mask = ragged_mask(len(lengths), seq, lengths, [i in left for i in range(len(lengths))])
+    return random_batch(config, mask, seed), mask
+
+
+RANDOM_CONFIGS = {
+    "small_window": dict(hidden_size=48, num_attention_heads=3, intermediate_size=40, num_hidden_layers=5, local_attention=8, global_attn_every_n_layers=2),
+    "odd_sizes": dict(hidden_size=40, num_attention_heads=5, intermediate_size=72, num_hidden_layers=4, local_attention=20, global_rope_theta=50000.0, local_rope_theta=500.0),
+    "all_global": dict(num_hidden_layers=3, global_attn_every_n_layers=1),
+    "base_dims": dict(vocab_size=50368, hidden_size=768, intermediate_size=1152, num_attention_heads=12, num_hidden_layers=4, local_attention=128),
+}
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
+def test_random_configs_match_official_on_every_layer_and_kernel(name, flash_standin):
+    official, ours = official_and_ours("ModernBertForMaskedLM", **RANDOM_CONFIGS[name])
+    ids, mask = ragged_batch(official.config, [300, 171, 64, 9], left=(1,), seed=3)
+    with torch.no_grad():
+        ref = official(ids, attention_mask=mask, output_hidden_states=True)
+        for impl in IMPLS:
+            ours.config.attn_implementation = impl
+            out = ours(ids, attention_mask=mask, output_hidden_states=True)
+            m = mask.bool()
+            for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+                scale = b[m].abs().max().item() if impl == "flash_attention_2" else 1.0
+                assert_close(a[m], b[m], (0.03 if impl == "flash_attention_2" else FP32_TOL) * scale, f"{name}/{impl} hidden_states[{i}]")
+            if impl != "flash_attention_2":
+                assert_close(out.logits[m], ref.logits[m], FP32_TOL * 10 if name == "base_dims" else FP32_TOL, f"{name}/{impl} logits")
+
+
+HEAD_CASES = {
+    "ModernBertForMaskedLM": dict(),
+    "ModernBertForSequenceClassification": dict(num_labels=3, classifier_pooling="mean"),
+    "ModernBertForTokenClassification": dict(num_labels=4),
+    "ModernBertForQuestionAnswering": dict(num_labels=2),
+    "ModernBertForMultipleChoice": dict(classifier_pooling="cls"),
+}
+
+
+def head_inputs(config, cls_name, padded=True):
+    """A batch with labels for each head; QA is unpadded (the official loss scores padded positions)."""
+    g = torch.Generator().manual_seed(7)
+    if cls_name == "ModernBertForMultipleChoice":
+        ids, mask = ragged_batch(config, [140, 100, 61, 140, 33, 90], left=(1, 4))
+        return dict(input_ids=ids.view(2, 3, -1), attention_mask=mask.view(2, 3, -1), labels=torch.tensor([1, 2]))
+    lengths = [140, 100, 61] if padded and cls_name != "ModernBertForQuestionAnswering" else [140, 140, 140]
+    ids, mask = ragged_batch(config, lengths, left=(2,))
+    if cls_name == "ModernBertForQuestionAnswering":
+        return dict(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([3, 50, 200]), end_positions=torch.tensor([9, 60, 139]))
+    if cls_name == "ModernBertForSequenceClassification":
+        return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    labels = torch.randint(0, config.num_labels if cls_name == "ModernBertForTokenClassification" else config.vocab_size, ids.shape, generator=g)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(mask == 0, -100))
+
+
+@needs_transformers
+@pytest.mark.parametrize("cls_name", sorted(HEAD_CASES))
+def test_every_head_loss_and_gradients_match_official(cls_name):
+    official, ours = official_and_ours(cls_name, seed=11, local_attention=16, **HEAD_CASES[cls_name])
+    official.train(), ours.train()  # dropout is 0: train mode only checks nothing depends on eval()
+    inputs = head_inputs(official.config, cls_name)
+    ref, out = official(**inputs), ours(**inputs)
+    assert_close(out.loss, ref.loss, FP32_TOL, f"{cls_name} loss")
+    ref.loss.backward()
+    out.loss.backward()
+    theirs = dict(official.named_parameters())
+    for name, p in ours.named_parameters():
+        scale = max(theirs[name].grad.abs().max().item(), 1e-3)
+        assert_close(p.grad / scale, theirs[name].grad / scale, 1e-4, f"{cls_name} grad of {name} (relative to its max)")
+
+
+@needs_transformers
+@pytest.mark.parametrize("cls_name", ["ModernBertModel"] + sorted(HEAD_CASES))
+def test_state_dict_exchange_is_strict_both_ways(cls_name):
+    official, ours = official_and_ours(cls_name, **HEAD_CASES.get(cls_name, {}))
+    assert list(ours.state_dict()) == list(official.state_dict())
+    for k, v in official.state_dict().items():
+        assert ours.state_dict()[k].shape == v.shape, k
+    fresh_official = getattr(transformers, cls_name)(official.config)
+    fresh_official.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(fresh_official.state_dict()[k], v), k
+
+
+@needs_transformers
+@pytest.mark.parametrize("sparse", [False, True])
+def test_masked_lm_sparse_prediction_matches_official(sparse):
+    official, ours = official_and_ours("ModernBertForMaskedLM", sparse_prediction=sparse, local_attention=16)
+    inputs = head_inputs(official.config, "ModernBertForMaskedLM")
+    inputs["labels"] = inputs["labels"].masked_fill(torch.rand(inputs["labels"].shape, generator=torch.Generator().manual_seed(1)) < 0.8, -100)
+    with torch.no_grad():
+        ref, out = official(**inputs), ours(**inputs)
+    assert_close(out.loss, ref.loss, FP32_TOL, "loss")
+    if sparse:  # only the labelled positions are decoded, in the official order
+        assert out.logits.shape == ref.logits.shape == ((inputs["labels"] != -100).sum().item(), official.config.vocab_size)
+        assert_close(out.logits, ref.logits, FP32_TOL, "sparse logits")
+
+
+@needs_transformers
+@pytest.mark.parametrize("labels", ["regression_1", "regression_3", "multi_label", "single_label"])
+def test_sequence_classification_problem_types_match_official(labels):
+    n = {"regression_1": 1, "regression_3": 3, "multi_label": 3, "single_label": 3}[labels]
+    problem = {"regression_3": "regression"}.get(labels)
+    official, ours = official_and_ours("ModernBertForSequenceClassification", num_labels=n, problem_type=problem, classifier_pooling="mean")
+    ids, mask = ragged_batch(official.config, [90, 50, 20], left=(1,))
+    g = torch.Generator().manual_seed(0)
+    y = {"single_label": torch.tensor([0, 2, 1]), "multi_label": (torch.rand(3, 3, generator=g) > 0.5).float()}.get(labels, torch.randn(3, n, generator=g).squeeze(-1))
+    with torch.no_grad():
+        ref, out = official(ids, attention_mask=mask, labels=y), ours(ids, attention_mask=mask, labels=y)
+    assert_close(out.logits, ref.logits, FP32_TOL, "logits")
+    assert_close(out.loss, ref.loss, FP32_TOL, f"{labels} loss")
+
+
+@needs_transformers
+def test_cls_pooling_takes_the_first_real_token_under_left_padding():
+    """The official sequence classifier pools position 0 even when it is padding; ours pools the first
+    real token (as the official multiple-choice head does), so a left-padded batch gives what the
+    official model gives on the same texts right-padded."""
+    official, ours = official_and_ours("ModernBertForSequenceClassification", num_labels=3, classifier_pooling="cls")
+    ids, mask = ragged_batch(official.config, [120, 80, 33], seed=5)
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for i, n in enumerate(mask.sum(1).tolist()):
+        left_ids[i, -n:], left_mask[i, -n:] = ids[i, :n], 1
+        left_ids[i, :-n] = official.config.pad_token_id
+    with torch.no_grad():
+        assert_close(ours(left_ids, attention_mask=left_mask).logits, official(ids, attention_mask=mask).logits, FP32_TOL, "cls pooling, left padded")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels against each other, packed input, batch invariance, half precision
+
+
+def random_packed(lengths, heads=3, dim=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, dim, generator=g).to(dtype) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    return q, k, v, mb.Packing.from_cu_seqlens(cu, torch.arange(T), (1, T))
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 16, 64])
+@pytest.mark.parametrize("lengths", [[1], [5, 130, 1, 64, 65, 66, 200], [300, 0, 17]])
+def test_kernels_agree(lengths, window, flash_standin):
+    q, k, v, packing = random_packed(lengths)
+    ref = mb.eager_attention(q, k, v, packing, window)
+    assert_close(mb.sdpa_attention(q, k, v, packing, window), ref, 1e-5, f"sdpa window={window}")
+    assert_close(mb.local_block_attention(q, k, v, packing, window or 8), mb.eager_attention(q, k, v, packing, window or 8), 1e-5, "blocked local")
+    # bf16-exact inputs, so the flash path's cast loses nothing and only its bf16 output rounds
+    qb, kb, vb = (t.bfloat16().float() for t in (q, k, v))
+    assert_close(mb.flash_attention(qb, kb, vb, packing, window), mb.eager_attention(qb, kb, vb, packing, window), 2e-2, f"flash window={window}")
+    assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
+
+
+def test_eager_kernel_is_the_textbook_formula():
+    """eager_attention on one sequence equals softmax(Q K^T / sqrt(D) + band mask) V by hand."""
+    q, k, v, packing = random_packed([40], heads=2, dim=8)
+    i = torch.arange(40)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / 8**0.5
+    scores = scores.masked_fill((i[:, None] - i[None, :]).abs() > 5, float("-inf"))
+    assert_close(mb.eager_attention(q, k, v, packing, 5), torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), 1e-5, "eager")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_left_right_padding_and_batch_invariance(impl, flash_standin):
+    model, inputs, _ = load_case("model", impl)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).last_hidden_state
+        rows = [ids[i][mask[i].bool()] for i in range(len(ids))]
+        alone = [model(r[None]).last_hidden_state[0] for r in rows]
+        packed = model(torch.cat(rows)[None], cu_seqlens=torch.tensor([0] + [len(r) for r in rows]).cumsum(0)).last_hidden_state[0]
+        flipped = torch.zeros_like(mask)  # right padding <-> left padding
+        flipped_ids = torch.full_like(ids, model.config.pad_token_id)
+        for i, r in enumerate(rows):
+            if mask[i, 0]:
+                flipped[i, -len(r):], flipped_ids[i, -len(r):] = 1, r
+            else:
+                flipped[i, : len(r)], flipped_ids[i, : len(r)] = 1, r
+        other = model(flipped_ids, attention_mask=flipped).last_hidden_state
+    tol = 0.05 if impl == "flash_attention_2" else 1e-4
+    for i, r in enumerate(alone):
+        assert_close(batch[i][mask[i].bool()], r, tol, f"{impl}: row {i} in the batch vs alone")
+        assert_close(other[i][flipped[i].bool()], r, tol, f"{impl}: row {i} with its padding flipped")
+    assert_close(packed, torch.cat(alone), tol, f"{impl}: packed vs alone")
+    assert (batch[~mask.bool()] == 0).all(), "padded positions hold zeros"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_model_stays_close_to_fp32_official(impl, flash_standin):
+    """A whole bf16 model against the official fp32 outputs, at positions up to 320: the documented
+    bf16 tolerance (4% of the output scale, with 4 layers made to count)."""
+    model, inputs, expected = load_case("model", impl)
+    model_bf16, _, _ = load_case("model", impl, dtype=torch.bfloat16)
+    with torch.no_grad():
+        half = model_bf16(**inputs).last_hidden_state.float()
+    m = inputs["attention_mask"].bool()
+    ref = expected["last_hidden_state"][m]
+    assert_close(half[m], ref, 0.04 * ref.abs().max().item(), f"bf16 {impl} vs fp32 official")
+    assert torch.isfinite(half).all()
+
+
+def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
+    """Rotating bf16 q/k at positions up to 8191 must equal the fp32 rotation rounded once to bf16.
+    The same check with bf16 cos/sin tables fails: that is the bug some ports shipped."""
+    positions = torch.arange(0, 8192, 7)
+    x = torch.randn(len(positions), 2, 64).bfloat16()
+    cos, sin = mb.rope_tables(160000.0, 64, positions)
+    assert cos.dtype == sin.dtype == torch.float32
+    exact = mb.apply_rope(x.float(), cos, sin)
+    ulp = exact.abs().clamp(min=1e-3) * 2**-7  # one bf16 step
+    ours = mb.apply_rope(x, cos, sin)
+    assert ours.dtype == torch.bfloat16 and ((ours.float() - exact).abs() <= ulp).all()
+    bf16_tables = mb.apply_rope(x, cos.bfloat16().float(), sin.bfloat16().float())
+    assert not ((bf16_tables.float() - exact).abs() <= ulp).all()

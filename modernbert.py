@@ -330,7 +330,7 @@ def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
     distance)."""
     T, H, D = q.shape
     b = window
-    n = -(-T // b)  # number of query blocks
+    n = max(1, -(-T // b))  # number of query blocks (one, empty, when T = 0)
     key = ("local", window)
     if key not in packing.cache:
         ids = F.pad(packing.seq_ids, (b, n * b - T + b), value=-1)  # -1: padding, its own "sequence"
@@ -442,7 +442,7 @@ class ModernBertAttention(nn.Module):
         qkv = self.Wqkv(x).view(len(x), 3, self.num_heads, self.head_dim)  # (T, 3, H, D) = [Q | K | V]
         qk = apply_rope(qkv[:, :2], *rope)  # rotate Q and K in one go: (T, 2, H, D)
         out = kernel(qk[:, 0], qk[:, 1], qkv[:, 2], packing, self.window, self.dropout if self.training else 0.0)
-        return self.out_drop(self.Wo(out.reshape(len(x), -1)))
+        return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
 
 class ModernBertEncoderLayer(nn.Module):

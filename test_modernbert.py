@@ -444,3 +444,305 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     assert ours.dtype == torch.bfloat16 and ((ours.float() - exact).abs() <= ulp).all()
     bf16_tables = mb.apply_rope(x, cos.bfloat16().float(), sin.bfloat16().float())
     assert not ((bf16_tables.float() - exact).abs() <= ulp).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the problem, or the right answer; never a NaN or a silent wrong result
+
+
+@pytest.fixture(scope="module")
+def small():
+    config = mb.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                                 local_attention=8, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    return {cls: getattr(mb, cls)(config).eval() for cls in ["ModernBertModel"] + sorted(HEAD_CASES)}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(input_ids=torch.tensor([[1, 2, 64]])), r"\[0, 64\).*\[1, 64\]"),
+    (dict(input_ids=torch.tensor([[1, -2, 3]])), r"\[0, 64\)"),
+    (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer tensor"),
+    (dict(input_ids=torch.tensor([[True, False]])), "integer tensor"),
+    (dict(input_ids=torch.tensor([1, 2, 3])), r"\(batch, seq_len\)"),
+    (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), "Empty batch"),
+    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "Empty batch"),
+    (dict(input_ids=torch.ones(1, 129, dtype=torch.long)), "129 tokens, more than max_position_embeddings = 128"),
+    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)), r"attention_mask has shape \(2, 4\)"),
+    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.full((2, 5), 2)), "only 0 .* and 1"),
+    (dict(input_ids=torch.ones(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4])), "rise from 0 to the packed length 5"),
+    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5])), r"shape \(1, T\)"),
+    (dict(input_ids=torch.ones(1, 5, dtype=torch.long), inputs_embeds=torch.ones(1, 5, 32)), "exactly one"),
+    (dict(inputs_embeds=torch.ones(1, 5, 31)), "inputs_embeds must have shape"),
+])
+def test_bad_inputs_are_clear_errors(small, bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        small["ModernBertModel"](**bad)
+
+
+@pytest.mark.parametrize("cls_name, kwargs, message", [
+    ("ModernBertForMaskedLM", dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels has shape \(2, 4\), expected \(2, 6\)"),
+    ("ModernBertForMaskedLM", dict(labels=torch.zeros(2, 6, dtype=torch.long)), "padded positions must be -100"),
+    ("ModernBertForTokenClassification", dict(labels=torch.zeros(2, 6, dtype=torch.long)), "padded positions must be -100"),
+    ("ModernBertForSequenceClassification", dict(labels=torch.zeros(3, dtype=torch.long)), "3 rows for 2 sequences"),
+    ("ModernBertForQuestionAnswering", dict(start_positions=torch.zeros(3, dtype=torch.long), end_positions=torch.zeros(3, dtype=torch.long)), r"start_positions has shape \(3,\), expected \(2,\)"),
+    ("ModernBertForQuestionAnswering", dict(start_positions=torch.zeros(2, dtype=torch.long)), "both start_positions and end_positions"),
+])
+def test_mismatched_labels_are_clear_errors(small, cls_name, kwargs, message):
+    ids = torch.ones(2, 6, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match=message):
+        small[cls_name](ids, attention_mask=mask, **kwargs)
+
+
+def test_multiple_choice_shapes_are_checked(small):
+    model = small["ModernBertForMultipleChoice"]
+    with pytest.raises(ValueError, match=r"\(batch, num_choices, seq_len\)"):
+        model(torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 6\), expected \(2, 3, 6\)"):
+        model(torch.ones(2, 3, 6, dtype=torch.long), attention_mask=torch.ones(2, 6))
+    with pytest.raises(ValueError, match=r"labels has shape \(3,\), expected \(2,\)"):
+        model(torch.ones(2, 3, 6, dtype=torch.long), labels=torch.zeros(3, dtype=torch.long))
+    assert model(torch.ones(2, 3, 6, dtype=torch.long)).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_padding_rows(small, impl, flash_standin):
+    """A row whose mask is all zeros: the encoder returns zeros for it and the same numbers for the
+    other rows; a classifier has nothing to pool and says so."""
+    ids = torch.randint(1, 64, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1] = 0
+    model = small["ModernBertModel"]
+    model.config.attn_implementation = impl
+    try:
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask).last_hidden_state
+            alone = model(ids[[0, 2]]).last_hidden_state
+            nothing = model(ids, attention_mask=torch.zeros_like(mask)).last_hidden_state
+        assert (out[1] == 0).all() and (nothing == 0).all()
+        assert_close(out[[0, 2]], alone, 0.05 if impl == "flash_attention_2" else 1e-5, "rows beside an empty row")
+        with pytest.raises(ValueError, match="Row 1 of attention_mask is all zeros"):
+            small["ModernBertForSequenceClassification"](ids, attention_mask=mask)
+    finally:
+        model.config.attn_implementation = None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_non_finite_values_for_any_mask_pattern(small, impl, flash_standin):
+    """Random masks, holes in the middle included, single-token rows and rows whose window is all
+    padding: every output is finite, and padded positions are zero."""
+    g = torch.Generator().manual_seed(1)
+    for cls_name in ["ModernBertForMaskedLM", "ModernBertForTokenClassification", "ModernBertForQuestionAnswering"]:
+        model = small[cls_name]
+        model.config.attn_implementation = impl
+        for trial in range(4):
+            mask = (torch.rand(4, 50, generator=g) < [0.9, 0.5, 0.1, 0.02][trial]).long()
+            mask[:, 0] = 1  # (a row with nothing is covered above)
+            mask[3] = 0
+            mask[3, 40] = 1  # one real token, far from the others
+            ids = torch.randint(0, 64, (4, 50), generator=g)
+            with torch.no_grad():
+                out = model(ids, attention_mask=mask)
+            for name in ("logits", "start_logits", "end_logits"):
+                t = getattr(out, name)
+                if t is not None:
+                    assert torch.isfinite(t).all(), f"{cls_name}/{impl}: non-finite {name}"
+                    assert (t[mask == 0] == 0).all()
+        model.config.attn_implementation = None
+
+
+def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
+    with pytest.raises(ValueError, match="attn_implementation 'flash' must be one of"):
+        mb.ModernBertConfig(attn_implementation="flash")
+    model = small["ModernBertModel"]
+    ids = torch.ones(1, 4, dtype=torch.long)
+    model.config.attn_implementation = "xformers"  # set after construction: checked at the next forward
+    with pytest.raises(ValueError, match="'xformers' is unknown"):
+        model(ids)
+    model.config.attn_implementation = "flash_attention_2"
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*cpu"):  # on CPU, whatever is installed
+        model(ids)
+    model.config.attn_implementation = None
+    assert mb.attention_kernel(None, torch.device("cpu"), torch.float32) is mb.sdpa_attention
+    assert mb.attention_kernel(None, torch.device("cpu"), torch.bfloat16) is mb.sdpa_attention
+    assert mb.attention_kernel("eager", torch.device("cpu"), torch.float32) is mb.eager_attention
+    # On a GPU without flash-attn and with a torch whose varlen_attn lacks window_size: a clear error
+    # (asked for) or sdpa (chosen), never "the import worked".
+    import builtins
+    import torch.nn.attention.varlen as varlen
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "flash_attn" else real_import(name, *a, **k))
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None: None)
+    gpu = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="pip install flash-attn"):
+        mb.attention_kernel("flash_attention_2", gpu, torch.bfloat16)
+    assert mb.attention_kernel(None, gpu, torch.bfloat16) is mb.sdpa_attention
+    assert mb.attention_kernel(None, gpu, torch.float32) is mb.sdpa_attention  # flash is never picked for fp32
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
+    (dict(local_attention=127), "even"),
+    (dict(hidden_activation="gelu_fast"), "hidden_activation 'gelu_fast' is not one of"),
+    (dict(classifier_pooling="max"), "classifier_pooling"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention"]), "layer_types must list 2"),
+    (dict(vocab_size=0), "positive"),
+])
+def test_impossible_configs_are_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        mb.ModernBertConfig(**bad)
+
+
+def test_config_reads_both_official_formats():
+    shared = os.environ.get("MODERNBERT_SHARED_DATA", os.path.join(HERE, "..", "shared", "data"))
+    for name, layers, hidden in (("modernbert-base", 22, 768), ("modernbert-large", 28, 1024)):
+        path = os.path.join(shared, name, "config.json")
+        if not os.path.exists(path):
+            pytest.skip(f"{path} is not here (CI puts ../shared beside the checkout)")
+        c = mb.ModernBertConfig.from_dict(json.load(open(path)))  # v4: global_attn_every_n_layers, thetas
+        assert (c.num_hidden_layers, c.hidden_size, c.classifier_pooling) == (layers, hidden, "mean")
+        assert c.layer_types[:4] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        v5 = mb.ModernBertConfig.from_dict(c.to_dict())  # v5 spelling round trip
+        assert v5 == c
+    v5 = mb.ModernBertConfig.from_dict({"layer_types": ["sliding_attention", "full_attention"], "num_hidden_layers": 2,
+                                        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 7.0}},
+                                        "id2label": {"0": "neg", "1": "neu", "2": "pos"}, "reference_compile": True})
+    assert (v5.global_rope_theta, v5.local_rope_theta, v5.num_labels, v5.id2label[2]) == (5.0, 7.0, 3, "pos")
+    assert not v5.is_global(0) and v5.is_global(1)
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        mb.ModernBertConfig.from_dict({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint folders: hostile, broken, partial, sharded
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    model, _, _ = load_case("mlm")
+    model.save_pretrained(folder)
+    return folder, load_file, save_file
+
+
+def test_loader_refuses_missing_pickled_truncated_and_corrupt_checkpoints(checkpoint, tmp_path):
+    folder, _, _ = checkpoint
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        mb.ModernBertModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        mb.ModernBertModel.from_pretrained(tmp_path / "empty")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((folder / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickled weights.*safetensors"):
+        mb.ModernBertModel.from_pretrained(pickled)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        mb.ModernBertModel.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      " + data[100:])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        mb.ModernBertModel.from_pretrained(folder)
+
+
+def test_loader_refuses_wrong_shapes_and_missing_backbone_weights(checkpoint):
+    folder, load_file, save_file = checkpoint
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 50}))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.Wi.weight has shape \(96, 32\), but the config needs \(100, 32\)"):
+        mb.ModernBertForMaskedLM.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    del tensors["model.layers.2.mlp_norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks backbone weight 'model.layers.2.mlp_norm.weight'"):
+        mb.ModernBertForMaskedLM.from_pretrained(folder)
+
+
+def test_loader_moves_backbones_between_classes_and_reports_it(checkpoint, tmp_path):
+    folder, load_file, save_file = checkpoint
+    mlm = mb.ModernBertForMaskedLM.from_pretrained(folder)
+    assert mlm.load_report == {"dropped": [], "initialised": [], "tied": ["decoder.weight"]}
+    assert mlm.decoder.weight is mlm.model.embeddings.tok_embeddings.weight
+    with pytest.warns(UserWarning, match="initialised fresh"):
+        clf = mb.ModernBertForSequenceClassification.from_pretrained(folder, num_labels=4)
+    assert clf.load_report["dropped"] == ["decoder.bias"]
+    assert clf.load_report["initialised"] == ["classifier.weight", "classifier.bias"]
+    assert clf.config.num_labels == 4 and clf.classifier.weight.shape == (4, 32)
+    with pytest.warns(UserWarning, match="dropped"):
+        backbone = mb.ModernBertModel.from_pretrained(folder)
+    assert backbone.load_report["dropped"] == ["decoder.bias", "head.dense.weight", "head.norm.weight"]
+    torch.testing.assert_close(backbone.state_dict(), mlm.model.state_dict(), rtol=0, atol=0)
+    # a bare backbone (no "model." prefix: embedding models fine-tuned from ModernBERT) into a task class
+    backbone.save_pretrained(tmp_path / "bare")
+    assert not any(k.startswith("model.") for k in load_file(tmp_path / "bare" / "model.safetensors"))
+    with pytest.warns(UserWarning):
+        mlm2 = mb.ModernBertForMaskedLM.from_pretrained(tmp_path / "bare")
+    assert mlm2.load_report["initialised"] == ["head.dense.weight", "head.norm.weight", "decoder.bias"]
+    torch.testing.assert_close(mlm2.model.state_dict(), mlm.model.state_dict(), rtol=0, atol=0)
+
+
+def test_loader_reads_sharded_checkpoints(checkpoint, tmp_path):
+    folder, load_file, save_file = checkpoint
+    tensors = load_file(folder / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((folder / "config.json").read_text())
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, sharded / file)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    a, b = mb.ModernBertForMaskedLM.from_pretrained(sharded), mb.ModernBertForMaskedLM.from_pretrained(folder)
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+
+
+def test_loader_sets_dtype_and_attention(checkpoint):
+    folder, _, _ = checkpoint
+    model = mb.ModernBertForMaskedLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.config.attn_implementation == "eager" and not model.training
+
+
+@needs_transformers
+def test_saved_checkpoints_load_in_transformers(checkpoint):
+    folder, _, _ = checkpoint
+    ours = mb.ModernBertForMaskedLM.from_pretrained(folder)
+    official = transformers.ModernBertForMaskedLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    ids, mask = ragged_batch(official.config, [100, 40], left=(1,))
+    with torch.no_grad():
+        m = mask.bool()
+        assert_close(ours(ids, attention_mask=mask).logits[m], official(ids, attention_mask=mask).logits[m], FP32_TOL, "after save_pretrained")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Property sweep: seeded random small configs, lengths and masks; three kernels, the official model,
+# and the pad/unpad round trip
+
+
+@needs_transformers
+@pytest.mark.parametrize("seed", range(8))
+def test_random_sweep_against_official(seed, flash_standin):
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
+    heads, head_dim = pick([1, 2, 4]), pick([4, 8, 16])
+    cfg = dict(hidden_size=heads * head_dim, num_attention_heads=heads, intermediate_size=pick([8, 24, 50]), num_hidden_layers=pick([1, 2, 4]),
+               local_attention=pick([2, 6, 16, 64]), global_attn_every_n_layers=pick([1, 2, 3]), classifier_pooling=pick(["cls", "mean"]))
+    official, ours = official_and_ours("ModernBertForTokenClassification", seed=seed, num_labels=3, **cfg)
+    B, S = pick([1, 2, 5]), pick([1, 7, 40, 150])
+    lengths = torch.randint(1, S + 1, (B,), generator=g).tolist()
+    ids, mask = ragged_batch(official.config, lengths, left=[i for i in range(B) if torch.rand(1, generator=g) < 0.5], seq=S, seed=seed)
+    m = mask.bool()
+    packing = mb.Packing.from_mask(mask)
+    assert torch.equal(packing.repad(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0))  # pad(unpad(x)) == x on real tokens
+    assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(lengths)
+    with torch.no_grad():
+        ref = official(ids, attention_mask=mask).logits[m]
+        for impl in IMPLS:
+            ours.config.attn_implementation = impl
+            out = ours(ids, attention_mask=mask).logits[m]
+            assert_close(out, ref, 0.03 * ref.abs().max().item() if impl == "flash_attention_2" else FP32_TOL, f"seed {seed} {cfg} lengths {lengths} {impl}")

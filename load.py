@@ -1,0 +1,289 @@
+"""Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in [MASK] tokens.
+
+The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line.
+
+    python load.py                                       # the default demo sentence
+    python load.py "The capital of France is [MASK]."
+    python load.py --model ./my-checkpoint --top-k 3 "One [MASK] text." "Two [MASK] in [MASK] text."
+
+From Python, e.g. a notebook:
+
+    from load import load_model, load_tokenizer, fill_mask
+    model = load_model("answerdotai/ModernBERT-base")  # or a folder; task="sequence-classification", ...
+    tokenizer = load_tokenizer("answerdotai/ModernBERT-base")
+    fill_mask(model, tokenizer, ["The capital of France is [MASK]."])[0][0][0]
+    # {'score': ..., 'token': 7785, 'token_str': ' Paris', 'sequence': 'The capital of France is Paris.'}
+
+How and why:
+- A checkpoint is a folder: config.json, model.safetensors (or shards and their index) and the tokenizer
+  files. A folder is used as it is. Anything else is a hub id, fetched with huggingface_hub into the
+  standard HF cache, the one transformers uses, so nothing is downloaded twice. HF_HUB_OFFLINE=1 reads
+  the cache only.
+- The tokenizer is the official tokenizer.json run by the `tokenizers` library. Its post-processor
+  already wraps every text as [CLS] text [SEP], and [MASK] swallows the space before it (lstrip), so
+  the ids are transformers' ids. Nothing is ever truncated: an over-long text is an error.
+- fill_mask returns what transformers' fill-mask pipeline returns (score, token, token_str, sequence),
+  but runs all texts as one padded batch, and decodes only the [MASK] rows. The vocabulary
+  projection (hidden x 50368) is most of the MLM cost, and a sentence has a mask or two among dozens
+  of tokens.
+
+Depends on torch, tokenizers, huggingface_hub (only for hub ids) and modernbert.py; never on transformers.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+from tokenizers import Tokenizer
+
+from modernbert import (
+    ModernBertForMaskedLM,
+    ModernBertForMultipleChoice,
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
+    ModernBertForTokenClassification,
+    ModernBertPreTrainedModel,
+    unpad,
+)
+
+DEFAULT_MODEL = "answerdotai/ModernBERT-base"
+DEFAULT_TEXT = "Plants create [MASK] through a process known as photosynthesis."
+MASK, PAD = "[MASK]", "[PAD]"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+FOLDER_HINT = "To use a checkpoint on disk, pass its folder (config.json, model.safetensors, tokenizer.json): --model /path/to/folder."
+
+TASKS = {
+    "masked-lm": ModernBertForMaskedLM,
+    "sequence-classification": ModernBertForSequenceClassification,
+    "token-classification": ModernBertForTokenClassification,
+    "question-answering": ModernBertForQuestionAnswering,
+    "multiple-choice": ModernBertForMultipleChoice,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# ----------------------------------------------------------------------------------------------------
+# Finding the checkpoint: a local folder, or a hub id downloaded into the HF cache
+
+
+def resolve(name_or_folder, revision=None):
+    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the HF cache
+    snapshot of that hub id (downloaded if needed). Failures are one-line OSError / ValueError."""
+    path = os.path.expanduser(str(name_or_folder))
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
+        return path
+    return download(str(name_or_folder), revision)
+
+
+def download(repo_id, revision=None):
+    # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
+    # release picks. huggingface_hub reads them once, when first imported.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a valid hub id (like {DEFAULT_MODEL!r}). {FOLDER_HINT}") from None
+    except RepositoryNotFoundError:  # also a private or gated repo without a login
+        raise OSError(f"{repo_id!r} is not a local folder, and the Hugging Face hub has no model of that name (or it is private: `hf auth login`). {FOLDER_HINT}") from None
+    except RevisionNotFoundError:
+        raise OSError(f"The hub model {repo_id!r} has no revision {revision!r}.") from None
+    except OSError as e:  # no network, HF_HUB_OFFLINE=1 with an empty cache, an HTTP error
+        reason = (str(e.__cause__ or e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise OSError(f"Could not get {repo_id!r}: the Hugging Face hub could not be reached ({reason}) and the local cache does not have it. {FOLDER_HINT}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def load_model(name_or_folder=DEFAULT_MODEL, task="masked-lm", revision=None, device=None, dtype=None, attn_implementation=None, **config_overrides):
+    """A model in eval mode. `task` is a name from TASKS or a modernbert class; `dtype` a torch dtype or
+    a name ("bf16"); `config_overrides` change the config, e.g. num_labels=3 for a new classifier."""
+    cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
+    if cls is None:
+        raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
+    folder = resolve(name_or_folder, revision)
+    return cls.from_pretrained(folder, attn_implementation=attn_implementation, dtype=parse_dtype(dtype), device=device, **config_overrides)
+
+
+def parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: use one of {sorted(DTYPES)}.")
+    return DTYPES[str(dtype)]
+
+
+def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` that pads batches with [PAD] and
+    never truncates."""
+    tokenizer = Tokenizer.from_file(tokenizer_json(resolve(name_or_folder, revision)))
+    special_id(tokenizer, MASK)  # fail now, not at the first fill_mask, if the vocabulary is not ModernBERT's
+    tokenizer.no_truncation()
+    tokenizer.enable_padding(pad_id=special_id(tokenizer, PAD), pad_token=PAD)
+    return tokenizer
+
+
+def tokenizer_json(folder):
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No tokenizer.json in {folder!r}: copy the tokenizer files ({', '.join(TOKENIZER_FILES)}) next to the weights.")
+    return path
+
+
+def special_id(tokenizer, token):
+    i = tokenizer.token_to_id(token)
+    if i is None:
+        raise ValueError(f"The tokenizer has no {token} token: is it ModernBERT's tokenizer.json?")
+    return i
+
+
+def tokenize(tokenizer, texts, max_length=None, device=None):
+    """Texts -> {"input_ids", "attention_mask"}: int64 tensors (B, S), padded to the longest text.
+    A text longer than max_length tokens ([CLS] and [SEP] included) is an error, never truncated."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("No text given.")
+    if tokenizer.padding is None:
+        raise ValueError("The tokenizer does not pad: make it with load_tokenizer(), or call tokenizer.enable_padding(...).")
+    encodings = tokenizer.encode_batch(texts)
+    for i, (text, encoding) in enumerate(zip(texts, encodings)):
+        n = sum(encoding.attention_mask)
+        if max_length is not None and n > max_length:
+            raise ValueError(f"Text {i + 1} is {n} tokens long, more than the model's limit of {max_length} (max_position_embeddings): shorten it or split it. It begins {text[:40]!r}.")
+    return {
+        "input_ids": torch.tensor([e.ids for e in encodings], device=device),
+        "attention_mask": torch.tensor([e.attention_mask for e in encodings], device=device),
+    }
+
+
+def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
+    """model.save_pretrained(folder), plus the tokenizer files of `tokenizer_from` (a folder or hub id),
+    so that `folder` is a whole checkpoint for load.py and for transformers."""
+    source = os.path.dirname(tokenizer_json(resolve(tokenizer_from, revision)))
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fill-mask, as transformers' pipeline("fill-mask") computes it
+
+
+def check_masks(texts):
+    """An error naming the first text with no [MASK] (cheap, so the CLI checks before loading a model)."""
+    for i, text in enumerate(texts):
+        if MASK not in text:
+            raise ValueError(f"Text {i + 1} has no {MASK} to fill: {text!r}")
+
+
+def fill_mask(model, tokenizer, texts, top_k=5):
+    """For each text (a str or a list of them), for each [MASK] in it, the top_k predictions:
+    [[[{"score", "token", "token_str", "sequence"}, ...] per mask] per text], the fields and values of
+    transformers' fill-mask pipeline. Scores are independent softmaxes per mask, not joint ones."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not isinstance(model, ModernBertForMaskedLM):
+        raise TypeError(f"fill_mask needs a ModernBertForMaskedLM (task='masked-lm'), got {type(model).__name__}.")
+    if not 1 <= top_k <= model.config.vocab_size:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {model.config.vocab_size}, got {top_k}.")
+    check_masks(texts)
+    mask_id = special_id(tokenizer, MASK)
+    batch = tokenize(tokenizer, texts, max_length=model.config.max_position_embeddings, device=model.device)
+    scores, tokens = predict_masks(model, batch["input_ids"], batch["attention_mask"], mask_id, top_k)
+    predictions = iter(zip(scores.tolist(), tokens.tolist()))  # rows in text order, then position order
+    results = []
+    for ids, real in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        ids = [t for t, r in zip(ids, real) if r]  # this text's tokens, without the batch's padding
+        masks = [p for p, t in enumerate(ids) if t == mask_id]
+        results.append([candidates(tokenizer, ids, p, *next(predictions), single_mask=len(masks) == 1) for p in masks])
+    return results
+
+
+@torch.inference_mode()
+def predict_masks(model, input_ids, attention_mask, mask_id, top_k):
+    """The sparse decoder: encode the batch (packed, padding dropped), then run the head and the
+    vocabulary projection on the [MASK] rows only. Returns probabilities and token ids, both (M, top_k),
+    one row per [MASK] in packed order: text by text, left to right."""
+    hidden, packing, _ = model.model.encode(input_ids, attention_mask)  # (T, hidden), real tokens only
+    at_mask = unpad(input_ids, packing.indices) == mask_id  # (T,)
+    logits = model.decoder(model.head(hidden[at_mask]))  # (M, vocab)
+    return logits.float().softmax(dim=-1).topk(top_k)
+
+
+def candidates(tokenizer, ids, position, scores, tokens, single_mask):
+    """The pipeline's dicts for one [MASK]. `sequence` is the text with this mask filled in; as in the
+    pipeline, special tokens are dropped only when the text has a single mask. With several, they
+    stay, so that the other [MASK]s show (and [CLS]/[SEP] with them)."""
+    pad_id = special_id(tokenizer, PAD)
+    out = []
+    for score, token in zip(scores, tokens):
+        filled = [t for t in ids[:position] + [token] + ids[position + 1 :] if t != pad_id]
+        sequence = tokenizer.decode(filled, skip_special_tokens=single_mask)
+        out.append({"score": score, "token": token, "token_str": tokenizer.decode([token], skip_special_tokens=False), "sequence": sequence})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def shown(s, strip=False):
+    """A string to print on one line: without the BPE leading space if asked, repr() if unprintable."""
+    t = s.strip() if strip else s
+    return t if t and t.isprintable() else repr(s)
+
+
+def format_results(texts, results):
+    lines = []
+    for text, masks in zip(texts, results):
+        lines += ["", text] if lines else [text]
+        for m, predictions in enumerate(masks):
+            lines.append(f"  {MASK} {m + 1} of {len(masks)}:")
+            width = max(len(shown(p["token_str"], strip=True)) for p in predictions)
+            for p in predictions:
+                lines.append(f"    {p['score']:.4f}  {shown(p['token_str'], strip=True):<{width}}  (id {p['token']:>5})  {shown(p['sequence'])}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Fill in [MASK] tokens with ModernBERT: the top-k tokens for every mask of every text.")
+    parser.add_argument("texts", nargs="*", default=[DEFAULT_TEXT], metavar="TEXT", help=f"texts with one or more {MASK} (default: {DEFAULT_TEXT!r})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
+    parser.add_argument("--attn", default=None, choices=["eager", "sdpa", "flash_attention_2"], help="attention kernel (default: chosen from device and dtype)")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Prints the predictions; exits with status 2 and a one-line message on any error the user can
+    fix: no [MASK], a text too long, no such folder or hub model, no network, no GPU."""
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
+        check_masks(args.texts)
+        folder = resolve(args.model, args.revision)
+        model = load_model(folder, device=device, dtype=args.dtype, attn_implementation=args.attn)
+        results = fill_mask(model, load_tokenizer(folder), args.texts, top_k=args.top_k)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(args.texts, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,6 +39,7 @@ import torch
 from tokenizers import Tokenizer
 
 from modernbert import (
+    ATTN_IMPLEMENTATIONS,
     ModernBertForMaskedLM,
     ModernBertForMultipleChoice,
     ModernBertForQuestionAnswering,
@@ -261,7 +262,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
-    parser.add_argument("--attn", default=None, choices=["eager", "sdpa", "flash_attention_2"], help="attention kernel (default: chosen from device and dtype)")
+    parser.add_argument("--attn", default=None, choices=[a for a in ATTN_IMPLEMENTATIONS if a], help="attention kernel (default: chosen from device and dtype)")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     return parser.parse_args(argv)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import modernbert
-from load import fill_mask, load_model, load_tokenizer, save_with_tokenizer, tokenize
+from load import fill_mask, load_model, load_tokenizer, save_with_tokenizer, shown, tokenize
 
 HERE = Path(__file__).parent
 SHARED_DATA = Path(os.environ.get("MODERNBERT_SHARED_DATA", HERE.parent / "shared" / "data"))
@@ -183,7 +183,7 @@ def test_load_model_tasks_and_dtypes(checkpoint):
 # ----------------------------------------------------------------------------------------------------
 # The command line, in a subprocess
 
-PREDICTION = re.compile(r"^    (\d\.\d{4})  (\S+) +\(id +(\d+)\)  (.+)$")
+PREDICTION = re.compile(r"^    (\d\.\d{4})  (.+?) +\(id +(\d+)\)  (.+)$")  # score, token (no leading space), id, sequence
 
 
 def test_cli_prints_top_k_for_every_mask_of_every_text(checkpoint, ours):
@@ -201,7 +201,7 @@ def test_cli_prints_top_k_for_every_mask_of_every_text(checkpoint, ours):
             for p in predictions:
                 line = next(lines)
                 score, token_str, token, sequence = PREDICTION.match(line).groups()
-                assert (float(score), token_str, int(token), sequence) == (round(p["score"], 4), p["token_str"].strip(), p["token"], p["sequence"]), line
+                assert (float(score), token_str, int(token), sequence) == (round(p["score"], 4), shown(p["token_str"], strip=True), p["token"], shown(p["sequence"])), line
     assert next(lines, None) is None
 
 

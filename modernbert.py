@@ -316,8 +316,8 @@ def sdpa_attention(q, k, v, packing, window, dropout_p=0.0):
     out = torch.empty_like(q)
     for start, end in bounds:
         if end > start:
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p).transpose(0, 1)
+            qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D takes the fused CPU kernel
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
     return out
 
 

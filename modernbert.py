@@ -474,9 +474,9 @@ class ModernBertOutput:
 class ModernBertPreTrainedModel(nn.Module):
     """What every class shares: weight init and (at the bottom of the file) loading and saving."""
 
-    def init_weights(self):
+    def init_weights(self, only=None):
         """The official init: truncated normals, smaller for output projections, zero biases,
-        LayerNorm weights 1. Loading a checkpoint overwrites all of it except fresh heads."""
+        LayerNorm weights 1. `only`: the names of the modules to initialise (the loader's fresh heads)."""
         c = self.config
         std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
 
@@ -486,6 +486,8 @@ class ModernBertPreTrainedModel(nn.Module):
                 nn.init.zeros_(linear.bias)
 
         for name, m in self.named_modules():
+            if only is not None and name not in only:
+                continue
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 if m.bias is not None:
@@ -499,6 +501,9 @@ class ModernBertPreTrainedModel(nn.Module):
                     trunc(m, std)
                 elif m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def tie_weights(self):
+        """Only the masked-LM class ties weights (its decoder to the embeddings)."""
 
     @classmethod
     def from_pretrained(cls, folder, attn_implementation=None, dtype=None, device=None, **config_overrides):
@@ -651,9 +656,13 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
-        if config.tie_word_embeddings:  # one matrix for reading and writing tokens; checkpoints store it once
-            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self):
+        """One matrix reads and writes tokens: the decoder's weight is the embeddings' (stored once)."""
+        if self.config.tie_word_embeddings:
+            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
         """logits (B, S, vocab), zeros at padded positions. With config.sparse_prediction and labels,
@@ -859,7 +868,8 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     d.update(config_overrides)
     d["attn_implementation"] = attn_implementation
     config = ModernBertConfig.from_dict(d)
-    model = cls(config)
+    with torch.device("meta"):  # shapes only: no memory, and no random init of what the checkpoint overwrites
+        model = cls(config)
     own = model.state_dict()
     prefix = "" if cls is ModernBertModel else "model."
     tensors = {checkpoint_key(k, prefix): v for k, v in read_safetensors(folder).items()}
@@ -877,8 +887,12 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
         elif k.removeprefix(prefix).split(".")[0] in BACKBONE_PARTS:
             raise ValueError(f"Checkpoint in {folder!r} lacks backbone weight {k!r}: refusing to run a half-loaded model.")
         else:
-            full[k] = mine  # a head this checkpoint does not have (a new classifier): initialised fresh
-            report["initialised"].append(k)
+            report["initialised"].append(k)  # a head this checkpoint does not have (a new classifier)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty made a separate tensor for each name
+    model.init_weights(only={k.rsplit(".", 1)[0] for k in report["initialised"]})  # the official init, fresh heads only
+    fresh = model.state_dict()
+    full.update({k: fresh[k] for k in report["initialised"]})
     model.load_state_dict(full, strict=True)
     if report["dropped"] or report["initialised"]:
         warnings.warn(f"{cls.__name__} from {folder}: dropped {report['dropped'] or 'nothing'}; initialised fresh {report['initialised'] or 'nothing'}.", stacklevel=3)

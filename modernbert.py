@@ -649,6 +649,11 @@ def pool(hidden, packing, how):
     return sums / lengths[:, None].to(hidden.dtype)
 
 
+def repad_all(states, packing):
+    """The per-layer hidden states, if asked for, back on the input's grid."""
+    return None if states is None else tuple(packing.repad(h) for h in states)
+
+
 class ModernBertForMaskedLM(ModernBertPreTrainedModel):
     def __init__(self, config):
         super().__init__()
@@ -668,22 +673,16 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         """logits (B, S, vocab), zeros at padded positions. With config.sparse_prediction and labels,
         only positions whose label is not the ignore index are decoded: logits (N_masked, vocab)."""
         hidden, packing, states = self.model.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
+        sparse = self.config.sparse_prediction and labels is not None
+        ignore = self.config.sparse_pred_ignore_index if sparse else -100
         if labels is not None:
-            labels = packed_token_labels(labels, packing, self.config.sparse_pred_ignore_index if self.config.sparse_prediction else -100)
-        if self.config.sparse_prediction and labels is not None:
-            keep = labels != self.config.sparse_pred_ignore_index
-            hidden, labels = hidden[keep], labels[keep]  # skip the vocab-wide matmul for unmasked tokens
-        logits = self.decoder(self.head(hidden))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=self.config.sparse_pred_ignore_index if self.config.sparse_prediction else -100)
-        if not (self.config.sparse_prediction and labels is not None):
-            logits = packing.repad(logits)
-        return ModernBertOutput(loss=loss, logits=logits, hidden_states=repad_all(states, packing))
-
-
-def repad_all(states, packing):
-    return None if states is None else tuple(packing.repad(h) for h in states)
+            labels = packed_token_labels(labels, packing, ignore)  # (T,)
+        if sparse:  # skip the vocabulary-wide matmul for the tokens nobody asked about
+            keep = labels != ignore
+            hidden, labels = hidden[keep], labels[keep]
+        logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
+        return ModernBertOutput(loss=loss, logits=logits if sparse else packing.repad(logits), hidden_states=repad_all(states, packing))
 
 
 def sequence_classification_loss(logits, labels, config):

@@ -441,7 +441,7 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     """Rotating bf16 q/k at positions up to 8191 must equal the fp32 rotation rounded once to bf16.
     The same check with bf16 cos/sin tables fails: that is the bug some ports shipped."""
     positions = torch.arange(0, 8192, 7)
-    x = torch.randn(len(positions), 2, 64).bfloat16()
+    x = torch.randn(len(positions), 2, 64).bfloat16()  # (T, H, D)
     cos, sin = mb.rope_tables(160000.0, 64, positions)
     assert cos.dtype == sin.dtype == torch.float32
     exact = mb.apply_rope(x.float(), cos, sin)

@@ -560,13 +560,15 @@ class ModernBertModel(ModernBertPreTrainedModel):
             t: rope_tables(theta, self.config.head_dim, packing.positions)
             for t, theta in (("full_attention", self.config.global_rope_theta), ("sliding_attention", self.config.local_rope_theta))
         }
-        states = [x]
+        states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
         for layer, layer_type in zip(self.layers, self.config.layer_types):
             x = layer(x, ropes[layer_type], packing, kernel)
-            states.append(x)
+            if states is not None:
+                states.append(x)
         x = self.final_norm(x)
-        states[-1] = x  # as transformers 5: the last hidden state is the normed one
-        return x, packing, states if output_hidden_states else None
+        if states is not None:
+            states[-1] = x  # as transformers 5: the last hidden state is the normed one
+        return x, packing, states
 
     def pack(self, input_ids, attention_mask, inputs_embeds, cu_seqlens):
         """Checks the inputs and works out the Packing; a clear error for anything malformed."""

@@ -706,16 +706,22 @@ def sequence_classification_loss(logits, labels, config):
     raise ValueError(f"problem_type {problem!r} is unknown")
 
 
-class ModernBertForSequenceClassification(ModernBertPreTrainedModel):
-    def __init__(self, config):
+class ModernBertWithClassifier(ModernBertPreTrainedModel):
+    """What the four classifying heads share: backbone -> head -> dropout -> classifier (with bias)."""
+
+    def __init__(self, config, num_outputs):
         super().__init__()
         self.config = config
-        self.num_labels = config.num_labels
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
         self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, num_outputs)
         self.init_weights()
+
+
+class ModernBertForSequenceClassification(ModernBertWithClassifier):
+    def __init__(self, config):
+        super().__init__(config, num_outputs=config.num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
         """logits (N, num_labels), one row per sequence. Pooling happens before the head."""
@@ -729,16 +735,9 @@ class ModernBertForSequenceClassification(ModernBertPreTrainedModel):
         return ModernBertOutput(loss=loss, logits=logits, hidden_states=repad_all(states, packing))
 
 
-class ModernBertForTokenClassification(ModernBertPreTrainedModel):
+class ModernBertForTokenClassification(ModernBertWithClassifier):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        super().__init__(config, num_outputs=config.num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
         """logits (B, S, num_labels), zeros at padded positions; loss ignores label -100."""
@@ -750,16 +749,9 @@ class ModernBertForTokenClassification(ModernBertPreTrainedModel):
         return ModernBertOutput(loss=loss, logits=packing.repad(logits), hidden_states=repad_all(states, packing))
 
 
-class ModernBertForQuestionAnswering(ModernBertPreTrainedModel):
+class ModernBertForQuestionAnswering(ModernBertWithClassifier):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels  # 2: start and end
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        super().__init__(config, num_outputs=config.num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None, end_positions=None, cu_seqlens=None, output_hidden_states=False):
         """start_logits, end_logits (B, S), zeros at padded positions. The loss is the mean of the start
@@ -784,15 +776,9 @@ class ModernBertForQuestionAnswering(ModernBertPreTrainedModel):
         return ModernBertOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous(), hidden_states=repad_all(states, packing))
 
 
-class ModernBertForMultipleChoice(ModernBertPreTrainedModel):
+class ModernBertForMultipleChoice(ModernBertWithClassifier):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, 1)
-        self.init_weights()
+        super().__init__(config, num_outputs=1)  # one score per choice
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_hidden_states=False):
         """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real token."""

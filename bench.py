@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -296,9 +297,10 @@ def main():
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
         return
     rows, ceilings, interrupted = [], {}, False
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` too still prints finished rows
     try:
         run_all(args, rows, ceilings)
-    except KeyboardInterrupt:  # a long run stopped with Ctrl-C still reports what it finished
+    except KeyboardInterrupt:  # a long run stopped early still reports what it finished
         interrupted = True
     print_tables(args, rows, ceilings, interrupted)
 

@@ -20,6 +20,7 @@ Reading order: config -> small parts (RoPE, GeGLU, packing, the attention kernel
 -> model -> heads -> loading and saving.
 """
 
+import functools
 import json
 import math
 import os
@@ -345,10 +346,11 @@ def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
     return out.transpose(1, 2).reshape(n * b, H, D)[:T]
 
 
-def flash_attention(q, k, v, packing, window, dropout_p=0.0):
+def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
     """FlashAttention-2 varlen on the packed stream: no padding, window applied inside the kernel.
-    The kernel takes fp16/bf16 only; fp32 inputs are cast to bf16 and back, as the official code does."""
-    varlen = find_flash_kernel(q.device)
+    The kernel takes fp16/bf16 only; fp32 inputs are cast to bf16 and back, as the official code does.
+    `varlen` is the kernel, found once per forward by `attention_kernel` (looked up here if None)."""
+    varlen = varlen or find_flash_kernel(q.device)
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -405,8 +407,8 @@ def attention_kernel(name, device, dtype):
                 name = "flash_attention_2"
             except RuntimeError:
                 pass
-    if name == "flash_attention_2":
-        find_flash_kernel(device)  # raises with what is missing, before any work is done
+    if name == "flash_attention_2":  # raises with what is missing, before any work is done
+        return functools.partial(flash_attention, varlen=find_flash_kernel(device))  # no lookup per layer
     return KERNELS[name]
 
 

@@ -198,6 +198,8 @@ class ModernBertMLP(nn.Module):
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
+        # A gated MLP: half of Wi's output, through GELU, scales the other half element by element.
+        # Wi holds both input matrices (2 * intermediate_size outputs), so it is one matmul, not two.
         input, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.drop(self.act(input) * gate))
 
@@ -441,7 +443,9 @@ class ModernBertAttention(nn.Module):
         self.out_drop = nn.Dropout(config.attention_dropout)
 
     def forward(self, x, rope, packing, kernel):  # x: (T, hidden)
+        # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
         q, k, v = self.Wqkv(x).view(len(x), 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D) each
+        # Position enters only here: rotating q and k makes q . k depend on their distance alone.
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = kernel(q, k, v, packing, self.window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
@@ -456,7 +460,7 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.mlp = ModernBertMLP(config)
 
-    def forward(self, x, rope, packing, kernel):
+    def forward(self, x, rope, packing, kernel):  # pre-norm: the residual stream itself is never normed
         x = x + self.attn(self.attn_norm(x), rope, packing, kernel)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -529,6 +533,14 @@ class ModernBertPreTrainedModel(nn.Module):
         return next(self.parameters()).dtype
 
 
+# The stack, for ModernBERT-base (22 layers; global every 3rd, starting at layer 0):
+#
+#   tokens -> embeddings -> [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] -> final_norm
+#                            0  1 2  3  4 5  6                                        21
+#   G: every token sees its whole sequence, RoPE theta 160000 (long range, slowly turning phases)
+#   L: every token sees +-64 neighbours,   RoPE theta  10000 (short range, fast phases)
+
+
 class ModernBertModel(ModernBertPreTrainedModel):
     def __init__(self, config):
         super().__init__()
@@ -557,6 +569,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
             x = self.embeddings(input_ids=unpad(input_ids, packing.indices))  # (T, hidden)
         else:
             x = self.embeddings(inputs_embeds=unpad(inputs_embeds, packing.indices))
+        # Chosen per forward, so config.attn_implementation can change between calls.
         kernel = attention_kernel(self.config.attn_implementation, x.device, x.dtype)
         ropes = {  # one cos/sin table per base, shared by all layers of that type
             t: rope_tables(theta, self.config.head_dim, packing.positions)
@@ -647,7 +660,7 @@ def pool(hidden, packing, how):
     lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
     if bool((lengths == 0).any()):
         raise ValueError(f"Row {int((lengths == 0).nonzero()[0])} of attention_mask is all zeros: there is nothing to classify. Drop empty rows.")
-    if how == "cls":
+    if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
         return hidden[packing.cu_seqlens[:-1].long()]
     sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden)
     return sums / lengths[:, None].to(hidden.dtype)
@@ -862,6 +875,7 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     own = model.state_dict()
     prefix = "" if cls is ModernBertModel else "model."
     tensors = {checkpoint_key(k, prefix): v for k, v in read_safetensors(folder).items()}
+    # Walk our own keys, not the checkpoint's: every weight we need is accounted for, one way or another.
 
     report = {"dropped": sorted(set(tensors) - set(own)), "initialised": [], "tied": []}
     full = {}

@@ -266,6 +266,10 @@ class Packing:
         """Packed (T, ...) -> the input's grid (B, S, ...), zeros at padded positions."""
         return pad(x, self.indices, *self.shape)
 
+    def real_mask(self):
+        """Boolean (B, S) on the input's grid: True where a real token sits."""
+        return self.repad(torch.ones(len(self.indices), dtype=torch.bool, device=self.indices.device))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Attention kernels. All three take packed q, k, v of shape (T, H, D), the Packing, and the half-window
@@ -648,9 +652,7 @@ def packed_token_labels(labels, packing, ignore_index=-100):
     """Token labels (B, S) -> (T,) for the real tokens; a label on a padded position is an error,
     since that position has no output to score."""
     check_labels(labels, packing.shape)
-    real = torch.zeros(packing.shape[0] * packing.shape[1], dtype=torch.bool, device=labels.device)
-    real[packing.indices] = True
-    if bool((labels.flatten()[~real] != ignore_index).any()):
+    if bool((labels[~packing.real_mask().to(labels.device)] != ignore_index).any()):
         raise ValueError(f"labels at padded positions must be {ignore_index} (ignored): those positions have no output.")
     return unpad(labels, packing.indices)
 
@@ -781,7 +783,7 @@ class ModernBertForQuestionAnswering(ModernBertWithClassifier):
             raise ValueError("Pass both start_positions and end_positions, or neither.")
         if start_positions is not None:
             B, S = packing.shape
-            real = packing.repad(torch.ones(len(hidden), dtype=torch.bool, device=hidden.device))  # (B, S)
+            real = packing.real_mask()  # (B, S)
             losses = []
             for name, lg, positions in (("start_positions", start_logits, start_positions), ("end_positions", end_logits, end_positions)):
                 check_labels(positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions, (B,), name)

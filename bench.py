@@ -1,14 +1,33 @@
 """Throughput and memory of modernbert.py against Hugging Face transformers' ModernBERT.
 
 Both models get the same random ModernBERT-base weights (transformers' defaults, copied into ours),
-run in the same process on the same right-padded batches, interleaved, best of --repeats. Peak memory
-comes from fresh child processes (this file re-run with --child). Prints a markdown table for README.md.
+run in the same process on the same right-padded batches, interleaved, best of --repeats. Prints
+markdown tables for README.md. --device auto (the default) runs on CUDA where there is a GPU, else on CPU.
 
-    python bench.py                                  # everything
+On CPU: batches of B = --batch (16) sequences (c: B/2 of 512; d: one of 8192), workloads a-e (f is
+GPU-sized and skipped), fp32 and bf16, ours vs theirs (transformers, sdpa), eager (--compile-cpu adds the
+compiled variants below). Peak memory comes from fresh child processes (this file re-run with --child).
+
+On CUDA: the paper's batch sizes, from B = --gpu-batch (512): (a) 512 sequences, lengths ~ N(256, 64)
+in [32, 512]; (c) 256 x 512; (d) 8 x 8192 (B/64); (f) 32 (B/16) sequences, lengths ~ N(4096, 1024) in
+[32, 8192]; workloads a,c,d,f in bf16 by default (b and e stay available). Four variants each: ours
+(eager, our default kernel choice: flash where a kernel is found), ours_compiled (a copy with the same
+weights, ModernBertForMaskedLM.compile()), theirs (sdpa, eager) and theirs_compiled (torch.compile of
+its encoder, default options); --no-compile leaves out the compiled two. Compiling happens in the untimed
+warm-up round; that first call's seconds are reported. Peak GPU memory is measured in this process around
+one extra forward of each variant after timing. A variant that runs out of GPU memory is reported as OOM
+and a failing theirs_compiled as failed; the run goes on.
+
+--time-limit SECONDS (like Ctrl-C or `kill`) stops early and prints the rows finished so far; any other
+error prints them too, before its traceback and exit status 1.
+
+    python bench.py                                  # everything, on the GPU if there is one
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
+    python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
 """
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -17,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 import transformers
@@ -26,14 +46,35 @@ import modernbert as mb
 
 MASK_ID = 50284  # [MASK] in the ModernBERT tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WORKLOADS = {  # name: (description, lengths(batch, generator))
-    "a": ("variable short: len ~ N(256, 64) in [32, 512], B seqs", lambda b, g: (torch.randn(b, generator=g) * 64 + 256).round().clamp(32, 512)),
+WORKLOADS = {  # name: (description, lengths(B, generator)); B is --batch on CPU, --gpu-batch on CUDA
+    "a": (
+        "variable short: len ~ N(256, 64) in [32, 512], B seqs",
+        lambda b, g: (torch.randn(b, generator=g) * 64 + 256).round().clamp(32, 512),
+    ),
     "b": ("uniform: len ~ U[32, 512], B seqs", lambda b, g: torch.randint(32, 513, (b,), generator=g).float()),
     "c": ("fixed 512, B/2 seqs", lambda b, g: torch.full((max(1, b // 2),), 512.0)),
-    "d": ("one 8192-token sequence", lambda b, g: torch.tensor([8192.0])),
-    "e": ("fill-mask, lengths as (a), 3 masks per seq", lambda b, g: (torch.randn(b, generator=g) * 64 + 256).round().clamp(32, 512)),
-    "f": ("GPU variable long: len ~ N(4096, 1024) in [32, 8192], B seqs", lambda b, g: (torch.randn(b, generator=g) * 1024 + 4096).round().clamp(32, 8192)),
+    "d": ("one 8192-token sequence", lambda b, g: torch.full((max(1, b // 64),), 8192.0)),
+    "e": (
+        "fill-mask, lengths as (a), 3 masks per seq",
+        lambda b, g: (torch.randn(b, generator=g) * 64 + 256).round().clamp(32, 512),
+    ),
+    "f": (
+        "GPU variable long: len ~ N(4096, 1024) in [32, 8192], B/16 seqs",
+        lambda b, g: (torch.randn(max(1, b // 16), generator=g) * 1024 + 4096).round().clamp(32, 8192),
+    ),
 }
+CUDA_DESCRIPTIONS = {"d": "fixed 8192, B/64 seqs"}  # on CPU, B = 16 gives one sequence, as the CPU tables say
+MAY_FAIL = {"theirs_compiled"}  # any error in these is reported as "failed" (OOM anywhere is reported as "OOM")
+
+
+class TimeLimit(KeyboardInterrupt):
+    """--time-limit has passed: stops the run the way Ctrl-C does, so the finished rows are printed."""
+
+
+def check_deadline(deadline):
+    """Raises TimeLimit once time.perf_counter() is past the deadline (None: no limit)."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise TimeLimit
 
 
 def make_batch(workload, batch, device):
@@ -50,6 +91,11 @@ def make_batch(workload, batch, device):
     return ids.to(device), mask.to(device)
 
 
+def describe(workload, device_type):
+    """The workload's description in the tables (d names its count of sequences differently on CUDA)."""
+    return CUDA_DESCRIPTIONS.get(workload, WORKLOADS[workload][0]) if device_type == "cuda" else WORKLOADS[workload][0]
+
+
 def fast_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
     """Clamped normal: torch's rejection-sampling trunc_normal_ takes a minute per model on 2 cores,
     and the weights are random anyway (both models get the same ones)."""
@@ -57,41 +103,65 @@ def fast_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None)
         return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
 
 
-def build_models(which, dtype, device, ours_impl):
-    """Random ModernBERT-base MLM models: theirs (sdpa) and/or ours with theirs' weights copied in."""
+def build_models(which, dtype, device, ours_impl, compiled=False):
+    """Random ModernBERT-base MLM models: theirs (sdpa) and/or ours with theirs' weights copied in. With
+    compiled, also ours_compiled (a copy of ours, .compile()d: each encoder layer, dynamic shapes) and
+    theirs_compiled (torch.compile of theirs' encoder, default options; it shares theirs' weights).
+    torch.compile is lazy: the first call of each compiles."""
     torch.manual_seed(0)
-    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = fast_trunc_normal_
+    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
+        fast_trunc_normal_
+    )
     models = {}
     if which in ("both", "theirs"):
-        models["theirs"] = transformers.ModernBertForMaskedLM._from_config(transformers.ModernBertConfig(), attn_implementation="sdpa")
+        models["theirs"] = transformers.ModernBertForMaskedLM._from_config(
+            transformers.ModernBertConfig(), attn_implementation="sdpa"
+        )
     if which in ("both", "ours"):
         models["ours"] = mb.ModernBertForMaskedLM(mb.ModernBertConfig(attn_implementation=ours_impl))
         if "theirs" in models:
             models["ours"].load_state_dict(models["theirs"].state_dict(), strict=True)
-    return {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
+    models = {k: m.to(device=device, dtype=dtype).eval() for k, m in models.items()}
+    if compiled and "ours" in models:
+        models["ours_compiled"] = copy.deepcopy(models["ours"]).compile()
+    if compiled and "theirs" in models:
+        models["theirs_compiled"] = torch.compile(models["theirs"].model)
+    return models
 
 
 def forward_fns(models, workload, ids, mask):
-    """name -> zero-argument forward returning what is compared: hidden states of real tokens
-    (a-d, f) or the vocabulary logits at the [MASK] positions (e)."""
-    ours, theirs, real = models.get("ours"), models.get("theirs"), mask.bool()
-    if workload != "e":
-        return {
-            "ours": lambda: ours.model(ids, mask).last_hidden_state[real],
-            "theirs": lambda: theirs.model(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-        }
+    """name -> zero-argument forward returning what is compared, for each variant in `models`: hidden
+    states of real tokens (a-d, f) or the vocabulary logits at the [MASK] positions (e). In e ours
+    decodes the masked rows only; theirs computes all logits and then takes the masks, as the fill-mask
+    pipeline does, and ours_full does the same with ours."""
+    real = mask.bool()
 
-    def ours_sparse():
-        """encode, then head + decoder on the masked rows only."""
-        hidden, packing, _ = ours.model.encode(ids, mask)
-        rows = mb.unpad(ids, packing.indices) == MASK_ID
-        return ours.decoder(ours.head(hidden[rows]))
+    def ours_fn(ours):
+        def ours_sparse():
+            """encode, then head + decoder on the masked rows only."""
+            hidden, packing, _ = ours.model.encode(ids, mask)
+            rows = mb.unpad(ids, packing.indices) == MASK_ID
+            return ours.decoder(ours.head(hidden[rows]))
 
-    return {  # the full-logits ones do what the fill-mask pipeline does: all logits, then the masks
-        "ours": ours_sparse,
-        "theirs": lambda: theirs(input_ids=ids, attention_mask=mask).logits[ids == MASK_ID],
-        "ours_full": lambda: ours(ids, mask).logits[ids == MASK_ID],
-    }
+        return ours_sparse if workload == "e" else lambda: ours.model(ids, mask).last_hidden_state[real]
+
+    def theirs_fn(encoder, mlm):
+        """encoder: mlm.model, or its compiled wrapper; in e, mlm's head and decoder run on all its output
+        (what mlm's own forward does)."""
+        if workload != "e":
+            return lambda: encoder(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+        return lambda: mlm.decoder(mlm.head(encoder(input_ids=ids, attention_mask=mask).last_hidden_state))[
+            ids == MASK_ID
+        ]
+
+    fns = {name: ours_fn(models[name]) for name in ("ours", "ours_compiled") if name in models}
+    if "theirs" in models:
+        fns["theirs"] = theirs_fn(models["theirs"].model, models["theirs"])
+    if "theirs_compiled" in models:
+        fns["theirs_compiled"] = theirs_fn(models["theirs_compiled"], models["theirs"])
+    if workload == "e" and "ours" in models:
+        fns["ours_full"] = lambda: models["ours"](ids, mask).logits[ids == MASK_ID]
+    return fns
 
 
 def sync(device):
@@ -100,24 +170,60 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns, repeats, device):
-    """Best seconds per fn over `repeats` rounds (order alternating each round), plus each fn's first
-    output. On CUDA an untimed warm-up round comes first; on CPU round 0 is timed too (first-call
-    overhead is milliseconds against forwards of seconds)."""
-    best, first = {k: float("inf") for k in fns}, {}
+def free_memory(device):
+    """Drops what a failed call left behind, so the next variant starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def guarded(name, fn, device):
+    """(fn's result, None), or (None, "OOM") when it runs out of GPU memory, or (None, "failed") when a
+    variant in MAY_FAIL raises anything; the error's first line goes to stderr. Other errors propagate."""
+    try:
+        out = fn()
+        sync(device)
+        return out, None
+    except torch.cuda.OutOfMemoryError as e:
+        status, message = "OOM", str(e)
+    except Exception as e:
+        if name not in MAY_FAIL:
+            raise
+        status, message = "failed", f"{type(e).__name__}: {e}"
+    print(f"    {name} {status}: {message.strip().splitlines()[0][:300] if message.strip() else ''}", file=sys.stderr)
+    free_memory(device)  # after the except blocks: the traceback's frames, and their tensors, are gone
+    return None, status
+
+
+def time_interleaved(fns, repeats, device, warmup, deadline=None):
+    """Best seconds per fn over `repeats` rounds (order alternating each round), each fn's first output,
+    and each fn's first-call seconds (compiling included). With warmup (on CUDA, and wherever something
+    is compiled) an untimed round comes first; on CPU otherwise round 0 is timed too (first-call overhead
+    is milliseconds against forwards of seconds). A fn that fails (see guarded) gets "OOM" or "failed"
+    in place of its seconds and is not called again. Raises TimeLimit before any call past the deadline."""
+    best, first, first_secs = {k: float("inf") for k in fns}, {}, {}
     names = list(fns)
     with torch.inference_mode():
-        for r in range(-1 if device.type == "cuda" else 0, repeats):
+        for r in range(-1 if warmup else 0, repeats):
             for name in names if r % 2 == 0 else names[::-1]:
+                if isinstance(best[name], str):
+                    continue
+                check_deadline(deadline)
                 sync(device)
                 t = time.perf_counter()
-                out = fns[name]()
-                sync(device)
+                out, failure = guarded(name, fns[name], device)
+                secs = time.perf_counter() - t
+                if failure:
+                    best[name] = failure
+                    first_secs.setdefault(name, failure)
+                    continue
                 if r >= 0:
-                    best[name] = min(best[name], time.perf_counter() - t)
+                    best[name] = min(best[name], secs)
                 first.setdefault(name, out)
-                print(f"    {name:9s} round {r}: {time.perf_counter() - t:7.2f}s", file=sys.stderr)
-    return best, first
+                compiling = " (first call: compiles)" if name not in first_secs and name.endswith("_compiled") else ""
+                first_secs.setdefault(name, secs)
+                print(f"    {name:15s} round {r}: {secs:7.2f}s{compiling}", file=sys.stderr)
+    return best, first, first_secs
 
 
 def model_flops(lengths, n_decoded, cfg=mb.ModernBertConfig()):
@@ -161,19 +267,32 @@ def proc_status_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def cuda_peak_mb(fn):
+    """CUDA memory one call of fn allocates at its peak above what was allocated before it, in MB."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def child_peak_mb(args):
-    """Child mode: one forward of one model; its peak memory above the loaded weights and inputs, in MB."""
+    """Child mode: one forward of one model; its peak memory above the loaded weights and inputs, in MB.
+    A compiled variant is called once first, so compiling is not counted."""
     device, name = torch.device(args.device), args.child
-    models = build_models("theirs" if name == "theirs" else "ours", DTYPES[args.dtypes], device, args.ours_impl)
+    which, compiled = name.removesuffix("_compiled").removesuffix("_full"), name.endswith("_compiled")
+    models = build_models(which, DTYPES[args.dtypes], device, args.ours_impl, compiled)
     ids, mask = make_batch(args.workloads, args.batch, device)
     fn = forward_fns(models, args.workloads, ids, mask)[name]
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    if compiled:
         with torch.inference_mode():
             fn()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    gc.collect()
+    if device.type == "cuda":
+        return cuda_peak_mb(fn)
     base = proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS: model construction peaks do not count
@@ -185,13 +304,31 @@ def child_peak_mb(args):
 def peak_mb(name, workload, dtype, device, batch, ours_impl):
     """Runs this file as a child for one (model, workload) and returns its peak MB, or None on failure.
     glibc's mmap threshold is pinned so freed tensors go back to the OS and RSS follows live memory."""
-    cmd = [sys.executable, __file__, "--child", name, "--workloads", workload, "--dtypes", dtype, "--device", device.type, "--batch", str(batch), "--ours-impl", ours_impl]
+    cmd = [sys.executable, __file__, "--child", name, "--workloads", workload, "--dtypes", dtype]
+    cmd += ["--device", device.type, "--batch", str(batch), "--ours-impl", ours_impl]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         print(f"    memory child {name} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def measure_memory(fns, failures, w, dname, device, batch, impl):
+    """name -> peak MB of one forward above the loaded weights and inputs. On CUDA in this process (an
+    extra untimed forward of each variant: OOM and failures are caught, see guarded); on CPU in fresh
+    child processes. A variant that failed while timed keeps its failure and is not run again."""
+    mem = {}
+    for name, fn in fns.items():
+        if name in failures:
+            mem[name] = failures[name]
+        elif device.type == "cuda":
+            peak, failure = guarded(name, lambda fn=fn: cuda_peak_mb(fn), device)
+            mem[name] = failure or peak
+            print(f"    {name:15s} peak MB: {fmt(mem[name], ',.0f')}", file=sys.stderr)
+        else:
+            mem[name] = peak_mb(name, w, dname, device, batch, impl)
+    return mem
 
 
 def machine_line():
@@ -201,108 +338,298 @@ def machine_line():
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; torch {torch.__version__}, transformers {transformers.__version__}"
+    cores = f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+    return f"{cpu}, {cores}{gpu}; torch {torch.__version__}, transformers {transformers.__version__}"
 
 
-def setups(dtypes):
-    """(device, dtype name, our attention kernel) to run: CPU in each dtype, CUDA bf16 with flash."""
-    out = [(torch.device("cpu"), d, "sdpa") for d in dtypes]
-    if torch.cuda.is_available() and "bf16" in dtypes:
-        try:
-            mb.find_flash_kernel(torch.device("cuda"))
-            out.append((torch.device("cuda"), "bf16", "flash_attention_2"))
-        except RuntimeError as e:
-            print(f"no flash kernel ({e}); CUDA runs ours with sdpa", file=sys.stderr)
-            out.append((torch.device("cuda"), "bf16", "sdpa"))
+def pick_device(name):
+    """--device: auto is CUDA where a GPU is, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    return torch.device(name)
+
+
+def apply_device_defaults(args, device):
+    """The defaults that depend on the device: workloads, dtypes, the batch size B, compiling."""
+    cuda = device.type == "cuda"
+    args.workloads = args.workloads or ("a,c,d,f" if cuda else "a,b,c,d,e,f")
+    args.dtypes = args.dtypes or ("bf16" if cuda else "fp32,bf16")
+    args.batch_size = args.gpu_batch if cuda else args.batch
+    args.compiled = args.compile if cuda else args.compile_cpu
+
+
+def setups(device, dtypes):
+    """(dtype name, our attention kernel) per dtype: what ours picks by default, spelled out for the
+    label and the memory children: flash on CUDA in bf16 where a kernel is found, sdpa otherwise."""
+    out = []
+    for d in dtypes:
+        impl = "sdpa"
+        if device.type == "cuda" and d == "bf16":
+            try:
+                mb.find_flash_kernel(device)
+                impl = "flash_attention_2"
+            except RuntimeError as e:
+                print(f"no flash kernel ({e}); CUDA runs ours with sdpa", file=sys.stderr)
+        out.append((d, impl))
     return out
 
 
 def fmt(x, spec):
-    """Formats a number, or n/a for None."""
-    return "n/a" if x is None else format(x, spec)
+    """Formats a number; a failure ("OOM", "failed") stays as it is, None is n/a."""
+    return "n/a" if x is None else x if isinstance(x, str) else format(x, spec)
 
 
-def run_workload(models, w, label, dname, device, impl, args):
-    """Checks ours against theirs on one workload, times both, measures memory; returns a table row."""
-    ids, mask = make_batch(w, args.batch, device)
+def speed(r, name):
+    """Real tokens/s of a variant in a row, formatted, or its failure."""
+    s = r["secs"].get(name)
+    return fmt(r["tok"] / s if isinstance(s, float) else s, ",.0f")
+
+
+def ratio(r, fast, slow):
+    """How many times faster `fast` ran than `slow` ('1.23x'), or n/a when either has no time."""
+    a, b = r["secs"].get(fast), r["secs"].get(slow)
+    return f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+
+def mfu(r, name, ceilings):
+    """Model FLOP/s of a variant over the matmul ceiling, formatted, or n/a."""
+    s = r["secs"].get(name)
+    return fmt(r["flops"] / s / ceilings[r["label"]] if isinstance(s, float) else None, ".1%")
+
+
+def max_diffs(outs):
+    """name -> max abs difference of its output from theirs (none when theirs has no output)."""
+    ref = outs.get("theirs")
+    return {
+        k: (out.float() - ref.float()).abs().max().item()
+        for k, out in outs.items()
+        if ref is not None and k != "theirs"
+    }
+
+
+def run_workload(models, w, label, dname, device, impl, args, deadline=None):
+    """Checks ours against theirs on one workload, times every variant, measures memory; returns a table row."""
+    check_deadline(deadline)
+    ids, mask = make_batch(w, args.batch_size, device)
     lengths = mask.sum(1).tolist()
     print(f"  {label} {w}: {len(lengths)} seqs, {sum(lengths)} real tokens, padded to {ids.shape[1]}", file=sys.stderr)
     fns = forward_fns(models, w, ids, mask)
-    secs, outs = time_interleaved(fns, args.repeats, device)
-    diff = (outs["ours"].float() - outs["theirs"].float()).abs().max().item()
-    if dname == "fp32":  # same weights, same inputs: the numbers must agree before speed counts
-        assert diff < 1e-3, f"workload {w} fp32: ours and theirs differ by {diff:.2e}"
-    mem = {} if args.no_memory else {k: peak_mb(k, w, dname, device, args.batch, impl) for k in fns}
+    warmup = device.type == "cuda" or "ours_compiled" in fns
+    secs, outs, first_secs = time_interleaved(fns, args.repeats, device, warmup, deadline)
+    diffs = max_diffs({k: outs[k] for k in fns if k in outs})
+    if diffs:
+        print("    max abs diff vs theirs: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), file=sys.stderr)
+    compiled_first = {k: first_secs[k] for k in fns if k.endswith("_compiled") and k in first_secs}
+    if compiled_first:
+        print(
+            "    first call (compiling) s: " + ", ".join(f"{k} {fmt(v, '.1f')}" for k, v in compiled_first.items()),
+            file=sys.stderr,
+        )
+    if dname == "fp32":  # same weights, same inputs: the numbers must agree before speed counts (bf16: reported only)
+        for k in ("ours", "ours_compiled"):
+            assert diffs.get(k, 0.0) < 1e-3, f"workload {w} fp32: {k} and theirs differ by {diffs[k]:.2e}"
+    del outs
+    failures = {k: v for k, v in secs.items() if isinstance(v, str)}
+    mem = {} if args.no_memory else measure_memory(fns, failures, w, dname, device, args.batch_size, impl)
     flops = model_flops(lengths, int((ids == MASK_ID).sum()) if w == "e" else 0)
-    return dict(w=w, label=label, tok=sum(lengths), secs=secs, flops=flops, mem=mem, diff=diff)
+    row = dict(w=w, label=label, device=device.type, tok=sum(lengths), secs=secs, first=compiled_first)
+    return row | dict(flops=flops, mem=mem, diff=diffs.get("ours"))
 
 
-def run_all(args, rows, ceilings):
-    """Every (device, dtype) setup and workload asked for; rows are appended as they finish."""
-    for device, dname, impl in setups(args.dtypes.split(",")):
-        models = build_models("both", DTYPES[dname], device, impl)
+def run_all(args, device, rows, ceilings, deadline=None):
+    """Every dtype and workload asked for on the device; rows are appended as they finish."""
+    for dname, impl in setups(device, args.dtypes.split(",")):
+        check_deadline(deadline)
+        models = build_models("both", DTYPES[dname], device, impl, args.compiled)
         label = f"{device.type} {dname}" + (" (ours flash)" if impl == "flash_attention_2" else "")
         for w in args.workloads.split(","):  # the ceiling is re-measured between workloads; the best counts
             ceilings[label] = max(ceilings.get(label, 0.0), matmul_ceiling(DTYPES[dname], device))
             if w != "f" or device.type == "cuda":
-                rows.append(run_workload(models, w, label, dname, device, impl, args))
+                rows.append(run_workload(models, w, label, dname, device, impl, args, deadline))
         ceilings[label] = max(ceilings[label], matmul_ceiling(DTYPES[dname], device))
         del models
-        gc.collect()
+        free_memory(device)
 
 
-def print_tables(args, rows, ceilings, interrupted):
-    """The markdown report: heading, the main table, and the fill-mask sparse-vs-full table."""
-    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`" + (" (interrupted: finished rows only)" if interrupted else "") + "  ")
-    print("Matmul ceiling (best seen during the run): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in ceilings.items()) + "\n")
-    print(f"Batches: {args.batch} sequences for a, b, e, f; {max(1, args.batch // 2)} of 512 for c; right-padded. Tokens/s count real tokens; best of {args.repeats}.")
-    print("MFU = model FLOP/s (bench.model_flops: real tokens, windowed local attention) / the matmul ceiling in that dtype.")
-    print("Peak MB: extra memory one forward needs above the loaded weights and inputs, each in a fresh process.")
-    print("max abs diff: ours vs theirs on the real tokens' last hidden state (e: the logits at the masks).\n")
-    print("| workload | device, dtype | real tokens | ours tok/s | theirs tok/s | ours/theirs | ours MFU | theirs MFU | ours peak MB | theirs peak MB | max abs diff |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        s, m = r["secs"], r["mem"]
-        mfu = {k: r["flops"] / t / ceilings[r["label"]] for k, t in s.items()}
-        print(
-            f"| {r['w']}: {WORKLOADS[r['w']][0]} | {r['label']} | {r['tok']} | {r['tok'] / s['ours']:,.0f} | {r['tok'] / s['theirs']:,.0f} | "
-            f"**{s['theirs'] / s['ours']:.2f}x** | {mfu['ours']:.1%} | {mfu['theirs']:.1%} | {fmt(m.get('ours'), ',.0f')} | {fmt(m.get('theirs'), ',.0f')} | {r['diff']:.1e} |"
+def batches_line(args, device):
+    """What the batches hold, for the heading."""
+    B, best = args.batch_size, f"right-padded. Tokens/s count real tokens; best of {args.repeats}."
+    if device.type == "cuda":
+        return (
+            f"Batches (B = --gpu-batch {B}; the paper's sizes at 512): {B} sequences for a, b, e; "
+            f"{max(1, B // 2)} of 512 for c; {max(1, B // 64)} of 8192 for d; {max(1, B // 16)} for f; {best}"
         )
+    d = f"; {B // 64} of 8192 for d" if B // 64 > 1 else ""
+    return f"Batches: {B} sequences for a, b, e, f; {max(1, B // 2)} of 512 for c{d}; {best}"
+
+
+def print_heading(args, device, ceilings, stopped, compiled):
+    """Machine, command, matmul ceilings, and what the columns mean."""
+    command = f"`python bench.py {' '.join(sys.argv[1:])}`" + (f" ({stopped}: finished rows only)" if stopped else "")
+    print(f"Machine: {machine_line()}  \nCommand: {command}  ")
+    ceiling = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in ceilings.items())
+    print(f"Matmul ceiling (best seen during the run): {ceiling}\n")
+    print(batches_line(args, device))
+    print(
+        "MFU = model FLOP/s (bench.model_flops: real tokens, windowed local attention) / the matmul ceiling "
+        "in that dtype."
+    )
+    if device.type == "cuda":
+        print(
+            "Peak: extra GPU memory one forward needs above the loaded weights and inputs (max_memory_allocated "
+            "in this process, one untimed forward of each variant after timing)."
+        )
+    else:
+        print("Peak MB: extra memory one forward needs above the loaded weights and inputs, each in a fresh process.")
+    if compiled:
+        print(
+            "Compiled: ours = a copy of ours with .compile() (each encoder layer, torch.compile(dynamic=True)); "
+            "theirs = torch.compile(model.model), default options. First call s: the untimed warm-up call, "
+            "compiling included. OOM: out of GPU memory; failed: theirs compiled raised (the message is on stderr)."
+        )
+    print("max abs diff: ours vs theirs on the real tokens' last hidden state (e: the logits at the masks).\n")
+
+
+def md_row(cells):
+    """One markdown table row."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def md_header(columns, left=1):
+    """A markdown table's heading: the first `left` columns left-aligned, the numbers right-aligned."""
+    return md_row(columns) + "\n|" + "---|" * left + "---:|" * (len(columns) - left)
+
+
+def print_plain_table(rows, ceilings):
+    """Ours vs theirs, eager: the CPU table."""
+    columns = ["workload", "device, dtype", "real tokens", "ours tok/s", "theirs tok/s", "ours/theirs", "ours MFU"]
+    print(md_header(columns + ["theirs MFU", "ours peak MB", "theirs peak MB", "max abs diff"], left=2))
+    for r in rows:
+        m = r["mem"]
+        cells = [f"{r['w']}: {describe(r['w'], r['device'])}", r["label"], r["tok"], speed(r, "ours")]
+        cells += [speed(r, "theirs"), f"**{ratio(r, 'ours', 'theirs')}**", mfu(r, "ours", ceilings)]
+        cells += [mfu(r, "theirs", ceilings), fmt(m.get("ours"), ",.0f"), fmt(m.get("theirs"), ",.0f")]
+        print(md_row(cells + [fmt(r["diff"], ".1e")]))
+
+
+COMPILED_COLUMNS = (
+    "workload | real tokens | ours tok/s | ours compiled tok/s | theirs tok/s | theirs compiled tok/s | "
+    "ours compiled / theirs | ours compiled / theirs compiled | ours / theirs | MFU (ours compiled) | "
+    "peak GB ours compiled | peak GB theirs | first call s ours compiled | first call s theirs compiled | max abs diff"
+).split(" | ")
+
+
+def peak_gb(r, name):
+    """A variant's peak memory in GB, formatted, or its failure, or n/a."""
+    mb_ = r["mem"].get(name)
+    return fmt(mb_ / 1024 if isinstance(mb_, float) else mb_, ".2f")
+
+
+def print_compiled_table(rows, ceilings):
+    """The four variants, eager and compiled (the CUDA table), one table per device and dtype."""
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        print(("\n" if i else "") + f"**{label}**\n")
+        print(md_header(COMPILED_COLUMNS))
+        for r in (r for r in rows if r["label"] == label):
+            cells = [f"{r['w']}: {describe(r['w'], r['device'])}", r["tok"]]
+            cells += [speed(r, k) for k in ("ours", "ours_compiled", "theirs", "theirs_compiled")]
+            cells += [ratio(r, "ours_compiled", "theirs"), f"**{ratio(r, 'ours_compiled', 'theirs_compiled')}**"]
+            cells += [ratio(r, "ours", "theirs"), mfu(r, "ours_compiled", ceilings)]
+            cells += [peak_gb(r, "ours_compiled"), peak_gb(r, "theirs")]
+            cells += [fmt(r["first"].get(k), ".1f") for k in ("ours_compiled", "theirs_compiled")]
+            print(md_row(cells + [fmt(r["diff"], ".1e")]))
+
+
+def print_tables(args, device, rows, ceilings, stopped=None):
+    """The markdown report: heading, the main table(s), and the fill-mask sparse-vs-full table."""
+    compiled = [r for r in rows if "ours_compiled" in r["secs"]]
+    plain = [r for r in rows if "ours_compiled" not in r["secs"]]
+    print_heading(args, device, ceilings, stopped, compiled)
+    if compiled:
+        print_compiled_table(compiled, ceilings)
+    if plain or not compiled:
+        print("\n" if compiled else "", end="")
+        print_plain_table(plain, ceilings)
     fill = [r for r in rows if r["w"] == "e"]
     if fill:
-        print("\nFill-mask (e), ours two ways: sparse decoder (head + decoder on the masked rows only) vs full-vocabulary logits.\n")
-        print("| device, dtype | sparse tok/s | full-logits tok/s | sparse/full | full/theirs | sparse peak MB | full peak MB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("\nFill-mask (e), ours two ways: sparse decoder (head + decoder on the masked rows only)", end="")
+        print(" vs full-vocabulary logits.\n")
+        columns = ["device, dtype", "sparse tok/s", "full-logits tok/s", "sparse/full", "full/theirs"]
+        print(md_header(columns + ["sparse peak MB", "full peak MB"]))
         for r in fill:
-            s, m = r["secs"], r["mem"]
-            print(
-                f"| {r['label']} | {r['tok'] / s['ours']:,.0f} | {r['tok'] / s['ours_full']:,.0f} | {s['ours_full'] / s['ours']:.2f}x | "
-                f"{s['theirs'] / s['ours_full']:.2f}x | {fmt(m.get('ours'), ',.0f')} | {fmt(m.get('ours_full'), ',.0f')} |"
-            )
+            m = r["mem"]
+            cells = [r["label"], speed(r, "ours"), speed(r, "ours_full"), ratio(r, "ours", "ours_full")]
+            cells += [ratio(r, "ours_full", "theirs"), fmt(m.get("ours"), ",.0f"), fmt(m.get("ours_full"), ",.0f")]
+            print(md_row(cells))
 
 
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
+    start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f (f runs on CUDA only)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto (default): cuda where torch sees a GPU, else cpu",
+    )
+    p.add_argument(
+        "--workloads",
+        help="comma-separated subset of a,b,c,d,e,f (f: CUDA only); default a,b,c,d,e,f on CPU, a,c,d,f on CUDA",
+    )
+    p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
-    p.add_argument("--batch", type=int, default=16, help="sequences per batch for a, b, e, f (c uses half)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    p.add_argument("--child", choices=["ours", "theirs", "ours_full"], help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="CPU: sequences per batch B for a, b, e (c uses B/2, d B/64 but at least one)",
+    )
+    p.add_argument(
+        "--gpu-batch",
+        type=int,
+        default=512,
+        help="CUDA: B, the paper's 512: B sequences for a, b, e; B/2 for c, B/64 for d, B/16 for f",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: also time ours_compiled and theirs_compiled (default on)",
+    )
+    p.add_argument("--compile-cpu", action="store_true", help="CPU: time the compiled variants too (off by default)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no new workload or variant after this many seconds; print the finished rows",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
+    )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
+    if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
         return
-    rows, ceilings, interrupted = [], {}, False
+    device = pick_device(args.device)
+    apply_device_defaults(args, device)
+    deadline = None if args.time_limit is None else start + args.time_limit
+    rows, ceilings, stopped = [], {}, None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` too still prints finished rows
     try:
-        run_all(args, rows, ceilings)
-    except KeyboardInterrupt:  # a long run stopped early still reports what it finished
-        interrupted = True
-    print_tables(args, rows, ceilings, interrupted)
+        run_all(args, device, rows, ceilings, deadline)
+    except KeyboardInterrupt as e:  # a long run stopped early still reports what it finished
+        stopped = f"time limit of {args.time_limit:g} s reached" if isinstance(e, TimeLimit) else "interrupted"
+        print(f"stopped: {stopped}", file=sys.stderr)
+    except Exception:  # an error (a failed check too) on a long GPU run should not lose the finished rows
+        traceback.print_exc()
+        print_tables(args, device, rows, ceilings, "stopped by an error, traceback on stderr")
+        sys.exit(1)
+    print_tables(args, device, rows, ceilings, stopped)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,28 @@ Every number this file computes is checked against the official implementation (
 `state_dict` keys are the official ones, so checkpoints load both ways.
 
 Reading order: config -> small parts (RoPE, GeGLU, packing, the attention kernels) -> encoder layer
--> model -> heads -> loading and saving.
+-> model -> heads -> loading and saving -> input checks (skip them on a first read).
 """
 
 import functools
+import inspect
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve (see below)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -73,45 +82,23 @@ class ModernBertConfig:
     num_labels: int = 2
     id2label: dict | None = None  # {0: "LABEL_0", ...} when None
     label2id: dict | None = None
-    problem_type: str | None = None  # "regression" | "single_label_classification" | "multi_label_classification"
+    problem_type: str | None = None  # "regression", "single_label_classification" or "multi_label_classification"
     initializer_range: float = 0.02
     initializer_cutoff_factor: float = 2.0
     tie_word_embeddings: bool = True
-    attn_implementation: str | None = None  # "eager" | "sdpa" | "flash_attention_2"; None picks one
+    attn_implementation: str | None = None  # "eager", "sdpa" or "flash_attention_2"; None picks one
 
     def __post_init__(self):
         if self.layer_types is None:
-            n = self.global_attn_every_n_layers
-            self.layer_types = ["full_attention" if i % n == 0 else "sliding_attention" for i in range(self.num_hidden_layers)]
+            every = self.global_attn_every_n_layers
+            self.layer_types = [LAYER_TYPES[i % every != 0] for i in range(self.num_hidden_layers)]
         if self.id2label is None:
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
         self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
         self.num_labels = len(self.id2label)
         if self.label2id is None:
             self.label2id = {v: k for k, v in self.id2label.items()}
-        self.validate()
-
-    def validate(self):
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        elif self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} is odd; RoPE rotates pairs of dimensions")
-        if self.local_attention <= 0 or self.local_attention % 2:
-            problems.append(f"local_attention {self.local_attention} must be a positive even total width (2 x the half-window)")
-        for name in ("hidden_activation", "classifier_activation"):
-            if getattr(self, name) not in ACTIVATIONS:
-                problems.append(f"{name} {getattr(self, name)!r} is not one of {sorted(ACTIVATIONS)}")
-        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {"full_attention", "sliding_attention"}:
-            problems.append(f"layer_types must list {self.num_hidden_layers} of 'full_attention' / 'sliding_attention', got {self.layer_types}")
-        if self.classifier_pooling not in ("cls", "mean"):
-            problems.append(f"classifier_pooling {self.classifier_pooling!r} must be 'cls' or 'mean'")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            problems.append(f"attn_implementation {self.attn_implementation!r} must be one of {ATTN_IMPLEMENTATIONS}")
-        if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.max_position_embeddings) <= 0:
-            problems.append("sizes must be positive")
-        if problems:
-            raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
+        check_config(self)
 
     @property
     def head_dim(self):
@@ -124,31 +111,39 @@ class ModernBertConfig:
     def from_dict(cls, d):
         """Reads a config.json of either official format: v4 (`global_rope_theta`,
         `global_attn_every_n_layers`) or v5 (`layer_types`, `rope_parameters`). Other keys are ignored."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for layer_type, name in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
+        kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+        for layer_type, name in zip(LAYER_TYPES, ("global_rope_theta", "local_rope_theta")):
             rope = (d.get("rope_parameters") or {}).get(layer_type)
             if rope:
                 if rope.get("rope_type", "default") != "default":
-                    raise ValueError(f"rope_type {rope['rope_type']!r} for {layer_type} is not supported: only plain RoPE")
+                    raise ValueError(
+                        f"rope_type {rope['rope_type']!r} for {layer_type} is not supported: only plain RoPE"
+                    )
                 kwargs[name] = rope["rope_theta"]
         if kwargs.get("id2label"):
             kwargs.pop("num_labels", None)  # the label map decides
         return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, revision=None):
+        """The config.json of a checkpoint folder or hub id."""
+        with open(os.path.join(checkpoint_folder(name_or_folder, revision), "config.json")) as f:
+            return cls.from_dict(json.load(f))
 
     def to_dict(self):
         """config.json in the official format, written in both spellings so transformers 4 and 5 read it."""
         d = asdict(self)
         d.pop("attn_implementation")
         d["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+            t: {"rope_type": "default", "rope_theta": theta}
+            for t, theta in zip(LAYER_TYPES, (self.global_rope_theta, self.local_rope_theta))
         }
         d["id2label"] = {str(k): v for k, v in self.id2label.items()}
         d["model_type"] = "modernbert"
         return d
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")  # global, local
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
 
 # The official names map to these; "gelu" is the exact erf form everywhere in ModernBERT.
@@ -178,9 +173,9 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin for x of shape (T, H, D), computed in fp32 and returned in x's
-    dtype. addcmul fuses the multiply-add: one fewer (T, H, D) temporary per call."""
-    cos, sin = cos[:, None], sin[:, None]  # (T, 1, D): the same rotation for every head
+    """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 and returned in x's
+    dtype. addcmul fuses the multiply-add: one fewer temporary the size of x."""
+    cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
     xf = x.float()
     return torch.addcmul(xf * cos, rotate_half(xf), sin).to(x.dtype)
 
@@ -215,7 +210,8 @@ class ModernBertMLP(nn.Module):
 #                                                                            zeros where mask is 0
 #
 # Positions restart at 0 in each sequence, so a left-padded row and a right-padded row give the same
-# numbers. Already-packed input (sequences concatenated, plus cu_seqlens) skips the unpad step.
+# numbers. Already-packed input (sequences back to back, as transformers' DataCollatorWithFlattening
+# makes it) skips the unpad step: its boundaries come as cu_seqlens or as position_ids restarting at 0.
 
 
 def unpad(x, indices):
@@ -230,50 +226,122 @@ def pad(x, indices, batch, seqlen):
     return out.view(batch, seqlen, *x.shape[1:])
 
 
+PACKED_INPUTS = (
+    "cu_seqlens",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "seq_idx",
+)
+
+
 @dataclass
 class Packing:
-    """Where the real tokens of a batch sit, computed once per forward and shared by every layer."""
+    """Where the tokens of a batch sit, worked out once per forward and shared by every layer."""
 
-    indices: torch.Tensor  # (T,) positions of real tokens in the flattened input grid
+    indices: torch.Tensor  # (T,) each token's place in the flattened (B * S) input grid
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
     shape: tuple  # (B, S) of the input grid
-    seq_ids: torch.Tensor  # (T,) which sequence each token belongs to
-    positions: torch.Tensor  # (T,) position of each token inside its sequence
-    cache: dict = field(default_factory=dict)  # masks the kernels build once per forward
+    real: torch.Tensor  # (T,) bool; False only at the padding that the traced path below keeps
+    positions: torch.Tensor | None = None  # (T,) position inside its sequence; None: the token's offset in it
+    seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
+    uniform: bool = False  # all sequences have max_seqlen tokens, so attention needs no key mask
+    padded: bool = False
+
+    def __post_init__(self):
+        # (x.shape[0], not len(x): len() must return a plain int, which would fix the size of a traced graph)
+        T, cu = self.indices.shape[0], self.cu_seqlens.long()
+        lengths = cu[1:] - cu[:-1]
+        if self.seq_ids is None:
+            self.seq_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=T)
+        offsets = torch.arange(T, device=cu.device) - cu[self.seq_ids]  # (T,) index inside its sequence
+        self.grid = self.seq_ids * self.max_seqlen + offsets  # (T,) slot in a right-padded (N, max_seqlen) grid
+        self.positions = offsets if self.positions is None else self.positions
+
+    @classmethod
+    def from_inputs(cls, config, input_ids, attention_mask, inputs_embeds, **packed):
+        """The one door from a forward's inputs to a Packing: a padded batch with its attention_mask, or
+        packed input (B = 1) with cu_seqlens, or with the keys of transformers' DataCollatorWithFlattening
+        (position_ids alone, or with cu_seq_lens_q/k and max_length_q/k). The checks are at the bottom."""
+        tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
+        check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
+        packed = {k: v for k, v in packed.items() if v is not None}
+        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        cu = packed.get("cu_seqlens", packed.get("cu_seq_lens_q"))
+        if cu is None and packed.get("position_ids") is not None:  # a sequence starts where positions restart
+            cu = F.pad((packed["position_ids"][0] == 0).nonzero().squeeze(1), (0, 1), value=S)
+        if cu is not None:
+            return cls.from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
+        mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        return cls.traced_padded(mask.to(device)) if tracing else cls.from_mask(mask.to(device))
 
     @classmethod
     def from_mask(cls, attention_mask):
         lengths = attention_mask.sum(dim=1)
         indices = attention_mask.flatten().nonzero().squeeze(1)
+        shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()  # one host sync per forward
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return cls.from_cu_seqlens(cu_seqlens, indices, attention_mask.shape)
+        real = torch.ones_like(indices, dtype=torch.bool)
+        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), real, uniform=shortest == longest)
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens, indices, shape):
-        total = indices.numel()
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
-        positions = torch.arange(total, device=lengths.device) - cu_seqlens.long()[seq_ids]
-        max_seqlen = int(lengths.max()) if len(lengths) else 0
-        return cls(indices, cu_seqlens, max_seqlen, tuple(shape), seq_ids, positions)
+    def from_cu_seqlens(cls, cu_seqlens, max_seqlen, total):
+        """Already-packed input (1, total). A given max_seqlen (the collator's max_length_q) saves the host
+        sync, so torch.compile can trace all of it."""
+        uniform = False
+        if max_seqlen is None:
+            lengths = cu_seqlens.diff()
+            shortest, max_seqlen = torch.stack((lengths.min(), lengths.max())).tolist()
+            uniform = shortest == max_seqlen
+        indices = torch.arange(total, device=cu_seqlens.device)
+        real = torch.ones_like(indices, dtype=torch.bool)
+        return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), real, uniform=uniform)
+
+    @classmethod
+    def traced_padded(cls, attention_mask):
+        """For torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
+        data-dependent size. Every slot of the (B, S) grid is a token and every row one sequence; padding
+        is carried along and hidden from attention as a key (`real`), positions still count real tokens
+        only, and the kernel is the eager reference on the input's grid: the same numbers, more work."""
+        B, S = attention_mask.shape
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0).flatten()
+        cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=attention_mask.device)
+        indices = torch.arange(B * S, device=attention_mask.device)
+        real = attention_mask.flatten().bool()
+        return cls(indices, cu_seqlens, S, (B, S), real, positions, seq_ids=indices // S, padded=True)
 
     @property
     def num_seqs(self):
-        return len(self.cu_seqlens) - 1
+        return self.cu_seqlens.shape[0] - 1
 
     def repad(self, x):
         """Packed (T, ...) -> the input's grid (B, S, ...), zeros at padded positions."""
+        if self.padded:
+            x = x.masked_fill(~self.real.view(-1, *[1] * (x.dim() - 1)), 0)
         return pad(x, self.indices, *self.shape)
+
+    def repad_all(self, states):
+        """The per-layer hidden states, if asked for, back on the input's grid."""
+        return None if states is None else tuple(self.repad(h) for h in states)
 
     def real_mask(self):
         """Boolean (B, S) on the input's grid: True where a real token sits."""
-        return self.repad(torch.ones(len(self.indices), dtype=torch.bool, device=self.indices.device))
+        return self.repad(self.real)
+
+    def token_labels(self, labels, ignore_index=-100):
+        """Token labels (B, S) -> (T,). A label on a padded position is an error (it has no output)."""
+        if not torch.compiler.is_compiling():
+            check_token_labels(labels, self, ignore_index)
+        return unpad(labels, self.indices).masked_fill(~self.real, ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention kernels. All three take packed q, k, v of shape (T, H, D), the Packing, and the half-window
-# (None on global layers), and return (T, H, D). `attention_kernel` picks one.
+# Attention kernels. All three take q, k, v of shape (T, H, D), the Packing, and the half-window
+# (None on global layers), and return (T, H, D). `attention_kernels` picks them.
 #
 # The local band, drawn for window = 2 (ModernBERT: 64), intersected with padding:
 #
@@ -286,46 +354,48 @@ class Packing:
 
 
 def band(query_pos, key_pos, window):
-    """Boolean (Q, K): which keys each query may see. window=None is global attention."""
-    if window is None:
-        return torch.ones(len(query_pos), len(key_pos), dtype=torch.bool, device=query_pos.device)
-    return (query_pos[:, None] - key_pos[None, :]).abs() <= window
+    """Boolean (..., Q, K): which keys each query may see, |i - j| <= window."""
+    return (query_pos[..., :, None] - key_pos[..., None, :]).abs() <= window
 
 
 def eager_attention(q, k, v, packing, window, dropout_p=0.0):
-    """The reference: softmax(Q K^T / sqrt(D) + mask) V, written out on a padded (B, H, S, S) grid."""
-    B, S, D = packing.num_seqs, packing.max_seqlen, q.shape[-1]
-    grid = packing.seq_ids * S + packing.positions  # each token's place in a right-padded (B, S) grid
-    q, k, v = (pad(t, grid, B, S).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-    scores = (q @ k.transpose(-2, -1)) * D**-0.5  # (B, H, S, S)
-    key_is_real = pad(torch.ones_like(grid, dtype=torch.bool), grid, B, S)  # (B, S)
-    pos = torch.arange(S, device=q.device)
-    allowed = key_is_real[:, None, None, :] & band(pos, pos, window)  # (B, 1, S, S)
+    """The reference: softmax(Q K^T / sqrt(D) + mask) V, written out on a padded (N, H, S, S) grid."""
+    N, S, D = packing.num_seqs, packing.max_seqlen, q.shape[-1]
+    q, k, v = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) * D**-0.5  # (N, H, S, S)
+    allowed = pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
+    if window is not None:
+        pos = pad(packing.positions, packing.grid, N, S)[:, None]  # (N, 1, S)
+        allowed = allowed & band(pos, pos, window)  # (N, 1, S, S)
     # A finite minimum, not -inf: a padded query row with no allowed key stays finite (and is dropped).
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
-    return unpad((probs @ v).transpose(1, 2), grid)  # (T, H, D)
+    return unpad((probs @ v).transpose(1, 2), packing.grid)  # (T, H, D)
 
 
 def sdpa_attention(q, k, v, packing, window, dropout_p=0.0):
     """torch's scaled_dot_product_attention, without ever building an (S, S) mask.
 
     SDPA with an explicit (S, S) mask materialises it, saves nothing from the window and keeps SDPA
-    off its fused kernels. Instead: global layers run one unmasked call per sequence (no padding, no
-    mask), and local layers run blocked sliding-window attention over the packed stream, which costs
-    O(T * window) however long the sequences are."""
+    off its fused kernels. Instead: local layers run blocked sliding-window attention over the packed
+    stream, which costs O(T * window) however long the sequences are; global layers run one SDPA call
+    on a padded (N, S) grid with a key mask that hides the padding (no mask when all lengths are equal)."""
     if window is not None:
         return local_block_attention(q, k, v, packing, window, dropout_p)
-    bounds = packing.cache.get("bounds")
-    if bounds is None:  # one host sync per forward, not per layer
-        bounds = packing.cache["bounds"] = list(zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist()))
-    out = torch.empty_like(q)
-    for start, end in bounds:
-        if end > start:
-            qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D takes the fused CPU kernel
+    if q.device.type == "cpu" and not packing.uniform and not torch.compiler.is_compiling():
+        # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding: 3x faster than
+        # the masked grid, and a Python loop costs nothing there. On a GPU it would be N launches and a sync.
+        out, bounds = torch.empty_like(q), packing.cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D is fused
             out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
-    return out
+        return out
+    N, S = packing.num_seqs, packing.max_seqlen
+    qg, kg, vg = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    mask = None if packing.uniform else pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
+    return unpad(out.transpose(1, 2), packing.grid)
 
 
 def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
@@ -334,28 +404,33 @@ def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
     A query in block i sees only keys within +-window, which all lie in blocks i-1, i, i+1: each block
     attends to 3 * window keys instead of S. Sequence boundaries need no special case: a key counts
     only if it belongs to the query's sequence (and inside one sequence, packed distance = position
-    distance)."""
+    distance).
+
+        stream   | block i-1 | block i | block i+1 |      queries: block i (b tokens)
+                 '------ keys: 3b tokens ---------'       keys: blocks i-1, i, i+1 (zeros past the ends)
+    """
     T, H, D = q.shape
     b = window
     n = max(1, -(-T // b))  # number of query blocks (one, empty, when T = 0)
-    key = ("local", window)
-    if key not in packing.cache:
-        ids = F.pad(packing.seq_ids, (b, n * b - T + b), value=-1)  # -1: padding, its own "sequence"
-        q_ids = ids[b : b + n * b].view(n, b)  # (n, b)
-        k_ids = ids.unfold(0, 3 * b, b)  # (n, 3b): keys of blocks i-1, i, i+1
-        in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), window)
-        packing.cache[key] = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, b, 3b)
-    mask = packing.cache[key]
+
+    def blocks_of_three(t, fill=0):  # (T, ...) -> (n, 3b, ...): the keys of blocks i-1, i, i+1 for each i
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (b, n * b - T + b), value=fill)
+        return t.unfold(0, 3 * b, b).movedim(-1, 1)
+
+    q_ids = F.pad(packing.seq_ids, (0, n * b - T), value=-1).view(n, b)  # -1: past the end, its own "sequence"
+    k_ids = blocks_of_three(packing.seq_ids, fill=-1)  # (n, 3b)
+    in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), window)
+    mask = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, b, 3b)
     qb = F.pad(q, (0, 0, 0, 0, 0, n * b - T)).view(n, b, H, D).transpose(1, 2)  # (n, H, b, D)
-    kb, vb = (F.pad(t, (0, 0, 0, 0, b, n * b - T + b)).unfold(0, 3 * b, b).permute(0, 1, 3, 2) for t in (k, v))  # (n, H, 3b, D)
+    kb, vb = (blocks_of_three(t).transpose(1, 2) for t in (k, v))  # (n, H, 3b, D)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # (n, H, b, D)
     return out.transpose(1, 2).reshape(n * b, H, D)[:T]
 
 
 def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
-    """FlashAttention-2 varlen on the packed stream: no padding, window applied inside the kernel.
-    The kernel takes fp16/bf16 only; fp32 inputs are cast to bf16 and back, as the official code does.
-    `varlen` is the kernel, found once per forward by `attention_kernel` (looked up here if None)."""
+    """FlashAttention-2 varlen on the packed stream: no padding, no mask, and on local layers the kernel
+    skips the key blocks outside the window. It takes fp16/bf16 only; fp32 inputs are cast to bf16 and
+    back, as the official code does. `varlen` is the kernel, found by `attention_kernels`."""
     varlen = varlen or find_flash_kernel(q.device)
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
@@ -366,45 +441,16 @@ def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
     return out.to(dtype)
 
 
-def find_flash_kernel(device):
-    """The varlen flash kernel for `device`, with flash_attn's signature, or a clear error."""
-    if device.type != "cuda":
-        raise RuntimeError(f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. Use 'sdpa' (or None to choose) on this device.")
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func
-    except ImportError:
-        pass
-    try:  # torch's own copy of the kernel; only releases whose signature has the window can serve
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-
-        if "window_size" in inspect.signature(varlen_attn).parameters:
-
-            def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
-                if dropout_p:
-                    raise RuntimeError("torch's varlen_attn has no dropout: install flash-attn to train with attention dropout")
-                return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
-
-            return torch_varlen
-    except ImportError:
-        pass
-    raise RuntimeError(
-        "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
-        "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
-    )
-
-
 KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
 
 
-def attention_kernel(name, device, dtype):
-    """The one place a kernel is chosen. None picks flash on a GPU in half precision when a kernel
-    is there to be found, sdpa otherwise; a forced name is honoured or refused with the reason."""
+def attention_kernels(name, device, dtype, packing):
+    """The one place kernels are chosen: {layer type: kernel}. None picks flash on a GPU in half
+    precision when a kernel is there to be found, sdpa otherwise; a forced name is honoured or refused."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}")
+    if packing.padded:  # a traced padded batch (Packing.traced_padded): the reference math on the input's grid
+        return dict.fromkeys(LAYER_TYPES, eager_attention)
     if name is None:
         name = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
@@ -413,9 +459,41 @@ def attention_kernel(name, device, dtype):
                 name = "flash_attention_2"
             except RuntimeError:
                 pass
-    if name == "flash_attention_2":  # raises with what is missing, before any work is done
-        return functools.partial(flash_attention, varlen=find_flash_kernel(device))  # no lookup per layer
-    return KERNELS[name]
+    if name != "flash_attention_2":
+        return dict.fromkeys(LAYER_TYPES, KERNELS[name])
+    flash = functools.partial(flash_attention, varlen=find_flash_kernel(device))  # raises with what is missing
+    # Global layers over sequences of one length: a single dense SDPA call (no mask, so its own flash or cuDNN
+    # kernel) beat varlen flash on an H100 (8 x 8192 tokens: 3.5 ms against 5.2 ms a layer). Ragged lengths
+    # stay with varlen flash, which skips the padding that a dense call would compute.
+    return {"full_attention": sdpa_attention if packing.uniform else flash, "sliding_attention": flash}
+
+
+def find_flash_kernel(device):
+    """The varlen flash kernel for `device`, with flash_attn's signature, or a clear error."""
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. "
+            "Use 'sdpa' (or None to choose) on this device."
+        )
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    if varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters:
+        return torch_varlen
+    raise RuntimeError(
+        "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
+        "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
+    )
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
+    """torch's varlen_attn behind flash_attn_varlen_func's signature."""
+    if dropout_p:
+        raise RuntimeError("torch's varlen_attn has no dropout: install flash-attn to train with attention dropout")
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,13 +505,13 @@ class ModernBertEmbeddings(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id if 0 <= config.pad_token_id < config.vocab_size else None)
+        pad_id = config.pad_token_id if 0 <= config.pad_token_id < config.vocab_size else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad_id)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.drop = nn.Dropout(config.embedding_dropout)
 
-    def forward(self, input_ids=None, inputs_embeds=None):
-        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.drop(self.norm(x))
+    def forward(self, x):  # token ids (T,), or inputs_embeds (T, hidden) that skip the lookup
+        return self.drop(self.norm(x if x.is_floating_point() else self.tok_embeddings(x)))
 
 
 class ModernBertAttention(nn.Module):
@@ -448,10 +526,11 @@ class ModernBertAttention(nn.Module):
 
     def forward(self, x, rope, packing, kernel):  # x: (T, hidden)
         # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
-        q, k, v = self.Wqkv(x).view(len(x), 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D) each
+        qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
         # Position enters only here: rotating q and k makes q . k depend on their distance alone.
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernel(q, k, v, packing, self.window, self.dropout if self.training else 0.0)
+        # Both are rotated in one call, so a compiled layer does it in one fp32 pass.
+        q, k = apply_rope(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
+        out = kernel(q, k, qkv[:, 2], packing, self.window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
 
@@ -459,9 +538,10 @@ class ModernBertEncoderLayer(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         # Layer 0 has no attn_norm: the embedding norm just normalised its input (no checkpoint key either).
-        self.attn_norm = nn.Identity() if layer_id == 0 else nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        norm = functools.partial(nn.LayerNorm, config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.attn_norm = nn.Identity() if layer_id == 0 else norm()
         self.attn = ModernBertAttention(config, layer_id)
-        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.mlp_norm = norm()
         self.mlp = ModernBertMLP(config)
 
     def forward(self, x, rope, packing, kernel):  # pre-norm: the residual stream itself is never normed
@@ -469,20 +549,54 @@ class ModernBertEncoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-@dataclass
-class ModernBertOutput:
-    """The official output attributes; a head fills the ones it has, the rest stay None."""
+class ModernBertOutput(dict):
+    """What every model returns, as transformers' ModelOutput does: a dict of the fields that are set, in
+    the official order, read by attribute (`out.logits`, None when not set), key (`out["loss"]`) or
+    position (`out[0]` is the first field set; `out.to_tuple()`)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
-    hidden_states: tuple | None = None
-    start_logits: torch.Tensor | None = None
-    end_logits: torch.Tensor | None = None
+    FIELDS = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state", "hidden_states")
+
+    def __init__(self, **values):
+        super().__init__((k, values[k]) for k in self.FIELDS if values.get(k) is not None)
+
+    def __getattr__(self, name):
+        if name in self.FIELDS:
+            return self.get(name)
+        raise AttributeError(f"ModernBertOutput has no field {name!r}")
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else super().__getitem__(key)
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+
+# torch.export and the ONNX exporter flatten outputs into tensors: this says how (transformers does the same).
+torch.utils._pytree.register_pytree_node(
+    ModernBertOutput,
+    lambda out: (list(out.values()), list(out)),
+    lambda values, keys: ModernBertOutput(**dict(zip(keys, values))),
+    serialized_type_name="modernbert.ModernBertOutput",
+    flatten_with_keys_fn=lambda out: ([(torch.utils._pytree.MappingKey(k), v) for k, v in out.items()], list(out)),
+)
+
+
+def output(return_dict, **values):
+    """The forward's result: a ModernBertOutput, or its tuple with return_dict=False (as transformers)."""
+    out = ModernBertOutput(**values)
+    return out.to_tuple() if return_dict is False else out
 
 
 class ModernBertPreTrainedModel(nn.Module):
-    """What every class shares: weight init and (at the bottom of the file) loading and saving."""
+    """What every class shares: the config, weight init, loading and saving (the code is at the bottom of
+    the file), compiling, gradient checkpointing, and the conveniences transformers users reach for."""
+
+    accepts_loss_kwargs = False  # transformers.Trainer: our losses average over the batch themselves
+
+    def __init__(self, config):
+        super().__init__()
+        # A transformers ModernBertConfig is read through its dict, like a config.json.
+        self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
 
     def init_weights(self, only=None):
         """The official init: truncated normals, smaller for output projections, zero biases,
@@ -491,7 +605,8 @@ class ModernBertPreTrainedModel(nn.Module):
         std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
 
         def trunc(linear, std):
-            nn.init.trunc_normal_(linear.weight, 0.0, std, -c.initializer_cutoff_factor * std, c.initializer_cutoff_factor * std)
+            cutoff = c.initializer_cutoff_factor * std
+            nn.init.trunc_normal_(linear.weight, 0.0, std, -cutoff, cutoff)
             if getattr(linear, "bias", None) is not None:
                 nn.init.zeros_(linear.bias)
 
@@ -505,6 +620,7 @@ class ModernBertPreTrainedModel(nn.Module):
             elif isinstance(m, nn.Embedding):
                 trunc(m, std_in)
             elif isinstance(m, nn.Linear):
+                # By the module's name: input projections, the classifier, and (any other) output projections.
                 last = name.rsplit(".", 1)[-1]
                 std = {"Wqkv": std_in, "Wi": std_in, "classifier": c.hidden_size**-0.5}.get(last, std_out)
                 if last != "decoder" or not c.tie_word_embeddings:
@@ -516,17 +632,52 @@ class ModernBertPreTrainedModel(nn.Module):
         """Only the masked-LM class ties weights (its decoder to the embeddings)."""
 
     @classmethod
-    def from_pretrained(cls, folder, attn_implementation=None, dtype=None, device=None, **config_overrides):
-        """Load an official checkpoint folder (config.json + safetensors) into this class, strictly:
-        a task checkpoint or a bare backbone, every shape checked, a missing backbone weight an error.
-        What was dropped (another task's head) or initialised fresh (a new classifier) is reported in
-        `model.load_report` and a warning. `config_overrides` change the config, e.g. num_labels=3.
-        The code is at the bottom of the file, `load_checkpoint`."""
-        return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config_overrides)
+    def from_pretrained(
+        cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **config
+    ):
+        """Load an official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) into this
+        class, strictly: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight
+        an error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported
+        in `model.load_report` and a warning. `config` overrides the config, e.g. num_labels=3."""
+        folder = checkpoint_folder(name_or_folder, revision)
+        return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
 
     def save_pretrained(self, folder):
-        """Write config.json + model.safetensors in the official format (`save_checkpoint`, below)."""
+        """Write config.json + model.safetensors in the official format, atomically (`save_checkpoint`)."""
         save_checkpoint(self, folder)
+
+    def compile(self, **kwargs):
+        """The fast configuration: each encoder layer compiled once for every batch shape (dynamic=True),
+        so Inductor fuses the elementwise work around the matmuls and attention (RoPE on q and k in one fp32
+        pass, GeGLU, the norms, residual adds and casts). Packing and the kernel choice stay eager, so
+        unpadding keeps working and no layer waits on the host. The first forward pays for compiling
+        (about a minute for ModernBERT-base on an H100), and no later batch shape compiles again."""
+        for module in self.modules():
+            if isinstance(module, ModernBertEncoderLayer):
+                module.compile(dynamic=True, **kwargs)
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """Recompute each layer's activations in the backward pass instead of keeping them: long inputs
+        fit in much less memory for about one more forward of compute. (transformers.Trainer passes
+        every_n_layers and offload; only their defaults, every layer and no offloading, are supported.)"""
+        if every_n_layers != 1 or offload:
+            raise ValueError("Gradient checkpointing here covers every layer and keeps activations on the device.")
+        for module in self.modules():
+            if isinstance(module, ModernBertModel):
+                module.checkpointing = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self):
+        for module in self.modules():
+            if isinstance(module, ModernBertModel):
+                module.checkpointing = None
+
+    def num_parameters(self, only_trainable=False, exclude_embeddings=False):
+        skip = set(self.get_input_embeddings().parameters()) if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and p not in skip)
+
+    def get_input_embeddings(self):
+        return next(m for m in self.modules() if isinstance(m, ModernBertEmbeddings)).tok_embeddings
 
     @property
     def device(self):
@@ -547,41 +698,40 @@ class ModernBertPreTrainedModel(nn.Module):
 
 class ModernBertModel(ModernBertPreTrainedModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        config = self.config
         self.embeddings = ModernBertEmbeddings(config)
         self.layers = nn.ModuleList(ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.checkpointing = None  # gradient checkpointing's options, when it is enabled
         self.init_weights()
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, cu_seqlens=None, output_hidden_states=False):
-        """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input:
-        input_ids (1, T) holding sequences back to back, with cu_seqlens (N + 1,) their boundaries.
-        Returns last_hidden_state (B, S, hidden), zeros at padded positions, and with
-        output_hidden_states the embedding output and each layer's output, the last one after final_norm."""
-        hidden, packing, states = self.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
-        return ModernBertOutput(
-            last_hidden_state=packing.repad(hidden),
-            hidden_states=tuple(packing.repad(h) for h in states) if output_hidden_states else None,
-        )
+    def forward(self, input_ids=None, attention_mask=None, return_dict=None, **inputs):
+        """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input (see
+        Packing.from_inputs). Returns last_hidden_state (B, S, hidden), zeros at padded positions, and with
+        output_hidden_states=True the embedding output and each layer's output, the last one after final_norm.
+        `inputs`: inputs_embeds, output_hidden_states, and the packed-input keys."""
+        hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
+        return output(return_dict, last_hidden_state=packing.repad(hidden), hidden_states=packing.repad_all(states))
 
-    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, cu_seqlens=None, output_hidden_states=False):
-        """The packed forward every head builds on: returns hidden (T, hidden) of the real tokens only,
-        the Packing that says where they came from, and the per-layer states if asked for."""
-        packing = self.pack(input_ids, attention_mask, inputs_embeds, cu_seqlens)
-        if inputs_embeds is None:
-            x = self.embeddings(input_ids=unpad(input_ids, packing.indices))  # (T, hidden)
-        else:
-            x = self.embeddings(inputs_embeds=unpad(inputs_embeds, packing.indices))
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
+        """The packed forward every head builds on: returns hidden (T, hidden) of the tokens only, the
+        Packing that says where they came from, and the per-layer states if asked for."""
+        packing = Packing.from_inputs(self.config, input_ids, attention_mask, inputs_embeds, **packed)
+        x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
         # Chosen per forward, so config.attn_implementation can change between calls.
-        kernel = attention_kernel(self.config.attn_implementation, x.device, x.dtype)
-        ropes = {  # one cos/sin table per base, shared by all layers of that type
-            t: rope_tables(theta, self.config.head_dim, packing.positions)
-            for t, theta in (("full_attention", self.config.global_rope_theta), ("sliding_attention", self.config.local_rope_theta))
+        kernels = attention_kernels(self.config.attn_implementation, x.device, x.dtype, packing)
+        thetas = (self.config.global_rope_theta, self.config.local_rope_theta)
+        ropes = {
+            t: rope_tables(theta, self.config.head_dim, packing.positions) for t, theta in zip(LAYER_TYPES, thetas)
         }
         states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
         for layer, layer_type in zip(self.layers, self.config.layer_types):
-            x = layer(x, ropes[layer_type], packing, kernel)
+            args = (x, ropes[layer_type], packing, kernels[layer_type])
+            if self.checkpointing and self.training:  # keep only x; recompute the layer's insides in backward
+                x = checkpoint(layer, *args, **self.checkpointing)
+            else:
+                x = layer(*args)
             if states is not None:
                 states.append(x)
         x = self.final_norm(x)
@@ -589,47 +739,11 @@ class ModernBertModel(ModernBertPreTrainedModel):
             states[-1] = x  # as transformers 5: the last hidden state is the normed one
         return x, packing, states
 
-    def pack(self, input_ids, attention_mask, inputs_embeds, cu_seqlens):
-        """Checks the inputs and works out the Packing; a clear error for anything malformed."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        x = input_ids if input_ids is not None else inputs_embeds
-        if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-                raise TypeError(f"input_ids must be an integer tensor of token ids, got {getattr(input_ids, 'dtype', type(input_ids))}.")
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"inputs_embeds must have shape (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}.")
-        B, S = x.shape[:2]
-        if B == 0 or S == 0:
-            raise ValueError(f"Empty batch: input shape {tuple(x.shape)}. Pass at least one sequence of at least one token.")
-        if input_ids is not None:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (the vocabulary), got values in [{low}, {high}]. Was the text tokenized with this model's tokenizer?")
-        if cu_seqlens is not None:
-            if attention_mask is not None or B != 1:
-                raise ValueError("Packed input is input_ids of shape (1, T) with cu_seqlens and no attention_mask.")
-            cu = torch.as_tensor(cu_seqlens, device=x.device).to(torch.int32)
-            if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != S or bool((cu[1:] < cu[:-1]).any()):
-                raise ValueError(f"cu_seqlens must rise from 0 to the packed length {S}, got {cu.tolist()}.")
-            packing = Packing.from_cu_seqlens(cu, torch.arange(S, device=x.device), (1, S))
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, S, dtype=torch.long, device=x.device)
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input has (batch, seq_len) = {(B, S)}.")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
-            packing = Packing.from_mask(attention_mask.to(device=x.device, dtype=torch.long))
-        if packing.max_seqlen > self.config.max_position_embeddings:
-            raise ValueError(f"A sequence has {packing.max_seqlen} tokens, more than max_position_embeddings = {self.config.max_position_embeddings}. Truncate it or split it into windows.")
-        return packing
-
 
 # ----------------------------------------------------------------------------------------------------
 # Task heads. All share the pretrained prediction head (dense -> GELU -> norm) and run on packed tokens.
+# Each forward takes input_ids, attention_mask, its labels, return_dict, and passes the rest (inputs_embeds,
+# output_hidden_states, packed input) through to the encoder.
 
 
 class ModernBertPredictionHead(nn.Module):
@@ -643,43 +757,26 @@ class ModernBertPredictionHead(nn.Module):
         return self.norm(self.act(self.dense(x)))
 
 
-def check_labels(labels, shape, name="labels"):
-    if labels is not None and tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(shape)}.")
-
-
-def packed_token_labels(labels, packing, ignore_index=-100):
-    """Token labels (B, S) -> (T,) for the real tokens; a label on a padded position is an error,
-    since that position has no output to score."""
-    check_labels(labels, packing.shape)
-    if bool((labels[~packing.real_mask().to(labels.device)] != ignore_index).any()):
-        raise ValueError(f"labels at padded positions must be {ignore_index} (ignored): those positions have no output.")
-    return unpad(labels, packing.indices)
-
-
 def pool(hidden, packing, how):
     """One vector per sequence: 'cls' takes its first real token, 'mean' averages its real tokens."""
-    lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
-    if bool((lengths == 0).any()):
-        raise ValueError(f"Row {int((lengths == 0).nonzero()[0])} of attention_mask is all zeros: there is nothing to classify. Drop empty rows.")
+    if not torch.compiler.is_compiling():
+        check_poolable(packing)
     if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
-        return hidden[packing.cu_seqlens[:-1].long()]
-    sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden)
-    return sums / lengths[:, None].to(hidden.dtype)
-
-
-def repad_all(states, packing):
-    """The per-layer hidden states, if asked for, back on the input's grid."""
-    return None if states is None else tuple(packing.repad(h) for h in states)
+        first = packing.cu_seqlens[:-1].long()
+        if packing.padded:  # the traced path keeps left padding in the row: skip it
+            first = first + packing.real.view(packing.shape).int().argmax(dim=1)
+        return hidden[first]
+    real = packing.real[:, None].to(hidden.dtype)
+    sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden * real)
+    return sums / real.new_zeros(packing.num_seqs, 1).index_add_(0, packing.seq_ids, real)
 
 
 class ModernBertForMaskedLM(ModernBertPreTrainedModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        super().__init__(config)
+        self.model = ModernBertModel(self.config)
+        self.head = ModernBertPredictionHead(self.config)
+        self.decoder = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=self.config.decoder_bias)
         self.tie_weights()
         self.init_weights()
 
@@ -688,20 +785,21 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         if self.config.tie_word_embeddings:
             self.decoder.weight = self.model.embeddings.tok_embeddings.weight
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
         """logits (B, S, vocab), zeros at padded positions. With config.sparse_prediction and labels,
         only positions whose label is not the ignore index are decoded: logits (N_masked, vocab)."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         sparse = self.config.sparse_prediction and labels is not None
         ignore = self.config.sparse_pred_ignore_index if sparse else -100
         if labels is not None:
-            labels = packed_token_labels(labels, packing, ignore)  # (T,)
+            labels = packing.token_labels(labels, ignore)  # (T,)
         if sparse:  # skip the vocabulary-wide matmul for the tokens nobody asked about
             keep = labels != ignore
             hidden, labels = hidden[keep], labels[keep]
         logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
-        return ModernBertOutput(loss=loss, logits=logits if sparse else packing.repad(logits), hidden_states=repad_all(states, packing))
+        logits = logits if sparse else packing.repad(logits)
+        return output(return_dict, loss=loss, logits=logits, hidden_states=packing.repad_all(states))
 
 
 def sequence_classification_loss(logits, labels, config):
@@ -715,7 +813,9 @@ def sequence_classification_loss(logits, labels, config):
         else:
             problem = "multi_label_classification"
     if problem == "regression":
-        return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype)) if config.num_labels == 1 else F.mse_loss(logits, labels)
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels)
     if problem == "single_label_classification":
         return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
     if problem == "multi_label_classification":
@@ -723,100 +823,150 @@ def sequence_classification_loss(logits, labels, config):
     raise ValueError(f"problem_type {problem!r} is unknown")
 
 
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
+    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
+    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
+    B, S = packing.shape
+    real = packing.real_mask()  # (B, S)
+    losses = []
+    for name, logits, positions in (
+        ("start_positions", start_logits, start_positions),
+        ("end_positions", end_logits, end_positions),
+    ):
+        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
+        check_labels(positions, (B,), name)
+        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
+        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
+    return (losses[0] + losses[1]) / 2
+
+
 class ModernBertWithClassifier(ModernBertPreTrainedModel):
     """What the four classifying heads share: backbone -> head -> dropout -> classifier (with bias)."""
 
-    def __init__(self, config, num_outputs):
-        super().__init__()
-        self.config = config
-        self.model = ModernBertModel(config)
-        self.head = ModernBertPredictionHead(config)
-        self.drop = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, num_outputs)
+    def __init__(self, config, num_outputs=None):
+        super().__init__(config)
+        self.model = ModernBertModel(self.config)
+        self.head = ModernBertPredictionHead(self.config)
+        self.drop = nn.Dropout(self.config.classifier_dropout)
+        self.classifier = nn.Linear(self.config.hidden_size, num_outputs or self.config.num_labels)
         self.init_weights()
 
 
 class ModernBertForSequenceClassification(ModernBertWithClassifier):
-    def __init__(self, config):
-        super().__init__(config, num_outputs=config.num_labels)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
         """logits (N, num_labels), one row per sequence. Pooling happens before the head."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
         loss = None
         if labels is not None:
             if labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"labels has {labels.shape[0]} rows for {logits.shape[0]} sequences.")
             loss = sequence_classification_loss(logits, labels, self.config)
-        return ModernBertOutput(loss=loss, logits=logits, hidden_states=repad_all(states, packing))
+        return output(return_dict, loss=loss, logits=logits, hidden_states=packing.repad_all(states))
 
 
 class ModernBertForTokenClassification(ModernBertWithClassifier):
-    def __init__(self, config):
-        super().__init__(config, num_outputs=config.num_labels)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, cu_seqlens=None, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
         """logits (B, S, num_labels), zeros at padded positions; loss ignores label -100."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.drop(self.head(hidden)))  # (T, num_labels)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), packed_token_labels(labels, packing))
-        return ModernBertOutput(loss=loss, logits=packing.repad(logits), hidden_states=repad_all(states, packing))
+        loss = None if labels is None else F.cross_entropy(logits.float(), packing.token_labels(labels))
+        return output(return_dict, loss=loss, logits=packing.repad(logits), hidden_states=packing.repad_all(states))
 
 
 class ModernBertForQuestionAnswering(ModernBertWithClassifier):
     def __init__(self, config):
-        super().__init__(config, num_outputs=config.num_labels)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None, end_positions=None, cu_seqlens=None, output_hidden_states=False):
-        """start_logits, end_logits (B, S), zeros at padded positions. The loss is the mean of the start
-        and end cross-entropies over real tokens; positions outside [0, S) are ignored, as officially."""
+        super().__init__(config)
         if self.config.num_labels != 2:
-            raise ValueError(f"Question answering needs num_labels = 2 (start, end), the config has {self.config.num_labels}.")
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, inputs_embeds, cu_seqlens, output_hidden_states)
+            raise ValueError(
+                f"Question answering needs num_labels = 2 (start, end), the config has {self.config.num_labels}."
+            )
+
+    def forward(
+        self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, return_dict=None, **inputs
+    ):
+        """start_logits, end_logits (B, S), zeros at padded positions; the loss is question_answering_loss."""
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = packing.repad(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
-        start_logits, end_logits = logits.unbind(dim=-1)
-        loss = None
+        start_logits, end_logits = (t.contiguous() for t in logits.unbind(dim=-1))
         if (start_positions is None) != (end_positions is None):
             raise ValueError("Pass both start_positions and end_positions, or neither.")
+        loss = None
         if start_positions is not None:
-            B, S = packing.shape
-            real = packing.real_mask()  # (B, S)
-            losses = []
-            for name, lg, positions in (("start_positions", start_logits, start_positions), ("end_positions", end_logits, end_positions)):
-                check_labels(positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions, (B,), name)
-                lg = lg.float().masked_fill(~real, torch.finfo(torch.float32).min)  # padding is never an answer
-                losses.append(F.cross_entropy(lg, positions.view(-1).clamp(0, S), ignore_index=S))
-            loss = (losses[0] + losses[1]) / 2
-        return ModernBertOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous(), hidden_states=repad_all(states, packing))
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing)
+        states = packing.repad_all(states)
+        return output(return_dict, loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=states)
 
 
 class ModernBertForMultipleChoice(ModernBertWithClassifier):
     def __init__(self, config):
         super().__init__(config, num_outputs=1)  # one score per choice
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_hidden_states=False):
-        """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real token."""
-        x = input_ids if input_ids is not None else inputs_embeds
-        if x is None or x.dim() != (3 if input_ids is not None else 4):
-            raise ValueError(f"Multiple choice takes input_ids of shape (batch, num_choices, seq_len), got {None if x is None else tuple(x.shape)}.")
-        B, C, S = x.shape[:3]
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, C, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, C, S)}.")
-        flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731  (B, C, S, ...) -> (B*C, S, ...)
-        hidden, packing, states = self.model.encode(flat(input_ids), flat(attention_mask), flat(inputs_embeds), None, output_hidden_states)
-        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling)))).view(B, C)
-        loss = None
-        if labels is not None:
-            check_labels(labels, (B,))
-            loss = F.cross_entropy(logits, labels)
-        return ModernBertOutput(loss=loss, logits=logits, hidden_states=repad_all(states, packing))
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        return_dict=None,
+        inputs_embeds=None,
+        output_hidden_states=False,
+    ):
+        """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real
+        token. Packed input does not apply: each choice is its own padded row."""
+        B, C, S = check_multiple_choice(input_ids, attention_mask, inputs_embeds, labels)
+        flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731  (B, C, S) -> (B*C, S)
+        ids, mask, embeds = flat(input_ids), flat(attention_mask), flat(inputs_embeds)
+        hidden, packing, states = self.model.encode(ids, mask, embeds, output_hidden_states)
+        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
+        loss = None if labels is None else F.cross_entropy(logits.view(B, C), labels)
+        return output(return_dict, loss=loss, logits=logits.view(B, C), hidden_states=packing.repad_all(states))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Loading and saving official checkpoints (config.json + model.safetensors, or sharded with an index).
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+HUB_FILES += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]  # for load.py
+FOLDER_HINT = "To use a checkpoint on disk, pass its folder (with load.py: --model /path/to/folder)."
+
+
+def checkpoint_folder(name_or_folder, revision=None):
+    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the snapshot of that
+    hub id in the Hugging Face cache (shared with transformers), downloaded if needed. HF_HUB_OFFLINE=1
+    reads the cache only. Failures are one-line FileNotFoundError / OSError / ValueError."""
+    path = os.path.expanduser(str(name_or_folder))
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
+        return path
+    # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
+    # release picks. huggingface_hub reads them once, when first imported.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo = str(name_or_folder)
+    try:
+        return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No checkpoint at {repo!r}: no such folder, and not a valid hub id "
+            f"(like 'answerdotai/ModernBERT-base'). {FOLDER_HINT}"
+        ) from None
+    except RepositoryNotFoundError:  # also a private or gated repo without a login
+        raise OSError(
+            f"{repo!r} is not a local folder, and the Hugging Face hub has no model of that name "
+            f"(or it is private: `hf auth login`). {FOLDER_HINT}"
+        ) from None
+    except RevisionNotFoundError:
+        raise OSError(f"The hub model {repo!r} has no revision {revision!r}.") from None
+    except OSError as e:  # no network, HF_HUB_OFFLINE=1 with an empty cache, an HTTP error
+        reason = (str(e.__cause__ or e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise OSError(
+            f"Could not get {repo!r}: the Hugging Face hub could not be reached ({reason}) and the local "
+            f"cache does not have it. {FOLDER_HINT}"
+        ) from None
 
 
 def read_safetensors(folder):
@@ -824,8 +974,6 @@ def read_safetensors(folder):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"No checkpoint folder at {folder!r}.")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -846,7 +994,9 @@ def read_safetensors(folder):
         try:
             tensors.update(load_file(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"Could not read {path}: the file is truncated or corrupt ({e}). Download it again.") from e
+            raise ValueError(
+                f"Could not read {path}: the file is truncated or corrupt ({e}). Download it again."
+            ) from e
     return tensors
 
 
@@ -864,57 +1014,254 @@ def checkpoint_key(key, prefix):
 def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=None, **config_overrides):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"No checkpoint at {folder!r}: " + ("it has no config.json." if os.path.isdir(folder) else "no such folder."))
+        raise FileNotFoundError(f"No checkpoint at {folder!r}: it has no config.json.")
     with open(config_path) as f:
         d = json.load(f)
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
-    d.update(config_overrides)
-    d["attn_implementation"] = attn_implementation
-    config = ModernBertConfig.from_dict(d)
+    config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
     with torch.device("meta"):  # shapes only: no memory, and no random init of what the checkpoint overwrites
         model = cls(config)
-    own = model.state_dict()
+    expected = model.state_dict()
     prefix = "" if cls is ModernBertModel else "model."
     tensors = {checkpoint_key(k, prefix): v for k, v in read_safetensors(folder).items()}
     # Walk our own keys, not the checkpoint's: every weight we need is accounted for, one way or another.
-
-    report = {"dropped": sorted(set(tensors) - set(own)), "initialised": [], "tied": []}
-    full = {}
-    for k, mine in own.items():
+    report = {"dropped": sorted(set(tensors) - set(expected)), "initialised": [], "tied": []}
+    to_load = {}
+    for k, mine in expected.items():
         if k in tensors:
             if tensors[k].shape != mine.shape:
-                raise ValueError(f"Checkpoint weight {k} has shape {tuple(tensors[k].shape)}, but the config needs {tuple(mine.shape)}. Does config.json belong to these weights?")
-            full[k] = tensors[k]
+                raise ValueError(
+                    f"Checkpoint weight {k} has shape {tuple(tensors[k].shape)}, but the config needs "
+                    f"{tuple(mine.shape)}. Does config.json belong to these weights?"
+                )
+            to_load[k] = tensors[k]
         elif k == "decoder.weight" and config.tie_word_embeddings:
-            full[k] = full[prefix + "embeddings.tok_embeddings.weight"]  # tied: stored once, as the embeddings
+            to_load[k] = to_load[prefix + "embeddings.tok_embeddings.weight"]  # tied: stored once, as the embeddings
             report["tied"].append(k)
         elif k.removeprefix(prefix).split(".")[0] in BACKBONE_PARTS:
-            raise ValueError(f"Checkpoint in {folder!r} lacks backbone weight {k!r}: refusing to run a half-loaded model.")
+            raise ValueError(
+                f"Checkpoint in {folder!r} lacks backbone weight {k!r}: refusing to run a half-loaded model."
+            )
         else:
             report["initialised"].append(k)  # a head this checkpoint does not have (a new classifier)
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty made a separate tensor for each name
-    model.init_weights(only={k.rsplit(".", 1)[0] for k in report["initialised"]})  # the official init, fresh heads only
-    fresh = model.state_dict()
-    full.update({k: fresh[k] for k in report["initialised"]})
-    model.load_state_dict(full, strict=True)
+    model.init_weights(
+        only={k.rsplit(".", 1)[0] for k in report["initialised"]}
+    )  # the official init, fresh heads only
+    initialised = model.state_dict()
+    to_load.update({k: initialised[k] for k in report["initialised"]})
+    model.load_state_dict(to_load, strict=True)
     if report["dropped"] or report["initialised"]:
-        warnings.warn(f"{cls.__name__} from {folder}: dropped {report['dropped'] or 'nothing'}; initialised fresh {report['initialised'] or 'nothing'}.", stacklevel=3)
+        dropped, fresh = report["dropped"] or "nothing", report["initialised"] or "nothing"
+        warnings.warn(f"{cls.__name__} from {folder}: dropped {dropped}; initialised fresh {fresh}.", stacklevel=3)
     model.load_report = report
     return model.to(device=device, dtype=dtype).eval()
 
 
 def save_checkpoint(model, folder):
+    """Writes into a temporary folder beside `folder`, then moves the files into place: a save that fails
+    halfway leaves nothing that looks like a checkpoint, and an earlier checkpoint there untouched."""
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(model.dtype).removeprefix("torch.")
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        tensors.pop("decoder.weight", None)  # official checkpoints omit the tied copy
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop("decoder.weight", None)  # official checkpoints omit the tied copy
+        save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump({**config, "dtype": str(model.dtype).removeprefix("torch.")}, f, indent=2)
+        if not os.path.exists(folder):
+            os.replace(staging, folder)  # one rename: the folder appears whole or not at all
+            return
+        if os.path.exists(index := os.path.join(folder, "model.safetensors.index.json")):
+            os.remove(index)  # an older sharded save: its index would win over the new model.safetensors
+        for name in ("model.safetensors", "config.json"):  # each replace is atomic; the weights go first
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks: a clear error for every malformed input, in one place so the forward path reads as the
+# idea. Checks that read values (not only shapes) sync with the GPU, and a traced graph (torch.compile,
+# torch.export) cannot raise on data, so they run only in eager mode: check inputs eagerly before compiling.
+
+
+def check_config(c):
+    problems = []
+    if c.hidden_size % c.num_attention_heads:
+        problems.append(f"hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}")
+    elif c.head_dim % 2:
+        problems.append(f"head_dim {c.head_dim} is odd; RoPE rotates pairs of dimensions")
+    if c.local_attention <= 0 or c.local_attention % 2:
+        problems.append(
+            f"local_attention {c.local_attention} must be a positive even total width (2 x the half-window)"
+        )
+    for name in ("hidden_activation", "classifier_activation"):
+        if getattr(c, name) not in ACTIVATIONS:
+            problems.append(f"{name} {getattr(c, name)!r} is not one of {sorted(ACTIVATIONS)}")
+    if len(c.layer_types) != c.num_hidden_layers or set(c.layer_types) - set(LAYER_TYPES):
+        problems.append(f"layer_types must list {c.num_hidden_layers} of {LAYER_TYPES}, got {c.layer_types}")
+    if c.classifier_pooling not in ("cls", "mean"):
+        problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
+    if c.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"attn_implementation {c.attn_implementation!r} must be one of {ATTN_IMPLEMENTATIONS}")
+    if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
+        problems.append("sizes must be positive")
+    if problems:
+        raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
+
+
+def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=True):
+    if unknown := sorted(set(packed) - set(PACKED_INPUTS)):
+        raise TypeError(
+            f"Unexpected keyword argument {unknown[0]!r}. ModernBERT models take input_ids, attention_mask, "
+            f"inputs_embeds, labels, output_hidden_states, return_dict, and for packed input {PACKED_INPUTS}."
+        )
+    packed = {k: v for k, v in packed.items() if v is not None}
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    x = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None:
+        ids = input_ids
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dtype.is_floating_point
+            or ids.is_complex()
+            or ids.dtype == torch.bool
+        ):
+            got = getattr(input_ids, "dtype", type(input_ids))
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(
+            f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+        )
+    B, S = x.shape[:2]
+    if B == 0 or S == 0:
+        raise ValueError(
+            f"Empty batch: input shape {tuple(x.shape)}. Pass at least one sequence of at least one token."
+        )
+    if packed:
+        longest = check_packed(packed, attention_mask, B, S, read_values)
+    elif attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, S):
+            got = tuple(attention_mask.shape)
+            raise ValueError(f"attention_mask has shape {got} but the input has (batch, seq_len) = {(B, S)}.")
+        if read_values and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
+        longest = int(attention_mask.sum(1).max()) if read_values else S
+    else:
+        longest = S
+    if not read_values:
+        return
+    if input_ids is not None:
+        low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {config.vocab_size}) (the vocabulary), got values in [{low}, {high}]. "
+                "Was the text tokenized with this model's tokenizer?"
+            )
+    if longest > config.max_position_embeddings:
+        raise ValueError(
+            f"A sequence has {longest} tokens, more than max_position_embeddings = "
+            f"{config.max_position_embeddings}. Truncate it or split it into windows."
+        )
+
+
+def check_packed(packed, attention_mask, B, S, read_values):
+    """Packed input: (1, T), no attention_mask, and every boundary it is given agreeing with the others.
+    Returns the longest sequence's length."""
+    if attention_mask is not None or B != 1:
+        raise ValueError(
+            f"Packed input ({', '.join(packed)}) is input_ids of shape (1, T) with no attention_mask: the "
+            "sequences back to back, their boundaries in cu_seqlens or position_ids."
+        )
+    if not {"cu_seqlens", "cu_seq_lens_q", "position_ids"} & set(packed):
+        raise ValueError(
+            f"Packed input needs its boundaries: cu_seqlens, cu_seq_lens_q/k or position_ids, got {list(packed)}."
+        )
+    if "cu_seqlens" in packed and "cu_seq_lens_q" in packed:
+        raise ValueError("Pass cu_seqlens or cu_seq_lens_q (the collator's name), not both.")
+    for q, k in (("cu_seq_lens_q", "cu_seq_lens_k"), ("max_length_q", "max_length_k")):
+        if (q in packed) != (k in packed):
+            raise ValueError(f"{q} and {k} come in pairs: pass both.")
+    for name in ("position_ids", "seq_idx"):
+        if name in packed and tuple(packed[name].shape) != (1, S):
+            raise ValueError(f"{name} has shape {tuple(packed[name].shape)}, expected (1, {S}) like input_ids.")
+    if not read_values:
+        return S
+    bounds = packed.get("cu_seqlens", packed.get("cu_seq_lens_q"))
+    if bounds is not None:
+        bounds = torch.as_tensor(bounds).long().cpu()
+        if bounds.dim() != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != S or (bounds.diff() < 0).any():
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {S}, got {bounds.tolist()}.")
+        if "cu_seq_lens_k" in packed and not torch.equal(
+            bounds, torch.as_tensor(packed["cu_seq_lens_k"]).long().cpu()
+        ):
+            raise ValueError(
+                "cu_seq_lens_q and cu_seq_lens_k differ: an encoder's queries and keys are the same tokens."
+            )
+    if "position_ids" in packed:
+        pos = packed["position_ids"][0].long().cpu()
+        if pos[0] != 0 or not ((pos[1:] == pos[:-1] + 1) | (pos[1:] == 0)).all():
+            raise ValueError(
+                "position_ids must count 0, 1, 2, ... in each packed sequence and restart at 0 at the next."
+            )
+        starts = F.pad((pos == 0).nonzero().squeeze(1), (0, 1), value=S)
+        if bounds is not None and not torch.equal(starts, bounds):
+            raise ValueError(
+                f"position_ids restart at {starts.tolist()[:-1]}, but the cu_seqlens are {bounds.tolist()}."
+            )
+        bounds = starts
+    longest = int(bounds.diff().max())
+    for name in ("max_length_q", "max_length_k"):
+        if name in packed and int(packed[name]) < longest:
+            raise ValueError(f"{name} = {int(packed[name])} is below the longest packed sequence, {longest} tokens.")
+    if "seq_idx" in packed:
+        numbered = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff())
+        if not torch.equal(packed["seq_idx"][0].long().cpu(), numbered):
+            raise ValueError("seq_idx does not number the packed sequences 0, 1, 2, ... as their boundaries say.")
+    return longest
+
+
+def check_labels(labels, shape, name="labels"):
+    if labels is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(labels.shape)}, expected {tuple(shape)}.")
+
+
+def check_token_labels(labels, packing, ignore_index):
+    check_labels(labels, packing.shape)
+    if bool((labels[~packing.real_mask().to(labels.device)] != ignore_index).any()):
+        raise ValueError(
+            f"labels at padded positions must be {ignore_index} (ignored): those positions have no output."
+        )
+
+
+def check_poolable(packing):
+    lengths = packing.cu_seqlens.diff()
+    if bool((lengths == 0).any()):
+        raise ValueError(
+            f"Row {int((lengths == 0).nonzero()[0])} of attention_mask is all zeros: there is nothing to "
+            "classify. Drop empty rows."
+        )
+
+
+def check_multiple_choice(input_ids, attention_mask, inputs_embeds, labels):
+    """The (batch, num_choices, seq_len) of a multiple-choice input, checked."""
+    x = input_ids if input_ids is not None else inputs_embeds
+    if x is None or x.dim() != (3 if input_ids is not None else 4):
+        got = None if x is None else tuple(x.shape)
+        raise ValueError(f"Multiple choice takes input_ids of shape (batch, num_choices, seq_len), got {got}.")
+    B, C, S = x.shape[:3]
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, C, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, C, S)}.")
+    check_labels(labels, (B,))
+    return B, C, S

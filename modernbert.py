@@ -392,8 +392,11 @@ def sdpa_attention(q, k, v, packing, window, dropout_p=0.0):
             out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
         return out
     N, S = packing.num_seqs, packing.max_seqlen
+    if packing.uniform:  # N sequences of S tokens back to back: the stream already is the (N, S) grid, no mask
+        qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+        return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
     qg, kg, vg = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
-    mask = None if packing.uniform else pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S)
+    mask = pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
     return unpad(out.transpose(1, 2), packing.grid)
 

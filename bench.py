@@ -360,13 +360,14 @@ def apply_device_defaults(args, device):
     args.compiled = args.compile if cuda else args.compile_cpu
 
 
-def setups(device, dtypes):
+def setups(device, dtypes, forced=None):
     """(dtype name, our attention kernel) per dtype: what ours picks by default, spelled out for the
-    label and the memory children: flash on CUDA in bf16 where a kernel is found, sdpa otherwise."""
+    label and the memory children: flash on CUDA in bf16 where a kernel is found, sdpa otherwise.
+    `forced` (--attn) overrides the choice, e.g. to time our SDPA path on a GPU."""
     out = []
     for d in dtypes:
-        impl = "sdpa"
-        if device.type == "cuda" and d == "bf16":
+        impl = forced or "sdpa"
+        if device.type == "cuda" and d == "bf16" and not forced:
             try:
                 mb.find_flash_kernel(device)
                 impl = "flash_attention_2"
@@ -440,7 +441,7 @@ def run_workload(models, w, label, dname, device, impl, args, deadline=None):
 
 def run_all(args, device, rows, ceilings, deadline=None):
     """Every dtype and workload asked for on the device; rows are appended as they finish."""
-    for dname, impl in setups(device, args.dtypes.split(",")):
+    for dname, impl in setups(device, args.dtypes.split(","), args.attn):
         check_deadline(deadline)
         models = build_models("both", DTYPES[dname], device, impl, args.compiled)
         label = f"{device.type} {dname}" + (" (ours flash)" if impl == "flash_attention_2" else "")
@@ -610,6 +611,7 @@ def main():
     p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
+    p.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)")
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly

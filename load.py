@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 
 from modernbert import (
     ATTN_IMPLEMENTATIONS,
+    TOKENIZER_FILES,
     ModernBertForMaskedLM,
     ModernBertForMultipleChoice,
     ModernBertForQuestionAnswering,
@@ -48,13 +49,11 @@ from modernbert import (
     ModernBertPreTrainedModel,
     unpad,
 )
+from modernbert import checkpoint_folder as resolve  # a folder as it is, or a hub id through the HF cache
 
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 DEFAULT_TEXT = "Plants create [MASK] through a process known as photosynthesis."
 MASK, PAD = "[MASK]", "[PAD]"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-FOLDER_HINT = "To use a checkpoint on disk, pass its folder (config.json, model.safetensors, tokenizer.json): --model /path/to/folder."
 
 TASKS = {
     "masked-lm": ModernBertForMaskedLM,
@@ -63,56 +62,37 @@ TASKS = {
     "question-answering": ModernBertForQuestionAnswering,
     "multiple-choice": ModernBertForMultipleChoice,
 }
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-# ----------------------------------------------------------------------------------------------------
-# Finding the checkpoint: a local folder, or a hub id downloaded into the HF cache
-
-
-def resolve(name_or_folder, revision=None):
-    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the HF cache
-    snapshot of that hub id (downloaded if needed). Failures are one-line OSError / ValueError."""
-    path = os.path.expanduser(str(name_or_folder))
-    if os.path.isdir(path):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
-        return path
-    return download(str(name_or_folder), revision)
-
-
-def download(repo_id, revision=None):
-    # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
-    # release picks. huggingface_hub reads them once, when first imported.
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
-    except HFValidationError:
-        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a valid hub id (like {DEFAULT_MODEL!r}). {FOLDER_HINT}") from None
-    except RepositoryNotFoundError:  # also a private or gated repo without a login
-        raise OSError(f"{repo_id!r} is not a local folder, and the Hugging Face hub has no model of that name (or it is private: `hf auth login`). {FOLDER_HINT}") from None
-    except RevisionNotFoundError:
-        raise OSError(f"The hub model {repo_id!r} has no revision {revision!r}.") from None
-    except OSError as e:  # no network, HF_HUB_OFFLINE=1 with an empty cache, an HTTP error
-        reason = (str(e.__cause__ or e).strip() or type(e).__name__).splitlines()[0][:200]
-        raise OSError(f"Could not get {repo_id!r}: the Hugging Face hub could not be reached ({reason}) and the local cache does not have it. {FOLDER_HINT}") from None
-
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 # ----------------------------------------------------------------------------------------------------
 # Model and tokenizer
 
 
-def load_model(name_or_folder=DEFAULT_MODEL, task="masked-lm", revision=None, device=None, dtype=None, attn_implementation=None, **config_overrides):
+def load_model(
+    name_or_folder=DEFAULT_MODEL,
+    task="masked-lm",
+    revision=None,
+    device=None,
+    dtype=None,
+    attn_implementation=None,
+    **config_overrides,
+):
     """A model in eval mode. `task` is a name from TASKS or a modernbert class; `dtype` a torch dtype or
     a name ("bf16"); `config_overrides` change the config, e.g. num_labels=3 for a new classifier."""
     cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
     if cls is None:
         raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
     folder = resolve(name_or_folder, revision)
-    return cls.from_pretrained(folder, attn_implementation=attn_implementation, dtype=parse_dtype(dtype), device=device, **config_overrides)
+    return cls.from_pretrained(
+        folder, attn_implementation=attn_implementation, dtype=parse_dtype(dtype), device=device, **config_overrides
+    )
 
 
 def parse_dtype(dtype):
@@ -136,7 +116,10 @@ def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
 def tokenizer_json(folder):
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No tokenizer.json in {folder!r}: copy the tokenizer files ({', '.join(TOKENIZER_FILES)}) next to the weights.")
+        raise FileNotFoundError(
+            f"No tokenizer.json in {folder!r}: copy the tokenizer files ({', '.join(TOKENIZER_FILES)}) "
+            "next to the weights."
+        )
     return path
 
 
@@ -154,12 +137,17 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
     if not texts:
         raise ValueError("No text given.")
     if tokenizer.padding is None:
-        raise ValueError("The tokenizer does not pad: make it with load_tokenizer(), or call tokenizer.enable_padding(...).")
+        raise ValueError(
+            "The tokenizer does not pad: make it with load_tokenizer(), or call tokenizer.enable_padding(...)."
+        )
     encodings = tokenizer.encode_batch(texts)
     for i, (text, encoding) in enumerate(zip(texts, encodings)):
         n = sum(encoding.attention_mask)
         if max_length is not None and n > max_length:
-            raise ValueError(f"Text {i + 1} is {n} tokens long, more than the model's limit of {max_length} (max_position_embeddings): shorten it or split it. It begins {text[:40]!r}.")
+            raise ValueError(
+                f"Text {i + 1} is {n} tokens long, more than the model's limit of {max_length} "
+                f"(max_position_embeddings): shorten it or split it. It begins {text[:40]!r}."
+            )
     return {
         "input_ids": torch.tensor([e.ids for e in encodings], device=device),
         "attention_mask": torch.tensor([e.attention_mask for e in encodings], device=device),
@@ -229,7 +217,14 @@ def candidates(tokenizer, ids, position, scores, tokens, single_mask):
     for score, token in zip(scores, tokens):
         filled = [t for t in ids[:position] + [token] + ids[position + 1 :] if t != pad_id]
         sequence = tokenizer.decode(filled, skip_special_tokens=single_mask)
-        out.append({"score": score, "token": token, "token_str": tokenizer.decode([token], skip_special_tokens=False), "sequence": sequence})
+        out.append(
+            {
+                "score": score,
+                "token": token,
+                "token_str": tokenizer.decode([token], skip_special_tokens=False),
+                "sequence": sequence,
+            }
+        )
     return out
 
 
@@ -251,18 +246,34 @@ def format_results(texts, results):
             lines.append(f"  {MASK} {m + 1} of {len(masks)}:")
             width = max(len(shown(p["token_str"], strip=True)) for p in predictions)
             for p in predictions:
-                lines.append(f"    {p['score']:.4f}  {shown(p['token_str'], strip=True):<{width}}  (id {p['token']:>5})  {shown(p['sequence'])}")
+                token = shown(p["token_str"], strip=True)
+                lines.append(f"    {p['score']:.4f}  {token:<{width}}  (id {p['token']:>5})  {shown(p['sequence'])}")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fill in [MASK] tokens with ModernBERT: the top-k tokens for every mask of every text.")
-    parser.add_argument("texts", nargs="*", default=[DEFAULT_TEXT], metavar="TEXT", help=f"texts with one or more {MASK} (default: {DEFAULT_TEXT!r})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})")
+    parser = argparse.ArgumentParser(
+        description="Fill in [MASK] tokens with ModernBERT: the top-k tokens for every mask of every text."
+    )
+    parser.add_argument(
+        "texts",
+        nargs="*",
+        default=[DEFAULT_TEXT],
+        metavar="TEXT",
+        help=f"texts with one or more {MASK} (default: {DEFAULT_TEXT!r})",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
-    parser.add_argument("--attn", default=None, choices=[a for a in ATTN_IMPLEMENTATIONS if a], help="attention kernel (default: chosen from device and dtype)")
+    parser.add_argument(
+        "--attn",
+        default=None,
+        choices=[a for a in ATTN_IMPLEMENTATIONS if a],
+        help="attention kernel (default: chosen from device and dtype)",
+    )
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     return parser.parse_args(argv)
 

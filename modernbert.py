@@ -256,7 +256,9 @@ class Packing:
         T, cu = self.indices.shape[0], self.cu_seqlens.long()
         lengths = cu[1:] - cu[:-1]
         if self.seq_ids is None:
-            self.seq_ids = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=T)
+            self.seq_ids = torch.repeat_interleave(
+                torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=T
+            )
         offsets = torch.arange(T, device=cu.device) - cu[self.seq_ids]  # (T,) index inside its sequence
         self.grid = self.seq_ids * self.max_seqlen + offsets  # (T,) slot in a right-padded (N, max_seqlen) grid
         self.positions = offsets if self.positions is None else self.positions
@@ -928,8 +930,8 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
 # ----------------------------------------------------------------------------------------------------
 # Loading and saving official checkpoints (config.json + model.safetensors, or sharded with an index).
 
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
-HUB_FILES += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]  # for load.py
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # fetched for load.py
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
 FOLDER_HINT = "To use a checkpoint on disk, pass its folder (with load.py: --model /path/to/folder)."
 
 

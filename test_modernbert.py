@@ -48,18 +48,28 @@ needs_transformers = pytest.mark.skipif(transformers is None, reason="transforme
 SHARED_DATA = Path(os.environ.get("MODERNBERT_SHARED_DATA", Path(HERE).parent / "shared" / "data"))
 TOKENIZER_DIR = SHARED_DATA / "modernbert-base"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason=f"the real tokenizer files are not in {TOKENIZER_DIR} (set MODERNBERT_SHARED_DATA)")
+needs_tokenizer = pytest.mark.skipif(
+    not (TOKENIZER_DIR / "tokenizer.json").is_file(),
+    reason=f"the real tokenizer files are not in {TOKENIZER_DIR} (set MODERNBERT_SHARED_DATA)",
+)
 
 # local_attention=16 is a +-8 window, so the longer texts below cross it.
-TINY = dict(vocab_size=50368, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, local_attention=16, max_position_embeddings=512)
+TINY = dict(
+    vocab_size=50368,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    local_attention=16,
+    max_position_embeddings=512,
+)
 TEXTS = [
     "The capital of France is [MASK].",
     "Plants create [MASK] through a process known as [MASK].",
-    "A longer sentence, with [MASK] near the start and more words after it, so that the local window of the small test model is crossed on the way to the [MASK] at the end.",
+    "A longer sentence, with [MASK] near the start and more words after it, so that the local window of the small "
+    "test model is crossed on the way to the [MASK] at the end.",
     "[MASK]",
 ]
-
-
 
 
 def assert_close(ours, ref, tol, where):
@@ -70,7 +80,10 @@ def assert_close(ours, ref, tol, where):
     worst = diff.max().item()
     if worst > tol:
         at = tuple(torch.nonzero(diff == diff.max())[0].tolist())
-        raise AssertionError(f"{where}: max diff {worst:.3g} at {at} (ours {ours[at].item():.6g}, official {ref[at].item():.6g}), mean diff {diff.mean().item():.3g}, tol {tol}")
+        raise AssertionError(
+            f"{where}: max diff {worst:.3g} at {at} (ours {ours[at].item():.6g}, official {ref[at].item():.6g}), "
+            f"mean diff {diff.mean().item():.3g}, tol {tol}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,7 +93,18 @@ def assert_close(ours, ref, tol, where):
 # window arithmetic, dtype casts) run on this CPU; `-m gpu` runs the real kernel.
 
 
-def flash_varlen_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
+def flash_varlen_standin(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    window_size=(-1, -1),
+):
     assert q.dtype in (torch.float16, torch.bfloat16), f"flash kernels take fp16/bf16, got {q.dtype}"
     assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
     lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
@@ -156,16 +180,24 @@ def test_matches_official_golden_files(case, impl, flash_standin):
     if impl == "flash_attention_2":  # local layers get the window; global ones run flash unless all lengths are equal
         window = model.config.local_attention // 2
         uniform = bool((inputs["attention_mask"] == 1).all())
-        assert set(flash_standin) == {(window, window)} | (set() if uniform else {(-1, -1)}), "flash path must get the window on local layers only"
+        assert set(flash_standin) == {(window, window)} | (set() if uniform else {(-1, -1)}), (
+            "flash path must get the window on local layers only"
+        )
 
 
 def test_golden_files_cover_both_config_formats_and_poolings():
     configs = [json.load(open(os.path.join(FIXTURES, c, "config.json"))) for c in CASES]
-    assert any("layer_types" in c for c in configs) and any("global_attn_every_n_layers" in c and "layer_types" not in c for c in configs)
+    assert any("layer_types" in c for c in configs) and any(
+        "global_attn_every_n_layers" in c and "layer_types" not in c for c in configs
+    )
     assert {c["classifier_pooling"] for c in configs} == {"cls", "mean"}
     assert {c["architectures"][0] for c in configs} == {
-        "ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification",
-        "ModernBertForTokenClassification", "ModernBertForQuestionAnswering", "ModernBertForMultipleChoice",
+        "ModernBertModel",
+        "ModernBertForMaskedLM",
+        "ModernBertForSequenceClassification",
+        "ModernBertForTokenClassification",
+        "ModernBertForQuestionAnswering",
+        "ModernBertForMultipleChoice",
     }
     versions = json.load(open(os.path.join(FIXTURES, "VERSIONS.json")))
     assert versions["transformers"]  # written by make_fixtures.py from the official implementation
@@ -218,8 +250,13 @@ def _interleaved_rope(monkeypatch):
 
 
 WRONG = {
-    "tanh_gelu": _tanh_gelu, "swapped_theta": _swap_theta, "one_theta": _one_theta, "window_off_by_one": _window_off_by_one,
-    "norm_on_layer_0": _norm_on_layer_0, "rms_norm": _rms_norm, "global_layers_shifted": _wrong_global_layers,
+    "tanh_gelu": _tanh_gelu,
+    "swapped_theta": _swap_theta,
+    "one_theta": _one_theta,
+    "window_off_by_one": _window_off_by_one,
+    "norm_on_layer_0": _norm_on_layer_0,
+    "rms_norm": _rms_norm,
+    "global_layers_shifted": _wrong_global_layers,
 }
 
 
@@ -258,10 +295,32 @@ def ragged_batch(config, lengths, left=(), seq=None, seed=0):
 
 
 RANDOM_CONFIGS = {
-    "small_window": dict(hidden_size=48, num_attention_heads=3, intermediate_size=40, num_hidden_layers=5, local_attention=8, global_attn_every_n_layers=2),
-    "odd_sizes": dict(hidden_size=40, num_attention_heads=5, intermediate_size=72, num_hidden_layers=4, local_attention=20, global_rope_theta=50000.0, local_rope_theta=500.0),
+    "small_window": dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        intermediate_size=40,
+        num_hidden_layers=5,
+        local_attention=8,
+        global_attn_every_n_layers=2,
+    ),
+    "odd_sizes": dict(
+        hidden_size=40,
+        num_attention_heads=5,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        local_attention=20,
+        global_rope_theta=50000.0,
+        local_rope_theta=500.0,
+    ),
     "all_global": dict(num_hidden_layers=3, global_attn_every_n_layers=1),
-    "base_dims": dict(vocab_size=50368, hidden_size=768, intermediate_size=1152, num_attention_heads=12, num_hidden_layers=4, local_attention=128),
+    "base_dims": dict(
+        vocab_size=50368,
+        hidden_size=768,
+        intermediate_size=1152,
+        num_attention_heads=12,
+        num_hidden_layers=4,
+        local_attention=128,
+    ),
 }
 
 
@@ -278,9 +337,19 @@ def test_random_configs_match_official_on_every_layer_and_kernel(name, flash_sta
             m = mask.bool()
             for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
                 scale = b[m].abs().max().item() if impl == "flash_attention_2" else 1.0
-                assert_close(a[m], b[m], (0.03 if impl == "flash_attention_2" else FP32_TOL) * scale, f"{name}/{impl} hidden_states[{i}]")
+                assert_close(
+                    a[m],
+                    b[m],
+                    (0.03 if impl == "flash_attention_2" else FP32_TOL) * scale,
+                    f"{name}/{impl} hidden_states[{i}]",
+                )
             if impl != "flash_attention_2":
-                assert_close(out.logits[m], ref.logits[m], FP32_TOL * 10 if name == "base_dims" else FP32_TOL, f"{name}/{impl} logits")
+                assert_close(
+                    out.logits[m],
+                    ref.logits[m],
+                    FP32_TOL * 10 if name == "base_dims" else FP32_TOL,
+                    f"{name}/{impl} logits",
+                )
 
 
 HEAD_CASES = {
@@ -301,10 +370,20 @@ def head_inputs(config, cls_name, padded=True):
     lengths = [140, 100, 61] if padded and cls_name != "ModernBertForQuestionAnswering" else [140, 140, 140]
     ids, mask = ragged_batch(config, lengths, left=(2,))
     if cls_name == "ModernBertForQuestionAnswering":
-        return dict(input_ids=ids, attention_mask=mask, start_positions=torch.tensor([3, 50, 200]), end_positions=torch.tensor([9, 60, 139]))
+        return dict(
+            input_ids=ids,
+            attention_mask=mask,
+            start_positions=torch.tensor([3, 50, 200]),
+            end_positions=torch.tensor([9, 60, 139]),
+        )
     if cls_name == "ModernBertForSequenceClassification":
         return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
-    labels = torch.randint(0, config.num_labels if cls_name == "ModernBertForTokenClassification" else config.vocab_size, ids.shape, generator=g)
+    labels = torch.randint(
+        0,
+        config.num_labels if cls_name == "ModernBertForTokenClassification" else config.vocab_size,
+        ids.shape,
+        generator=g,
+    )
     return dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(mask == 0, -100))
 
 
@@ -321,7 +400,9 @@ def test_every_head_loss_and_gradients_match_official(cls_name):
     theirs = dict(official.named_parameters())
     for name, p in ours.named_parameters():
         scale = max(theirs[name].grad.abs().max().item(), 1e-3)
-        assert_close(p.grad / scale, theirs[name].grad / scale, 1e-4, f"{cls_name} grad of {name} (relative to its max)")
+        assert_close(
+            p.grad / scale, theirs[name].grad / scale, 1e-4, f"{cls_name} grad of {name} (relative to its max)"
+        )
 
 
 @needs_transformers
@@ -342,12 +423,18 @@ def test_state_dict_exchange_is_strict_both_ways(cls_name):
 def test_masked_lm_sparse_prediction_matches_official(sparse):
     official, ours = official_and_ours("ModernBertForMaskedLM", sparse_prediction=sparse, local_attention=16)
     inputs = head_inputs(official.config, "ModernBertForMaskedLM")
-    inputs["labels"] = inputs["labels"].masked_fill(torch.rand(inputs["labels"].shape, generator=torch.Generator().manual_seed(1)) < 0.8, -100)
+    inputs["labels"] = inputs["labels"].masked_fill(
+        torch.rand(inputs["labels"].shape, generator=torch.Generator().manual_seed(1)) < 0.8, -100
+    )
     with torch.no_grad():
         ref, out = official(**inputs), ours(**inputs)
     assert_close(out.loss, ref.loss, FP32_TOL, "loss")
     if sparse:  # only the labelled positions are decoded, in the official order
-        assert out.logits.shape == ref.logits.shape == ((inputs["labels"] != -100).sum().item(), official.config.vocab_size)
+        assert (
+            out.logits.shape
+            == ref.logits.shape
+            == ((inputs["labels"] != -100).sum().item(), official.config.vocab_size)
+        )
         assert_close(out.logits, ref.logits, FP32_TOL, "sparse logits")
 
 
@@ -356,10 +443,14 @@ def test_masked_lm_sparse_prediction_matches_official(sparse):
 def test_sequence_classification_problem_types_match_official(labels):
     n = {"regression_1": 1, "regression_3": 3, "multi_label": 3, "single_label": 3}[labels]
     problem = {"regression_3": "regression"}.get(labels)
-    official, ours = official_and_ours("ModernBertForSequenceClassification", num_labels=n, problem_type=problem, classifier_pooling="mean")
+    official, ours = official_and_ours(
+        "ModernBertForSequenceClassification", num_labels=n, problem_type=problem, classifier_pooling="mean"
+    )
     ids, mask = ragged_batch(official.config, [90, 50, 20], left=(1,))
     g = torch.Generator().manual_seed(0)
-    y = {"single_label": torch.tensor([0, 2, 1]), "multi_label": (torch.rand(3, 3, generator=g) > 0.5).float()}.get(labels, torch.randn(3, n, generator=g).squeeze(-1))
+    y = {"single_label": torch.tensor([0, 2, 1]), "multi_label": (torch.rand(3, 3, generator=g) > 0.5).float()}.get(
+        labels, torch.randn(3, n, generator=g).squeeze(-1)
+    )
     with torch.no_grad():
         ref, out = official(ids, attention_mask=mask, labels=y), ours(ids, attention_mask=mask, labels=y)
     assert_close(out.logits, ref.logits, FP32_TOL, "logits")
@@ -378,7 +469,12 @@ def test_cls_pooling_takes_the_first_real_token_under_left_padding():
         left_ids[i, -n:], left_mask[i, -n:] = ids[i, :n], 1
         left_ids[i, :-n] = official.config.pad_token_id
     with torch.no_grad():
-        assert_close(ours(left_ids, attention_mask=left_mask).logits, official(ids, attention_mask=mask).logits, FP32_TOL, "cls pooling, left padded")
+        assert_close(
+            ours(left_ids, attention_mask=left_mask).logits,
+            official(ids, attention_mask=mask).logits,
+            FP32_TOL,
+            "cls pooling, left padded",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,10 +495,20 @@ def test_kernels_agree(lengths, window, flash_standin):
     q, k, v, packing = random_packed(lengths)
     ref = mb.eager_attention(q, k, v, packing, window)
     assert_close(mb.sdpa_attention(q, k, v, packing, window), ref, 1e-5, f"sdpa window={window}")
-    assert_close(mb.local_block_attention(q, k, v, packing, window or 8), mb.eager_attention(q, k, v, packing, window or 8), 1e-5, "blocked local")
+    assert_close(
+        mb.local_block_attention(q, k, v, packing, window or 8),
+        mb.eager_attention(q, k, v, packing, window or 8),
+        1e-5,
+        "blocked local",
+    )
     # bf16-exact inputs, so the flash path's cast loses nothing and only its bf16 output rounds
     qb, kb, vb = (t.bfloat16().float() for t in (q, k, v))
-    assert_close(mb.flash_attention(qb, kb, vb, packing, window), mb.eager_attention(qb, kb, vb, packing, window), 2e-2, f"flash window={window}")
+    assert_close(
+        mb.flash_attention(qb, kb, vb, packing, window),
+        mb.eager_attention(qb, kb, vb, packing, window),
+        2e-2,
+        f"flash window={window}",
+    )
     assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
 
 
@@ -412,7 +518,9 @@ def test_eager_kernel_is_the_textbook_formula():
     i = torch.arange(40)
     scores = torch.einsum("qhd,khd->hqk", q, k) / 8**0.5
     scores = scores.masked_fill((i[:, None] - i[None, :]).abs() > 5, float("-inf"))
-    assert_close(mb.eager_attention(q, k, v, packing, 5), torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), 1e-5, "eager")
+    assert_close(
+        mb.eager_attention(q, k, v, packing, 5), torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), 1e-5, "eager"
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -423,12 +531,14 @@ def test_packed_left_right_padding_and_batch_invariance(impl, flash_standin):
         batch = model(ids, attention_mask=mask).last_hidden_state
         rows = [ids[i][mask[i].bool()] for i in range(len(ids))]
         alone = [model(r[None]).last_hidden_state[0] for r in rows]
-        packed = model(torch.cat(rows)[None], cu_seqlens=torch.tensor([0] + [len(r) for r in rows]).cumsum(0)).last_hidden_state[0]
+        packed = model(
+            torch.cat(rows)[None], cu_seqlens=torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+        ).last_hidden_state[0]
         flipped = torch.zeros_like(mask)  # right padding <-> left padding
         flipped_ids = torch.full_like(ids, model.config.pad_token_id)
         for i, r in enumerate(rows):
             if mask[i, 0]:
-                flipped[i, -len(r):], flipped_ids[i, -len(r):] = 1, r
+                flipped[i, -len(r) :], flipped_ids[i, -len(r) :] = 1, r
             else:
                 flipped[i, : len(r)], flipped_ids[i, : len(r)] = 1, r
         other = model(flipped_ids, attention_mask=flipped).last_hidden_state
@@ -475,41 +585,81 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
 
 @pytest.fixture(scope="module")
 def small():
-    config = mb.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-                                 local_attention=8, max_position_embeddings=128, pad_token_id=0)
+    config = mb.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        local_attention=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     return {cls: getattr(mb, cls)(config).eval() for cls in ["ModernBertModel"] + sorted(HEAD_CASES)}
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(input_ids=torch.tensor([[1, 2, 64]])), r"\[0, 64\).*\[1, 64\]"),
-    (dict(input_ids=torch.tensor([[1, -2, 3]])), r"\[0, 64\)"),
-    (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer tensor"),
-    (dict(input_ids=torch.tensor([[True, False]])), "integer tensor"),
-    (dict(input_ids=torch.tensor([1, 2, 3])), r"\(batch, seq_len\)"),
-    (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), "Empty batch"),
-    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "Empty batch"),
-    (dict(input_ids=torch.ones(1, 129, dtype=torch.long)), "129 tokens, more than max_position_embeddings = 128"),
-    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)), r"attention_mask has shape \(2, 4\)"),
-    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.full((2, 5), 2)), "only 0 .* and 1"),
-    (dict(input_ids=torch.ones(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4])), "rise from 0 to the packed length 5"),
-    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5])), r"shape \(1, T\)"),
-    (dict(input_ids=torch.ones(1, 5, dtype=torch.long), inputs_embeds=torch.ones(1, 5, 32)), "exactly one"),
-    (dict(inputs_embeds=torch.ones(1, 5, 31)), "inputs_embeds must have shape"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(input_ids=torch.tensor([[1, 2, 64]])), r"\[0, 64\).*\[1, 64\]"),
+        (dict(input_ids=torch.tensor([[1, -2, 3]])), r"\[0, 64\)"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), "integer tensor"),
+        (dict(input_ids=torch.tensor([[True, False]])), "integer tensor"),
+        (dict(input_ids=torch.tensor([1, 2, 3])), r"\(batch, seq_len\)"),
+        (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), "Empty batch"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "Empty batch"),
+        (dict(input_ids=torch.ones(1, 129, dtype=torch.long)), "129 tokens, more than max_position_embeddings = 128"),
+        (
+            dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)),
+            r"attention_mask has shape \(2, 4\)",
+        ),
+        (dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.full((2, 5), 2)), "only 0 .* and 1"),
+        (
+            dict(input_ids=torch.ones(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4])),
+            "rise from 0 to the packed length 5",
+        ),
+        (dict(input_ids=torch.ones(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5])), r"shape \(1, T\)"),
+        (dict(input_ids=torch.ones(1, 5, dtype=torch.long), inputs_embeds=torch.ones(1, 5, 32)), "exactly one"),
+        (dict(inputs_embeds=torch.ones(1, 5, 31)), "inputs_embeds must have shape"),
+    ],
+)
 def test_bad_inputs_are_clear_errors(small, bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         small["ModernBertModel"](**bad)
 
 
-@pytest.mark.parametrize("cls_name, kwargs, message", [
-    ("ModernBertForMaskedLM", dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels has shape \(2, 4\), expected \(2, 6\)"),
-    ("ModernBertForMaskedLM", dict(labels=torch.zeros(2, 6, dtype=torch.long)), "padded positions must be -100"),
-    ("ModernBertForTokenClassification", dict(labels=torch.zeros(2, 6, dtype=torch.long)), "padded positions must be -100"),
-    ("ModernBertForSequenceClassification", dict(labels=torch.zeros(3, dtype=torch.long)), "3 rows for 2 sequences"),
-    ("ModernBertForQuestionAnswering", dict(start_positions=torch.zeros(3, dtype=torch.long), end_positions=torch.zeros(3, dtype=torch.long)), r"start_positions has shape \(3,\), expected \(2,\)"),
-    ("ModernBertForQuestionAnswering", dict(start_positions=torch.zeros(2, dtype=torch.long)), "both start_positions and end_positions"),
-])
+@pytest.mark.parametrize(
+    "cls_name, kwargs, message",
+    [
+        (
+            "ModernBertForMaskedLM",
+            dict(labels=torch.zeros(2, 4, dtype=torch.long)),
+            r"labels has shape \(2, 4\), expected \(2, 6\)",
+        ),
+        ("ModernBertForMaskedLM", dict(labels=torch.zeros(2, 6, dtype=torch.long)), "padded positions must be -100"),
+        (
+            "ModernBertForTokenClassification",
+            dict(labels=torch.zeros(2, 6, dtype=torch.long)),
+            "padded positions must be -100",
+        ),
+        (
+            "ModernBertForSequenceClassification",
+            dict(labels=torch.zeros(3, dtype=torch.long)),
+            "3 rows for 2 sequences",
+        ),
+        (
+            "ModernBertForQuestionAnswering",
+            dict(start_positions=torch.zeros(3, dtype=torch.long), end_positions=torch.zeros(3, dtype=torch.long)),
+            r"start_positions has shape \(3,\), expected \(2,\)",
+        ),
+        (
+            "ModernBertForQuestionAnswering",
+            dict(start_positions=torch.zeros(2, dtype=torch.long)),
+            "both start_positions and end_positions",
+        ),
+    ],
+)
 def test_mismatched_labels_are_clear_errors(small, cls_name, kwargs, message):
     ids = torch.ones(2, 6, dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
@@ -588,7 +738,10 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     model.config.attn_implementation = None
     ragged, uniform = mb.Packing.from_mask(torch.tensor([[1, 1], [1, 0]])), mb.Packing.from_mask(torch.ones(2, 2))
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on the GPU here
-    kernels = lambda name, device, dtype, packing=ragged: set(mb.attention_kernels(name, device, dtype, packing).values())  # noqa: E731
+
+    def kernels(name, device, dtype, packing=ragged):
+        return set(mb.attention_kernels(name, device, dtype, packing).values())
+
     assert kernels(None, cpu, torch.float32) == kernels(None, cpu, torch.bfloat16) == {mb.sdpa_attention}
     assert kernels("eager", cpu, torch.float32) == {mb.eager_attention}
     try:
@@ -597,6 +750,7 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
         has_kernel = True
     except ImportError:
         import inspect
+
         import torch.nn.attention.varlen as varlen
 
         has_kernel = "window_size" in inspect.signature(varlen.varlen_attn).parameters
@@ -610,7 +764,13 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "flash_attn" else real_import(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (
+            (_ for _ in ()).throw(ImportError(name)) if name == "flash_attn" else real_import(name, *a, **k)
+        ),
+    )
     monkeypatch.setattr(mb, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None: None)
     with pytest.raises(RuntimeError, match="pip install flash-attn"):
         mb.attention_kernels("flash_attention_2", gpu, torch.bfloat16, ragged)
@@ -620,14 +780,17 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     assert kernels(None, gpu, torch.bfloat16) == {mb.sdpa_attention}
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
-    (dict(local_attention=127), "even"),
-    (dict(hidden_activation="gelu_fast"), "hidden_activation 'gelu_fast' is not one of"),
-    (dict(classifier_pooling="max"), "classifier_pooling"),
-    (dict(num_hidden_layers=2, layer_types=["full_attention"]), "layer_types must list 2"),
-    (dict(vocab_size=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
+        (dict(local_attention=127), "even"),
+        (dict(hidden_activation="gelu_fast"), "hidden_activation 'gelu_fast' is not one of"),
+        (dict(classifier_pooling="max"), "classifier_pooling"),
+        (dict(num_hidden_layers=2, layer_types=["full_attention"]), "layer_types must list 2"),
+        (dict(vocab_size=0), "positive"),
+    ],
+)
 def test_impossible_configs_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         mb.ModernBertConfig(**bad)
@@ -644,13 +807,24 @@ def test_config_reads_both_official_formats():
         assert c.layer_types[:4] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
         v5 = mb.ModernBertConfig.from_dict(c.to_dict())  # v5 spelling round trip
         assert v5 == c
-    v5 = mb.ModernBertConfig.from_dict({"layer_types": ["sliding_attention", "full_attention"], "num_hidden_layers": 2,
-                                        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 7.0}},
-                                        "id2label": {"0": "neg", "1": "neu", "2": "pos"}, "reference_compile": True})
+    v5 = mb.ModernBertConfig.from_dict(
+        {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "num_hidden_layers": 2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 5.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 7.0},
+            },
+            "id2label": {"0": "neg", "1": "neu", "2": "pos"},
+            "reference_compile": True,
+        }
+    )
     assert (v5.global_rope_theta, v5.local_rope_theta, v5.num_labels, v5.id2label[2]) == (5.0, 7.0, 3, "pos")
     assert not v5.is_global(0) and v5.is_global(1)
     with pytest.raises(ValueError, match="rope_type 'yarn'"):
-        mb.ModernBertConfig.from_dict({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}})
+        mb.ModernBertConfig.from_dict(
+            {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}}
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -694,7 +868,9 @@ def test_loader_refuses_wrong_shapes_and_missing_backbone_weights(checkpoint):
     tensors = load_file(folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 50}))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.Wi.weight has shape \(96, 32\), but the config needs \(100, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.mlp.Wi.weight has shape \(96, 32\), but the config needs \(100, 32\)"
+    ):
         mb.ModernBertForMaskedLM.from_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config))
     del tensors["model.layers.2.mlp_norm.weight"]
@@ -736,7 +912,9 @@ def test_loader_reads_sharded_checkpoints(checkpoint, tmp_path):
     parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file, keys in parts.items():
         save_file({k: tensors[k] for k in keys}, sharded / file)
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in parts.items() for k in ks}})
+    )
     a, b = mb.ModernBertForMaskedLM.from_pretrained(sharded), mb.ModernBertForMaskedLM.from_pretrained(folder)
     torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
 
@@ -755,7 +933,12 @@ def test_saved_checkpoints_load_in_transformers(checkpoint):
     ids, mask = ragged_batch(official.config, [100, 40], left=(1,))
     with torch.no_grad():
         m = mask.bool()
-        assert_close(ours(ids, attention_mask=mask).logits[m], official(ids, attention_mask=mask).logits[m], FP32_TOL, "after save_pretrained")
+        assert_close(
+            ours(ids, attention_mask=mask).logits[m],
+            official(ids, attention_mask=mask).logits[m],
+            FP32_TOL,
+            "after save_pretrained",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -769,22 +952,40 @@ def test_random_sweep_against_official(seed, flash_standin):
     g = torch.Generator().manual_seed(seed)
     pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
     heads, head_dim = pick([1, 2, 4]), pick([4, 8, 16])
-    cfg = dict(hidden_size=heads * head_dim, num_attention_heads=heads, intermediate_size=pick([8, 24, 50]), num_hidden_layers=pick([1, 2, 4]),
-               local_attention=pick([2, 6, 16, 64]), global_attn_every_n_layers=pick([1, 2, 3]), classifier_pooling=pick(["cls", "mean"]))
+    cfg = dict(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        intermediate_size=pick([8, 24, 50]),
+        num_hidden_layers=pick([1, 2, 4]),
+        local_attention=pick([2, 6, 16, 64]),
+        global_attn_every_n_layers=pick([1, 2, 3]),
+        classifier_pooling=pick(["cls", "mean"]),
+    )
     official, ours = official_and_ours("ModernBertForTokenClassification", seed=seed, num_labels=3, **cfg)
     B, S = pick([1, 2, 5]), pick([1, 7, 40, 150])
     lengths = torch.randint(1, S + 1, (B,), generator=g).tolist()
-    ids, mask = ragged_batch(official.config, lengths, left=[i for i in range(B) if torch.rand(1, generator=g) < 0.5], seq=S, seed=seed)
+    ids, mask = ragged_batch(
+        official.config, lengths, left=[i for i in range(B) if torch.rand(1, generator=g) < 0.5], seq=S, seed=seed
+    )
     m = mask.bool()
     packing = mb.Packing.from_mask(mask)
-    assert torch.equal(packing.repad(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0))  # pad(unpad(x)) == x on real tokens
-    assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(lengths)
+    assert torch.equal(
+        packing.repad(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
+    )  # pad(unpad(x)) == x on real tokens
+    assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(
+        lengths
+    )
     with torch.no_grad():
         ref = official(ids, attention_mask=mask).logits[m]
         for impl in IMPLS:
             ours.config.attn_implementation = impl
             out = ours(ids, attention_mask=mask).logits[m]
-            assert_close(out, ref, 0.03 * ref.abs().max().item() if impl == "flash_attention_2" else FP32_TOL, f"seed {seed} {cfg} lengths {lengths} {impl}")
+            assert_close(
+                out,
+                ref,
+                0.03 * ref.abs().max().item() if impl == "flash_attention_2" else FP32_TOL,
+                f"seed {seed} {cfg} lengths {lengths} {impl}",
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -805,7 +1006,9 @@ def packed_and_padded(config, cls_name, flash_kwargs=True, seed=0):
     n_labels = config.vocab_size if cls_name == "ModernBertForMaskedLM" else config.num_labels
     labels = [torch.randint(0, n_labels, (n,), generator=g) for n in PACKED_LENGTHS]
     with_labels = cls_name in ("ModernBertForMaskedLM", "ModernBertForTokenClassification")
-    features = [{"input_ids": r.tolist(), **({"labels": y.tolist()} if with_labels else {})} for r, y in zip(rows, labels)]
+    features = [
+        {"input_ids": r.tolist(), **({"labels": y.tolist()} if with_labels else {})} for r, y in zip(rows, labels)
+    ]
     packed = dict(DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(features))
     S = max(PACKED_LENGTHS)
     padded = dict(
@@ -813,7 +1016,9 @@ def packed_and_padded(config, cls_name, flash_kwargs=True, seed=0):
         attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, S - len(r))) for r in rows]),
     )
     if with_labels:
-        padded["labels"] = torch.stack([F.pad(torch.cat([torch.tensor([-100]), y[1:]]), (0, S - len(y)), value=-100) for y in labels])
+        padded["labels"] = torch.stack(
+            [F.pad(torch.cat([torch.tensor([-100]), y[1:]]), (0, S - len(y)), value=-100) for y in labels]
+        )
     elif cls_name == "ModernBertForSequenceClassification":
         packed["labels"] = padded["labels"] = torch.tensor([0, 1, 1, 1, 0])
     else:
@@ -824,8 +1029,16 @@ def packed_and_padded(config, cls_name, flash_kwargs=True, seed=0):
 @needs_transformers
 @pytest.mark.parametrize("flash_kwargs", [True, False], ids=["flash_kwargs", "position_ids_only"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cls_name", ["ModernBertModel", "ModernBertForMaskedLM", "ModernBertForTokenClassification",
-                                      "ModernBertForQuestionAnswering", "ModernBertForSequenceClassification"])
+@pytest.mark.parametrize(
+    "cls_name",
+    [
+        "ModernBertModel",
+        "ModernBertForMaskedLM",
+        "ModernBertForTokenClassification",
+        "ModernBertForQuestionAnswering",
+        "ModernBertForSequenceClassification",
+    ],
+)
 def test_collator_packed_input_equals_the_padded_batch(small, cls_name, impl, flash_kwargs, flash_standin):
     model = small[cls_name]
     model.config.attn_implementation = impl
@@ -850,7 +1063,11 @@ def test_collator_packing_fails_when_the_sequences_are_not_kept_apart(small, mon
     """The wrong variant for the test above: one sequence of the whole stream (what the official sdpa path
     computes from the collator's input) must not pass it."""
     packed, padded = packed_and_padded(small["ModernBertModel"].config, "ModernBertModel")
-    monkeypatch.setattr(mb.Packing, "from_cu_seqlens", classmethod(lambda cls, cu, m, total: mb.Packing.from_mask(torch.ones(1, total, dtype=torch.long))))
+    monkeypatch.setattr(
+        mb.Packing,
+        "from_cu_seqlens",
+        classmethod(lambda cls, cu, m, total: mb.Packing.from_mask(torch.ones(1, total, dtype=torch.long))),
+    )
     with torch.no_grad():
         a, b = small["ModernBertModel"](**packed), small["ModernBertModel"](**padded)
     with pytest.raises(AssertionError, match="max diff"):
@@ -860,23 +1077,36 @@ def test_collator_packing_fails_when_the_sequences_are_not_kept_apart(small, mon
 def _packed(lengths, **extra):
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    return dict(input_ids=torch.ones(1, sum(lengths), dtype=torch.long), position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                max_length_q=max(lengths), max_length_k=max(lengths), **extra)
+    return dict(
+        input_ids=torch.ones(1, sum(lengths), dtype=torch.long),
+        position_ids=pos,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(lengths),
+        max_length_k=max(lengths),
+        **extra,
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(cu_seq_lens_k=torch.tensor([0, 4, 5, 9], dtype=torch.int32)), "cu_seq_lens_q and cu_seq_lens_k differ"),
-    (dict(cu_seq_lens_q=torch.tensor([0, 4, 5, 9]), cu_seq_lens_k=torch.tensor([0, 4, 5, 9])), r"position_ids restart at \[0, 3, 5\], but the cu_seqlens are \[0, 4, 5, 9\]"),
-    (dict(max_length_q=3, max_length_k=3), "max_length_q = 3 is below the longest packed sequence, 4 tokens"),
-    (dict(position_ids=torch.tensor([[0, 1, 2, 5, 6, 0, 1, 2, 3]])), "restart at 0"),
-    (dict(position_ids=torch.tensor([[1, 2, 3, 0, 1, 0, 1, 2, 3]])), "restart at 0"),
-    (dict(position_ids=torch.arange(8)[None]), r"position_ids has shape \(1, 8\), expected \(1, 9\)"),
-    (dict(seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])), "seq_idx does not number"),
-    (dict(max_length_k=None), "max_length_q and max_length_k come in pairs"),
-    (dict(cu_seqlens=torch.tensor([0, 3, 5, 9])), "not both"),
-    (dict(attention_mask=torch.ones(1, 9)), r"shape \(1, T\) with no attention_mask"),
-    (dict(cu_seq_lens_q=None, cu_seq_lens_k=None, position_ids=None), "needs its boundaries"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(cu_seq_lens_k=torch.tensor([0, 4, 5, 9], dtype=torch.int32)), "cu_seq_lens_q and cu_seq_lens_k differ"),
+        (
+            dict(cu_seq_lens_q=torch.tensor([0, 4, 5, 9]), cu_seq_lens_k=torch.tensor([0, 4, 5, 9])),
+            r"position_ids restart at \[0, 3, 5\], but the cu_seqlens are \[0, 4, 5, 9\]",
+        ),
+        (dict(max_length_q=3, max_length_k=3), "max_length_q = 3 is below the longest packed sequence, 4 tokens"),
+        (dict(position_ids=torch.tensor([[0, 1, 2, 5, 6, 0, 1, 2, 3]])), "restart at 0"),
+        (dict(position_ids=torch.tensor([[1, 2, 3, 0, 1, 0, 1, 2, 3]])), "restart at 0"),
+        (dict(position_ids=torch.arange(8)[None]), r"position_ids has shape \(1, 8\), expected \(1, 9\)"),
+        (dict(seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])), "seq_idx does not number"),
+        (dict(max_length_k=None), "max_length_q and max_length_k come in pairs"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 5, 9])), "not both"),
+        (dict(attention_mask=torch.ones(1, 9)), r"shape \(1, T\) with no attention_mask"),
+        (dict(cu_seq_lens_q=None, cu_seq_lens_k=None, position_ids=None), "needs its boundaries"),
+    ],
+)
 def test_inconsistent_packing_is_a_clear_error(small, change, message):
     inputs = {k: v for k, v in {**_packed([3, 2, 4]), **change}.items() if v is not None}
     with pytest.raises(ValueError, match=message):
@@ -888,14 +1118,24 @@ def test_consistent_packing_in_every_spelling_gives_the_same_numbers(small):
     full = _packed([3, 2, 4], seq_idx=torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]], dtype=torch.int32))
     with torch.no_grad():
         ref = model(**full).last_hidden_state
-        for keys in (["position_ids"], ["cu_seq_lens_q", "cu_seq_lens_k"], ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"]):
-            assert torch.equal(model(input_ids=full["input_ids"], **{k: full[k] for k in keys}).last_hidden_state, ref), keys
+        for keys in (
+            ["position_ids"],
+            ["cu_seq_lens_q", "cu_seq_lens_k"],
+            ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"],
+        ):
+            assert torch.equal(
+                model(input_ids=full["input_ids"], **{k: full[k] for k in keys}).last_hidden_state, ref
+            ), keys
         assert torch.equal(model(full["input_ids"], cu_seqlens=full["cu_seq_lens_q"]).last_hidden_state, ref)
 
 
 @pytest.mark.parametrize("cls_name", ["ModernBertModel"] + sorted(HEAD_CASES))
 def test_unknown_keyword_arguments_are_a_type_error_naming_them(small, cls_name):
-    ids = torch.ones(1, 3, 4, dtype=torch.long) if cls_name == "ModernBertForMultipleChoice" else torch.ones(1, 4, dtype=torch.long)
+    ids = (
+        torch.ones(1, 3, 4, dtype=torch.long)
+        if cls_name == "ModernBertForMultipleChoice"
+        else torch.ones(1, 4, dtype=torch.long)
+    )
     with pytest.raises(TypeError, match="'sliding_window_mask'"):
         small[cls_name](ids, sliding_window_mask=None)
     if cls_name == "ModernBertForMultipleChoice":  # each choice is a padded row: packed input does not apply
@@ -916,7 +1156,9 @@ def test_outputs_read_by_attribute_key_and_index(small):
     assert plain[0] is plain.logits and plain.loss is None and plain.hidden_states is None and "loss" not in plain
     as_tuple = small["ModernBertForMaskedLM"](ids, labels=labels, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2 and torch.equal(as_tuple[1], plain.logits)
-    qa = small["ModernBertForQuestionAnswering"](ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4]))
+    qa = small["ModernBertForQuestionAnswering"](
+        ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])
+    )
     assert list(qa) == ["loss", "start_logits", "end_logits"]
     assert list(small["ModernBertModel"](ids, output_hidden_states=True)) == ["last_hidden_state", "hidden_states"]
     with pytest.raises(AttributeError, match="no field 'attentions'"):
@@ -937,8 +1179,12 @@ def three_batches(config, packed=False, seed=0):
             out.append(_packed(lengths) | {"input_ids": torch.cat(rows)[None]})
         else:
             S = max(lengths)
-            out.append(dict(input_ids=torch.stack([F.pad(r, (0, S - len(r))) for r in rows]),
-                            attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, S - len(r))) for r in rows])))
+            out.append(
+                dict(
+                    input_ids=torch.stack([F.pad(r, (0, S - len(r))) for r in rows]),
+                    attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, S - len(r))) for r in rows]),
+                )
+            )
     return out
 
 
@@ -1007,7 +1253,12 @@ def test_seed_doc_padding_free_example_compiles_with_fullgraph(demo_checkpoint):
 
     def prepare_text_for_padding_free(texts):
         inputs_dict = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-        flattened_features = collator([{"input_ids": i[a.bool()].tolist()} for i, a in zip(inputs_dict["input_ids"], inputs_dict["attention_mask"])])
+        flattened_features = collator(
+            [
+                {"input_ids": i[a.bool()].tolist()}
+                for i, a in zip(inputs_dict["input_ids"], inputs_dict["attention_mask"])
+            ]
+        )
         return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in flattened_features.items()}
 
     texts = [["The capital of France is [MASK].", "ModernBERT is a [MASK] model."], TEXTS[:3], TEXTS[1:]]
@@ -1034,7 +1285,9 @@ def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
     model = small[cls_name]
     first, other = three_batches(model.config)[:2]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-    program = torch.export.export(model, (first["input_ids"], first["attention_mask"]), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    program = torch.export.export(
+        model, (first["input_ids"], first["attention_mask"]), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq})
+    )
     other["attention_mask"][1, :3] = 0  # left padding too
     with torch.no_grad():
         a, b = program.module()(other["input_ids"], other["attention_mask"]), model(**other)
@@ -1048,9 +1301,17 @@ def test_onnx_export_runs_in_onnxruntime(small):
     model = small["ModernBertForMaskedLM"]
     first, other = three_batches(model.config)[:2]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-    onnx_program = torch.onnx.export(model, (first["input_ids"], first["attention_mask"]), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), dynamo=True, verbose=False)
+    onnx_program = torch.onnx.export(
+        model,
+        (first["input_ids"], first["attention_mask"]),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        dynamo=True,
+        verbose=False,
+    )
     session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
-    (logits,) = session.run(None, {"input_ids": other["input_ids"].numpy(), "attention_mask": other["attention_mask"].numpy()})
+    (logits,) = session.run(
+        None, {"input_ids": other["input_ids"].numpy(), "attention_mask": other["attention_mask"].numpy()}
+    )
     with torch.no_grad():
         assert_close(torch.from_numpy(logits), model(**other).logits, 1e-4, "onnxruntime vs eager")
 
@@ -1076,8 +1337,16 @@ def saved_for_backward_bytes(fn):
 
 def test_gradient_checkpointing_same_gradients_less_activation_memory():
     torch.manual_seed(0)
-    config = mb.ModernBertConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-                                 local_attention=16, max_position_embeddings=4096, pad_token_id=0)
+    config = mb.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        local_attention=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
     model = mb.ModernBertForTokenClassification(config).train()
     ids = torch.randint(1, 64, (1, 2048))
     labels = torch.randint(0, 2, (1, 2048))
@@ -1103,8 +1372,12 @@ def ddp_worker(rank, folder, result):
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    model = torch.nn.parallel.DistributedDataParallel(mb.ModernBertForSequenceClassification.from_pretrained(folder).train())
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    model = torch.nn.parallel.DistributedDataParallel(
+        mb.ModernBertForSequenceClassification.from_pretrained(folder).train()
+    )
     batch = torch.load(f"{folder}/batch.pt")
     half = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
     model(**half).loss.backward()
@@ -1116,11 +1389,17 @@ def ddp_worker(rank, folder, result):
 def test_ddp_two_processes_give_the_gradients_of_one(tmp_path, small):
     model = small["ModernBertForSequenceClassification"]
     model.save_pretrained(tmp_path)
-    batch = dict(input_ids=torch.randint(1, 64, (4, 12)), attention_mask=torch.ones(4, 12, dtype=torch.long), labels=torch.tensor([0, 1, 1, 0]))
+    batch = dict(
+        input_ids=torch.randint(1, 64, (4, 12)),
+        attention_mask=torch.ones(4, 12, dtype=torch.long),
+        labels=torch.tensor([0, 1, 1, 0]),
+    )
     batch["attention_mask"][1, 7:] = 0
     batch["attention_mask"][2, :4] = 0
     torch.save(batch, tmp_path / "batch.pt")
-    torch.multiprocessing.start_processes(ddp_worker, args=(str(tmp_path), str(tmp_path / "grads.pt")), nprocs=2, start_method="spawn")
+    torch.multiprocessing.start_processes(
+        ddp_worker, args=(str(tmp_path), str(tmp_path / "grads.pt")), nprocs=2, start_method="spawn"
+    )
     ddp = torch.load(tmp_path / "grads.pt")
     single = mb.ModernBertForSequenceClassification.from_pretrained(tmp_path).train()
     single(**batch).loss.backward()  # the mean over 4 sequences; DDP averages the two halves' means
@@ -1139,21 +1418,45 @@ def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments, default_data_collator
 
     torch.manual_seed(0)
-    config = mb.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                 local_attention=8, max_position_embeddings=128, pad_token_id=0, num_labels=2)
+    config = mb.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        local_attention=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        num_labels=2,
+    )
     model = getattr(mb, cls_name)(config)
     g = torch.Generator().manual_seed(0)
     if cls_name == "ModernBertForMaskedLM":  # padding-free, straight from the collator
-        data = [{"input_ids": torch.randint(1, 64, (int(n),), generator=g).tolist()} for n in torch.randint(4, 20, (32,), generator=g)]
+        data = [
+            {"input_ids": torch.randint(1, 64, (int(n),), generator=g).tolist()}
+            for n in torch.randint(4, 20, (32,), generator=g)
+        ]
         data = [d | {"labels": d["input_ids"]} for d in data]
         collator = DataCollatorWithFlattening()
     else:  # a learnable rule: label 1 iff token 5 appears
         ids = torch.randint(6, 64, (32, 10), generator=g)
         ids[::2, 3] = 5
-        data = [{"input_ids": i, "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(5 in i)} for i in ids]
+        data = [
+            {"input_ids": i, "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(5 in i)} for i in ids
+        ]
         collator = default_data_collator
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, learning_rate=3e-3, per_device_train_batch_size=8, logging_steps=5,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=40,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        logging_steps=5,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8], data_collator=collator)
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -1165,10 +1468,23 @@ def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
 
 @needs_transformers
 def test_transformers_config_and_hf_conveniences(tmp_path):
-    official = transformers.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                                             local_attention=8, global_rope_theta=1000.0, pad_token_id=0, num_labels=3)
+    official = transformers.ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        local_attention=8,
+        global_rope_theta=1000.0,
+        pad_token_id=0,
+        num_labels=3,
+    )
     ours = mb.ModernBertForSequenceClassification(official)  # a transformers config, read through its dict
-    assert ours.config.global_rope_theta == 1000.0 and ours.config.num_labels == 3 and ours.config.layer_types[3] == "full_attention"
+    assert (
+        ours.config.global_rope_theta == 1000.0
+        and ours.config.num_labels == 3
+        and ours.config.layer_types[3] == "full_attention"
+    )
     theirs = transformers.ModernBertForSequenceClassification(official)
     assert ours.num_parameters() == theirs.num_parameters()
     for kwargs in (dict(only_trainable=True), dict(exclude_embeddings=True)):
@@ -1191,11 +1507,15 @@ def test_question_answering_loss_never_counts_padding(small):
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(1, 64, (n,), generator=g) for n in (12, 7, 9)]
     starts, ends = torch.tensor([2, 0, 8]), torch.tensor([5, 6, 8])
-    padded = dict(input_ids=torch.stack([F.pad(r, (0, 12 - len(r))) for r in rows]),
-                  attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, 12 - len(r))) for r in rows]))
+    padded = dict(
+        input_ids=torch.stack([F.pad(r, (0, 12 - len(r))) for r in rows]),
+        attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, 12 - len(r))) for r in rows]),
+    )
     with torch.no_grad():
         out = model(**padded, start_positions=starts, end_positions=ends)
-        alone = [model(r[None], start_positions=s[None], end_positions=e[None]).loss for r, s, e in zip(rows, starts, ends)]
+        alone = [
+            model(r[None], start_positions=s[None], end_positions=e[None]).loss for r, s, e in zip(rows, starts, ends)
+        ]
         # the same texts unpadded, one at a time: per-text CEs; the batch loss is their mean, start and end alike
         counting_padding = (F.cross_entropy(out.start_logits, starts) + F.cross_entropy(out.end_logits, ends)) / 2
     assert_close(out.loss, torch.stack(alone).mean(), 1e-6, "padded batch vs texts alone")
@@ -1252,12 +1572,15 @@ def test_a_failed_save_leaves_nothing_behind_and_keeps_the_old_checkpoint(small,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "no staging folder left behind"
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     model.save_pretrained(tmp_path / "old")  # overwriting works, and reads back
-    torch.testing.assert_close(mb.ModernBertForMaskedLM.from_pretrained(tmp_path / "old").state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        mb.ModernBertForMaskedLM.from_pretrained(tmp_path / "old").state_dict(), model.state_dict(), rtol=0, atol=0
+    )
 
 
 HUB_CHECK = """
 import sys, modernbert as mb
-model = mb.ModernBertForMaskedLM.from_pretrained("nobody/tiny-modernbert", revision=sys.argv[1] if len(sys.argv) > 1 else None)
+revision = sys.argv[1] if len(sys.argv) > 1 else None
+model = mb.ModernBertForMaskedLM.from_pretrained("nobody/tiny-modernbert", revision=revision)
 print(model.num_parameters(), mb.ModernBertConfig.from_pretrained("nobody/tiny-modernbert").hidden_size)
 """
 
@@ -1271,12 +1594,42 @@ def test_from_pretrained_takes_a_hub_id_through_the_cache(small, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": HERE}
-    run = lambda *args: subprocess.run([sys.executable, "-c", HUB_CHECK, *args], capture_output=True, text=True, env=env, cwd=tmp_path)  # noqa: E731
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-c", HUB_CHECK, *args], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+
     for args in ((), (commit,)):
         p = run(*args)
-        assert p.returncode == 0 and p.stdout.split() == [str(small["ModernBertForMaskedLM"].num_parameters()), "32"], p.stderr
+        assert p.returncode == 0 and p.stdout.split() == [
+            str(small["ModernBertForMaskedLM"].num_parameters()),
+            "32",
+        ], p.stderr
     p = run("v2.0")
     assert p.returncode != 0 and "Could not get 'nobody/tiny-modernbert'" in p.stderr.splitlines()[-1], p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# README's "Using it with the Hugging Face stack": every snippet runs, in order, as written
+
+
+@needs_transformers
+@needs_tokenizer
+def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
+    for module, why in (("accelerate", "Trainer"), ("onnxscript", "the ONNX export")):
+        pytest.importorskip(module, reason=f"{module} (test-only, for {why}) is not installed")
+    readme = Path(HERE, "README.md").read_text()
+    section = readme.split("## Using it with the Hugging Face stack")[1].split("\n## ")[0]
+    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(snippets) == 5, "the collator, Trainer, checkpointing, compile and export snippets"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for snippet in snippets:
+        exec(snippet.replace('"answerdotai/ModernBERT-base"', repr(str(demo_checkpoint))), namespace)
+    assert namespace["out"].logits.shape[:2] == namespace["inputs"]["input_ids"].shape
+    assert (tmp_path / "out" / "final" / "config.json").is_file() and (tmp_path / "modernbert.onnx").is_file()
+    assert namespace["logits"].shape[:2] == namespace["batch"]["input_ids"].shape
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1285,6 +1638,7 @@ def test_from_pretrained_takes_a_hub_id_through_the_cache(small, tmp_path):
 # checkpoint is a small random-weight ModernBERT in the official format, built with transformers (with
 # modernbert.py where transformers is not installed) next to the real tokenizer files from shared/data.
 # Its weights are re-initialised so that every layer matters and the top-k order is not rounding noise.
+
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory):
@@ -1324,7 +1678,14 @@ def run_cli(*args, env=None):
     """`python load.py ARGS` in a subprocess, as a user runs it: (returncode, stdout, stderr, seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     start = time.perf_counter()
-    p = subprocess.run([sys.executable, os.path.join(HERE, "load.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=120, cwd=HERE)
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "load.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=HERE,
+    )
     return p.returncode, p.stdout, p.stderr, time.perf_counter() - start
 
 
@@ -1336,21 +1697,43 @@ def run_cli(*args, env=None):
 def test_tokenizer_gives_the_official_ids():
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     assert tokenizer.encode("Hello world").ids == [50281, 12092, 1533, 50282]
-    assert tokenizer.encode("The capital of France is [MASK].").ids == [50281, 510, 5347, 273, 6181, 310, 50284, 15, 50282]
+    assert tokenizer.encode("The capital of France is [MASK].").ids == [
+        50281,
+        510,
+        5347,
+        273,
+        6181,
+        310,
+        50284,
+        15,
+        50282,
+    ]
     assert tokenizer.encode(" is [MASK].", add_special_tokens=False).ids == [310, 50284, 15]
     # lstrip: [MASK] takes the space before it, so it costs no token of its own
     assert tokenizer.encode("is [MASK].").ids == tokenizer.encode("is[MASK].").ids
-    assert [tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")] == [50280, 50281, 50282, 50283, 50284]
+    assert [tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")] == [
+        50280,
+        50281,
+        50282,
+        50283,
+        50284,
+    ]
 
 
 @needs_tokenizer
 def test_tokenize_pads_the_batch_and_never_truncates():
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     batch = tokenize(tokenizer, ["Hello world", "The capital of France is [MASK]."])
-    assert batch["input_ids"].tolist() == [[50281, 12092, 1533, 50282] + [50283] * 5, [50281, 510, 5347, 273, 6181, 310, 50284, 15, 50282]]
+    assert batch["input_ids"].tolist() == [
+        [50281, 12092, 1533, 50282] + [50283] * 5,
+        [50281, 510, 5347, 273, 6181, 310, 50284, 15, 50282],
+    ]
     assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 5, [1] * 9]
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.int64
-    assert tokenize(tokenizer, ["Hello world", "a b c d e f g"], max_length=9)["input_ids"].shape == (2, 9)  # exactly at the limit
+    assert tokenize(tokenizer, ["Hello world", "a b c d e f g"], max_length=9)["input_ids"].shape == (
+        2,
+        9,
+    )  # exactly at the limit
     with pytest.raises(ValueError, match=r"Text 2 is 9 tokens long, more than the model's limit of 8"):
         tokenize(tokenizer, ["Hello world", "a b c d e f g"], max_length=8)
 
@@ -1386,7 +1769,9 @@ def test_fill_mask_matches_the_transformers_pipeline(demo_checkpoint, demo):
 def test_fill_mask_takes_a_single_string_and_rejects_bad_input(demo):
     model, tokenizer = demo
     (only_mask,) = fill_mask(model, tokenizer, "The capital of France is [MASK].", top_k=2)
-    assert len(only_mask) == 1 and [sorted(p) for p in only_mask[0]] == [["score", "sequence", "token", "token_str"]] * 2
+    assert (
+        len(only_mask) == 1 and [sorted(p) for p in only_mask[0]] == [["score", "sequence", "token", "token_str"]] * 2
+    )
     with pytest.raises(ValueError, match=r"Text 2 has no \[MASK\]"):
         fill_mask(model, tokenizer, ["a [MASK]", "no mask"])
     with pytest.raises(ValueError, match="more than the model's limit of 512"):
@@ -1403,17 +1788,22 @@ def test_round_trip_through_transformers(demo_checkpoint, demo, tmp_path):
     model, tokenizer = demo
     save_with_tokenizer(model, tmp_path, demo_checkpoint)
     theirs = transformers.ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path)(TEXTS[0])["input_ids"] == tokenizer.encode(TEXTS[0]).ids
+    assert (
+        transformers.AutoTokenizer.from_pretrained(tmp_path)(TEXTS[0])["input_ids"] == tokenizer.encode(TEXTS[0]).ids
+    )
     batch = tokenize(load_tokenizer(tmp_path), TEXTS)  # ragged: the padding is exercised
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         a, b = model(**batch).logits[real], theirs(**batch).logits[real]  # padded positions are undefined
     diff = (a - b).abs()
-    assert diff.max() < 1e-4, f"logits differ: max {diff.max():.2e}, mean {diff.mean():.2e}, at real token {int(diff.max(1).values.argmax())}"
+    worst = int(diff.max(1).values.argmax())
+    assert diff.max() < 1e-4, f"logits differ: max {diff.max():.2e}, mean {diff.mean():.2e}, at real token {worst}"
 
 
 def test_load_model_tasks_and_dtypes(demo_checkpoint):
-    with pytest.warns(UserWarning, match=r"dropped \['decoder.bias'\]; initialised fresh \['classifier.weight', 'classifier.bias'\]"):
+    with pytest.warns(
+        UserWarning, match=r"dropped \['decoder.bias'\]; initialised fresh \['classifier.weight', 'classifier.bias'\]"
+    ):
         classifier = load_model(demo_checkpoint, task="sequence-classification", num_labels=3)
     assert isinstance(classifier, mb.ModernBertForSequenceClassification) and classifier.classifier.out_features == 3
     with pytest.warns(UserWarning, match="initialised fresh"):
@@ -1429,7 +1819,9 @@ def test_load_model_tasks_and_dtypes(demo_checkpoint):
 # ----------------------------------------------------------------------------------------------------
 # The command line, in a subprocess
 
-PREDICTION = re.compile(r"^    (\d\.\d{4})  (.+?) +\(id +(\d+)\)  (.+)$")  # score, token (no leading space), id, sequence
+PREDICTION = re.compile(
+    r"^    (\d\.\d{4})  (.+?) +\(id +(\d+)\)  (.+)$"
+)  # score, token (no leading space), id, sequence
 
 
 def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
@@ -1447,7 +1839,12 @@ def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
             for p in predictions:
                 line = next(lines)
                 score, token_str, token, sequence = PREDICTION.match(line).groups()
-                assert (float(score), token_str, int(token), sequence) == (round(p["score"], 4), shown(p["token_str"], strip=True), p["token"], shown(p["sequence"])), line
+                assert (float(score), token_str, int(token), sequence) == (
+                    round(p["score"], 4),
+                    shown(p["token_str"], strip=True),
+                    p["token"],
+                    shown(p["sequence"]),
+                ), line
     assert next(lines, None) is None
 
 
@@ -1455,7 +1852,10 @@ def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
     "text, message",
     [
         ("A sentence without a mask.", r"^error: Text 2 has no \[MASK\] to fill: 'A sentence without a mask.'$"),
-        ("word " * 600 + "[MASK]", r"^error: Text 2 is 603 tokens long, more than the model's limit of 512 \(max_position_embeddings\)"),
+        (
+            "word " * 600 + "[MASK]",
+            r"^error: Text 2 is 603 tokens long, more than the model's limit of 512 \(max_position_embeddings\)",
+        ),
     ],
     ids=["no-mask", "too-long"],
 )
@@ -1465,13 +1865,22 @@ def test_cli_bad_text_is_one_line_and_exit_2(demo_checkpoint, text, message):
     assert len(err.strip().splitlines()) == 1 and re.match(message, err), err
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "refused"])
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
+    ids=["offline", "refused"],
+)
 def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env):
     """An empty HF cache and no hub (offline mode, or a hub address that refuses connections)."""
-    rc, out, err, seconds = run_cli("--model", "nobody/no-such-modernbert", "A [MASK].", env={"HF_HOME": str(tmp_path), **env})
+    rc, out, err, seconds = run_cli(
+        "--model", "nobody/no-such-modernbert", "A [MASK].", env={"HF_HOME": str(tmp_path), **env}
+    )
     assert rc == 2 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
-    assert "Could not get 'nobody/no-such-modernbert': the Hugging Face hub could not be reached" in err and "--model /path/to/folder" in err, err
+    assert (
+        "Could not get 'nobody/no-such-modernbert': the Hugging Face hub could not be reached" in err
+        and "--model /path/to/folder" in err
+    ), err
     assert seconds < 60, f"took {seconds:.0f} s to give up"
 
 
@@ -1481,14 +1890,22 @@ def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env):
 
 @pytest.fixture
 def hub(request):
-    wanted = os.environ.get("MODERNBERT_HUB") == "1" or re.search(r"(?<!not )\bhub\b", request.config.getoption("markexpr") or "")
+    wanted = os.environ.get("MODERNBERT_HUB") == "1" or re.search(
+        r"(?<!not )\bhub\b", request.config.getoption("markexpr") or ""
+    )
     if not wanted:
         pytest.skip("downloads answerdotai/ModernBERT-base (~600 MB): run with `pytest -m hub` or MODERNBERT_HUB=1")
 
 
 @pytest.mark.hub
 def test_real_model_demo(hub):
-    rc, out, err, _ = run_cli("--top-k", 3, "Plants create [MASK] through a process known as photosynthesis.", "The capital of France is [MASK].", env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")})
+    rc, out, err, _ = run_cli(
+        "--top-k",
+        3,
+        "Plants create [MASK] through a process known as photosynthesis.",
+        "The capital of France is [MASK].",
+        env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")},
+    )
     assert rc == 0, err
     france = out.split("The capital of France is [MASK].\n")[1].splitlines()
     score, token_str, token, sequence = PREDICTION.match(france[1]).groups()
@@ -1506,8 +1923,12 @@ def test_official_golden_values_on_the_real_checkpoint(hub):
     hello = tokenize(tokenizer, ["Hello World!"])
     with torch.no_grad():
         out = mlm(**hello, output_hidden_states=True)
-    expected_hidden = torch.tensor([[0.3151, -0.6417, -0.7027], [-0.7834, -1.5810, 0.4576], [1.0614, -0.7268, -0.0871]])
-    expected_logits = torch.tensor([[3.8387, -0.2017, 12.2839], [3.6300, 0.6869, 14.7123], [-5.1137, -3.8122, 11.9874]])
+    expected_hidden = torch.tensor(
+        [[0.3151, -0.6417, -0.7027], [-0.7834, -1.5810, 0.4576], [1.0614, -0.7268, -0.0871]]
+    )
+    expected_logits = torch.tensor(
+        [[3.8387, -0.2017, 12.2839], [3.6300, 0.6869, 14.7123], [-5.1137, -3.8122, 11.9874]]
+    )
     assert_close(out.hidden_states[-1][0, :3, :3], expected_hidden, 1e-4, "ModernBertModel 'Hello World!'")
     assert_close(out.logits[0, :3, :3], expected_logits, 1e-4, "ModernBertForMaskedLM 'Hello World!'")
     batch = tokenize(tokenizer, ["the man worked as a [MASK]."])
@@ -1516,7 +1937,13 @@ def test_official_golden_values_on_the_real_checkpoint(hub):
     mask = F.pad(batch["attention_mask"], (0, 512 - n))
     with torch.no_grad():
         logits = mlm(ids, attention_mask=mask).logits[0, (ids[0] == 50284).nonzero()[0, 0]]
-    assert [tokenizer.decode([t]).strip() for t in logits.topk(5).indices.tolist()] == ["lawyer", "mechanic", "teacher", "doctor", "waiter"]
+    assert [tokenizer.decode([t]).strip() for t in logits.topk(5).indices.tolist()] == [
+        "lawyer",
+        "mechanic",
+        "teacher",
+        "doctor",
+        "waiter",
+    ]
     assert fill_mask(mlm, tokenizer, "The capital of France is [MASK].")[0][0][0]["token_str"] == " Paris"
 
 
@@ -1525,7 +1952,9 @@ def test_official_golden_values_on_the_real_checkpoint(hub):
 # official implementation's own error in the same dtype, on every kernel, compiled too, for ragged
 # left/right padding and packed input; a wrong variant must fail the same check.
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run `pytest -m gpu` on a machine with one")
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: run `pytest -m gpu` on a machine with one"
+)
 HALF_FACTOR = 1.25
 
 
@@ -1556,18 +1985,27 @@ def test_half_precision_on_gpu_is_as_exact_as_the_official(dtype):
     ids, mask = ids.cuda(), mask.cuda()
     m = mask.bool()
     rows = [ids[i][m[i]] for i in range(len(ids))]
-    packed = dict(input_ids=torch.cat(rows)[None], cu_seqlens=torch.tensor([0] + [len(r) for r in rows], device="cuda").cumsum(0))
+    packed = dict(
+        input_ids=torch.cat(rows)[None], cu_seqlens=torch.tensor([0] + [len(r) for r in rows], device="cuda").cumsum(0)
+    )
     with torch.no_grad():
         truth = official(ids, attention_mask=mask).logits[m]
         official_half = official.to(dtype)(ids, attention_mask=mask).logits[m]
         ours = ours.to(dtype)
         compiled = copy.deepcopy(ours).compile()
-        assert mb.attention_kernels(None, ids.device, dtype, mb.Packing.from_mask(mask))["full_attention"].func is mb.flash_attention
+        assert (
+            mb.attention_kernels(None, ids.device, dtype, mb.Packing.from_mask(mask))["full_attention"].func
+            is mb.flash_attention
+        )
         for impl in (None, "flash_attention_2", "sdpa", "eager"):
             for model, name in ((ours, "eager mode"), (compiled, "compiled")):
                 model.config.attn_implementation = impl
-                within_official_error(model(ids, attention_mask=mask).logits[m], official_half, truth, f"{impl} {dtype} {name}, padded")
-                within_official_error(model(**packed).logits[0], official_half, truth, f"{impl} {dtype} {name}, packed")
+                within_official_error(
+                    model(ids, attention_mask=mask).logits[m], official_half, truth, f"{impl} {dtype} {name}, padded"
+                )
+                within_official_error(
+                    model(**packed).logits[0], official_half, truth, f"{impl} {dtype} {name}, packed"
+                )
         ours.config.attn_implementation = None
         # Wrong variants the same check must catch. (A tanh GELU hides in half precision's own noise here: its
         # error stayed within 1.25x of the official bf16 error on an H100, so it is caught in fp32 only.)
@@ -1593,12 +2031,16 @@ def test_fill_mask_on_gpu_is_as_exact_as_the_official_pipeline(demo_checkpoint, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo_checkpoint)
 
     def official(dtype):
-        model = transformers.ModernBertForMaskedLM.from_pretrained(demo_checkpoint, attn_implementation="sdpa", dtype=dtype)
+        model = transformers.ModernBertForMaskedLM.from_pretrained(
+            demo_checkpoint, attn_implementation="sdpa", dtype=dtype
+        )
         return transformers.pipeline("fill-mask", model=model.eval(), tokenizer=tokenizer, device=0)
 
     def scores(results):  # {(text, mask, token): score}
         results = [[r] if isinstance(r[0], dict) else r for r in results]  # the pipeline unwraps a single mask
-        return {(t, m, p["token"]): p["score"] for t, masks in enumerate(results) for m, ps in enumerate(masks) for p in ps}
+        return {
+            (t, m, p["token"]): p["score"] for t, masks in enumerate(results) for m, ps in enumerate(masks) for p in ps
+        }
 
     def logits_at_masks(forward):  # (masks, vocab), text by text, left to right
         with torch.no_grad():
@@ -1607,7 +2049,10 @@ def test_fill_mask_on_gpu_is_as_exact_as_the_official_pipeline(demo_checkpoint, 
 
     g = torch.Generator().manual_seed(0)
     words = " ".join(TEXTS).replace("[MASK]", "").split()
-    texts = TEXTS + [" ".join(words[i] for i in torch.randint(len(words), (int(n),), generator=g)) for n in torch.randint(3, 60, (36,), generator=g)]
+    texts = TEXTS + [
+        " ".join(words[i] for i in torch.randint(len(words), (int(n),), generator=g))
+        for n in torch.randint(3, 60, (36,), generator=g)
+    ]
     texts = TEXTS + [" ".join(t.split()[: i + 1] + ["[MASK]"] + t.split()[i + 1 :]) for i, t in enumerate(texts[4:])]
     truth_pipe, their_pipe = official(torch.float32), official(dtype)
     ours = load_model(demo_checkpoint, device="cuda", dtype=dtype, attn_implementation=impl)
@@ -1618,8 +2063,12 @@ def test_fill_mask_on_gpu_is_as_exact_as_the_official_pipeline(demo_checkpoint, 
     theirs = scores([their_pipe(text, top_k=1000) for text in texts])
     mine = scores(fill_mask(ours, load_tokenizer(demo_checkpoint), texts, top_k=1000))
     keys = sorted(truth)
-    (_, our_mean), (_, their_mean) = (errors(torch.tensor([s[k] for k in keys]), torch.tensor([truth[k] for k in keys])) for s in (mine, theirs))
-    assert our_mean <= HALF_FACTOR * their_mean, f"fill-mask scores {dtype} {impl}: mean error {our_mean:.3g}, official {their_mean:.3g}"
+    (_, our_mean), (_, their_mean) = (
+        errors(torch.tensor([s[k] for k in keys]), torch.tensor([truth[k] for k in keys])) for s in (mine, theirs)
+    )
+    assert our_mean <= HALF_FACTOR * their_mean, (
+        f"fill-mask scores {dtype} {impl}: mean error {our_mean:.3g}, official {their_mean:.3g}"
+    )
 
 
 @pytest.mark.gpu

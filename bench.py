@@ -611,7 +611,9 @@ def main():
     p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
-    p.add_argument("--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)")
+    p.add_argument(
+        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
+    )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly

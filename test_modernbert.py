@@ -1389,7 +1389,9 @@ def ddp_worker(rank, folder, result):
     model(**half).loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, result)
+    dist.barrier()  # both done before either tears down (one rank once hung, left alone in destroy)
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: a rank once hung in it, after its work was done
 
 
 def test_ddp_two_processes_give_the_gradients_of_one(tmp_path, small):
@@ -1403,9 +1405,15 @@ def test_ddp_two_processes_give_the_gradients_of_one(tmp_path, small):
     batch["attention_mask"][1, 7:] = 0
     batch["attention_mask"][2, :4] = 0
     torch.save(batch, tmp_path / "batch.pt")
-    torch.multiprocessing.start_processes(
-        ddp_worker, args=(str(tmp_path), str(tmp_path / "grads.pt")), nprocs=2, start_method="spawn"
+    workers = torch.multiprocessing.start_processes(
+        ddp_worker, args=(str(tmp_path), str(tmp_path / "grads.pt")), nprocs=2, start_method="spawn", join=False
     )
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the DDP workers did not finish within 3 minutes")
     ddp = torch.load(tmp_path / "grads.pt")
     single = mb.ModernBertForSequenceClassification.from_pretrained(tmp_path).train()
     single(**batch).loss.backward()  # the mean over 4 sequences; DDP averages the two halves' means

@@ -16,7 +16,7 @@ From Python, e.g. a notebook:
 
 How and why:
 - A checkpoint is a folder: config.json, model.safetensors (or shards and their index) and the tokenizer
-  files. A folder is used as it is. Anything else is a hub id, fetched with huggingface_hub into the
+  files. A folder is used as it is. Anything else is a hub id, fetched (modernbert.checkpoint_folder) into the
   standard HF cache, the one transformers uses, so nothing is downloaded twice. HF_HUB_OFFLINE=1 reads
   the cache only.
 - The tokenizer is the official tokenizer.json run by the `tokenizers` library. Its post-processor

@@ -237,6 +237,17 @@ PACKED_INPUTS = (
 )
 
 
+def longest_and_uniform(lengths):
+    """The longest sequence's length, and whether all have it: one host sync (per forward)."""
+    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
+    return longest, shortest == longest
+
+
+def position_starts(positions, total):
+    """Packed (T,) position_ids -> cu_seqlens: a sequence starts wherever the positions restart at 0."""
+    return F.pad((positions == 0).nonzero().squeeze(1), (0, 1), value=total)
+
+
 @dataclass
 class Packing:
     """Where the tokens of a batch sit, worked out once per forward and shared by every layer."""
@@ -271,11 +282,11 @@ class Packing:
         tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
         check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
         packed = {k: v for k, v in packed.items() if v is not None}
-        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        x = input_ids if input_ids is not None else inputs_embeds
+        (B, S), device = x.shape[:2], x.device
         cu = next((packed[k] for k in ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k") if k in packed), None)
-        if cu is None and packed.get("position_ids") is not None:  # a sequence starts where positions restart
-            cu = F.pad((packed["position_ids"][0] == 0).nonzero().squeeze(1), (0, 1), value=S)
+        if cu is None and "position_ids" in packed:
+            cu = position_starts(packed["position_ids"][0], S)
         if cu is not None:
             return cls.from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
         mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask
@@ -285,10 +296,10 @@ class Packing:
     def from_mask(cls, attention_mask):
         lengths = attention_mask.sum(dim=1)
         indices = attention_mask.flatten().nonzero().squeeze(1)
-        shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()  # one host sync per forward
+        longest, uniform = longest_and_uniform(lengths)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         real = torch.ones_like(indices, dtype=torch.bool)
-        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), real, uniform=shortest == longest)
+        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), real, uniform=uniform)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens, max_seqlen, total):
@@ -296,9 +307,7 @@ class Packing:
         sync, so torch.compile can trace all of it."""
         uniform = False
         if max_seqlen is None:
-            lengths = cu_seqlens.diff()
-            shortest, max_seqlen = torch.stack((lengths.min(), lengths.max())).tolist()
-            uniform = shortest == max_seqlen
+            max_seqlen, uniform = longest_and_uniform(cu_seqlens.diff())
         indices = torch.arange(total, device=cu_seqlens.device)
         real = torch.ones_like(indices, dtype=torch.bool)
         return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), real, uniform=uniform)
@@ -881,11 +890,11 @@ class ModernBertForTokenClassification(ModernBertWithClassifier):
 
 class ModernBertForQuestionAnswering(ModernBertWithClassifier):
     def __init__(self, config):
-        super().__init__(config)
-        if self.config.num_labels != 2:
+        if config.num_labels != 2:  # before building a model that cannot be used
             raise ValueError(
-                f"Question answering needs num_labels = 2 (start, end), the config has {self.config.num_labels}."
+                f"Question answering needs num_labels = 2 (start, end), the config has {config.num_labels}."
             )
+        super().__init__(config)
 
     def forward(
         self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, return_dict=None, **inputs
@@ -1210,7 +1219,7 @@ def check_packed(packed, attention_mask, B, S, read_values):
             raise ValueError(
                 "position_ids must count 0, 1, 2, ... in each packed sequence and restart at 0 at the next."
             )
-        bounds["position_ids"] = F.pad((pos == 0).nonzero().squeeze(1), (0, 1), value=S)  # where they restart
+        bounds["position_ids"] = position_starts(pos, S)
     (first, cu), *others = bounds.items()
     for name, other in others:
         if not torch.equal(cu, other):

@@ -147,12 +147,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # global, local
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
 
 # The official names map to these; "gelu" is the exact erf form everywhere in ModernBERT.
-ACTIVATIONS = {
-    "gelu": nn.GELU,
-    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-}
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 
 # ----------------------------------------------------------------------------------------------------
 # RoPE with two bases. Rotation "rotate_half" (NeoX): the first and second halves of each head pair up.
@@ -226,15 +221,9 @@ def pad(x, indices, batch, seqlen):
     return out.view(batch, seqlen, *x.shape[1:])
 
 
-PACKED_INPUTS = (
-    "cu_seqlens",
-    "position_ids",
-    "cu_seq_lens_q",
-    "cu_seq_lens_k",
-    "max_length_q",
-    "max_length_k",
-    "seq_idx",
-)
+# The keywords of already-packed input: ours, and those of transformers' DataCollatorWithFlattening.
+COLLATOR_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+PACKED_INPUTS = ("cu_seqlens", *COLLATOR_INPUTS)
 
 
 def longest_and_uniform(lengths):
@@ -256,7 +245,7 @@ class Packing:
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
     shape: tuple  # (B, S) of the input grid
-    real: torch.Tensor  # (T,) bool; False only at the padding that the traced path below keeps
+    real: torch.Tensor | None = None  # (T,) bool; None: all real. False only at padding the traced path keeps
     positions: torch.Tensor | None = None  # (T,) position inside its sequence; None: the token's offset in it
     seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
     uniform: bool = False  # all sequences have max_seqlen tokens, so attention needs no key mask
@@ -273,6 +262,7 @@ class Packing:
         offsets = torch.arange(T, device=cu.device) - cu[self.seq_ids]  # (T,) index inside its sequence
         self.grid = self.seq_ids * self.max_seqlen + offsets  # (T,) slot in a right-padded (N, max_seqlen) grid
         self.positions = offsets if self.positions is None else self.positions
+        self.real = torch.ones(T, dtype=torch.bool, device=cu.device) if self.real is None else self.real
 
     @classmethod
     def from_inputs(cls, config, input_ids, attention_mask, inputs_embeds, **packed):
@@ -298,8 +288,7 @@ class Packing:
         indices = attention_mask.flatten().nonzero().squeeze(1)
         longest, uniform = longest_and_uniform(lengths)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        real = torch.ones_like(indices, dtype=torch.bool)
-        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), real, uniform=uniform)
+        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), uniform=uniform)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens, max_seqlen, total):
@@ -309,8 +298,7 @@ class Packing:
         if max_seqlen is None:
             max_seqlen, uniform = longest_and_uniform(cu_seqlens.diff())
         indices = torch.arange(total, device=cu_seqlens.device)
-        real = torch.ones_like(indices, dtype=torch.bool)
-        return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), real, uniform=uniform)
+        return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), uniform=uniform)
 
     @classmethod
     def traced_padded(cls, attention_mask):
@@ -1061,9 +1049,7 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
             report["initialised"].append(k)  # a head this checkpoint does not have (a new classifier)
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty made a separate tensor for each name
-    model.init_weights(
-        only={k.rsplit(".", 1)[0] for k in report["initialised"]}
-    )  # the official init, fresh heads only
+    model.init_weights(only={k.rsplit(".", 1)[0] for k in report["initialised"]})  # official init, fresh heads only
     initialised = model.state_dict()
     to_load.update({k: initialised[k] for k in report["initialised"]})
     model.load_state_dict(to_load, strict=True)
@@ -1143,15 +1129,10 @@ def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     x = input_ids if input_ids is not None else inputs_embeds
     if input_ids is not None:
-        ids = input_ids
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dtype.is_floating_point
-            or ids.is_complex()
-            or ids.dtype == torch.bool
-        ):
-            got = getattr(input_ids, "dtype", type(input_ids))
-            raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}.")
+        dtype = getattr(input_ids, "dtype", type(input_ids))
+        integer = isinstance(input_ids, torch.Tensor) and not (dtype.is_floating_point or dtype.is_complex)
+        if not integer or dtype is torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {dtype}.")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
     elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:

@@ -1175,21 +1175,25 @@ def test_outputs_read_by_attribute_key_and_index(small):
 
 
 def three_batches(config, packed=False, seed=0):
-    """Three ragged batches of different shapes, padded (ids, mask) or packed like the collator."""
+    """Three ragged batches of different shapes, packed like the collator, or padded (ids, mask): on the right,
+    on the left (cls pooling must skip it), and on the right with a hole in one row's mask (compacted: the
+    tokens around it are neighbours), so compiled and exported forwards keep README's differences too."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for lengths in ([5, 9, 17], [30, 2, 11, 25], [40, 41, 12, 7, 3]):
+    for lengths, left in (([5, 9, 17], False), ([30, 2, 11, 25], True), ([40, 41, 12, 7, 3], False)):
         rows = [torch.randint(1, config.vocab_size, (n,), generator=g) for n in lengths]
         if packed:
             out.append(_packed(lengths) | {"input_ids": torch.cat(rows)[None]})
         else:
-            S = max(lengths)
+            pads = [(max(lengths) - len(r), 0) if left else (0, max(lengths) - len(r)) for r in rows]
             out.append(
                 dict(
-                    input_ids=torch.stack([F.pad(r, (0, S - len(r))) for r in rows]),
-                    attention_mask=torch.stack([F.pad(torch.ones_like(r), (0, S - len(r))) for r in rows]),
+                    input_ids=torch.stack([F.pad(r, p) for r, p in zip(rows, pads)]),
+                    attention_mask=torch.stack([F.pad(torch.ones_like(r), p) for r, p in zip(rows, pads)]),
                 )
             )
+    if not packed:
+        out[2]["attention_mask"][0, 10:16] = 0  # the hole
     return out
 
 
@@ -1294,7 +1298,6 @@ def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
     program = torch.export.export(
         model, (first["input_ids"], first["attention_mask"]), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq})
     )
-    other["attention_mask"][1, :3] = 0  # left padding too
     with torch.no_grad():
         a, b = program.module()(other["input_ids"], other["attention_mask"]), model(**other)
     for key in b:

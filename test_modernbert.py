@@ -48,10 +48,11 @@ needs_transformers = pytest.mark.skipif(transformers is None, reason="transforme
 SHARED_DATA = Path(os.environ.get("MODERNBERT_SHARED_DATA", Path(HERE).parent / "shared" / "data"))
 TOKENIZER_DIR = SHARED_DATA / "modernbert-base"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-needs_tokenizer = pytest.mark.skipif(
-    not (TOKENIZER_DIR / "tokenizer.json").is_file(),
-    reason=f"the real tokenizer files are not in {TOKENIZER_DIR} (set MODERNBERT_SHARED_DATA)",
+NO_TOKENIZER = (
+    f"the real tokenizer files are not in {TOKENIZER_DIR}: put ../shared beside the checkout, or set "
+    "MODERNBERT_SHARED_DATA to the folder that holds modernbert-base/"
 )
+needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason=NO_TOKENIZER)
 
 # local_attention=16 is a +-8 window, so the longer texts below cross it.
 TINY = dict(
@@ -1667,7 +1668,7 @@ def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
 def demo_checkpoint(tmp_path_factory):
     """A folder holding config.json + model.safetensors (tiny, random) + the real tokenizer files."""
     if not (TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip(f"the real tokenizer files are not in {TOKENIZER_DIR} (set MODERNBERT_SHARED_DATA)")
+        pytest.skip(NO_TOKENIZER)
     folder = tmp_path_factory.mktemp("tiny-modernbert")
     torch.manual_seed(0)
     try:

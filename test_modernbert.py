@@ -52,7 +52,8 @@ NO_TOKENIZER = (
     f"the real tokenizer files are not in {TOKENIZER_DIR}: put ../shared beside the checkout, or set "
     "MODERNBERT_SHARED_DATA to the folder that holds modernbert-base/"
 )
-needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason=NO_TOKENIZER)
+HAS_TOKENIZER = (TOKENIZER_DIR / "tokenizer.json").is_file()
+needs_tokenizer = pytest.mark.skipif(not HAS_TOKENIZER, reason=NO_TOKENIZER)
 
 # local_attention=16 is a +-8 window, so the longer texts below cross it.
 TINY = dict(
@@ -798,9 +799,8 @@ def test_impossible_configs_are_clear_errors(bad, message):
 
 
 def test_config_reads_both_official_formats():
-    shared = os.environ.get("MODERNBERT_SHARED_DATA", os.path.join(HERE, "..", "shared", "data"))
     for name, layers, hidden in (("modernbert-base", 22, 768), ("modernbert-large", 28, 1024)):
-        path = os.path.join(shared, name, "config.json")
+        path = SHARED_DATA / name / "config.json"
         if not os.path.exists(path):
             pytest.skip(f"{path} is not here (CI puts ../shared beside the checkout)")
         c = mb.ModernBertConfig.from_dict(json.load(open(path)))  # v4: global_attn_every_n_layers, thetas
@@ -1186,7 +1186,8 @@ def three_batches(config, packed=False, seed=0):
         if packed:
             out.append(_packed(lengths) | {"input_ids": torch.cat(rows)[None]})
         else:
-            pads = [(max(lengths) - len(r), 0) if left else (0, max(lengths) - len(r)) for r in rows]
+            S = max(lengths)
+            pads = [(S - len(r), 0) if left else (0, S - len(r)) for r in rows]
             out.append(
                 dict(
                     input_ids=torch.stack([F.pad(r, p) for r, p in zip(rows, pads)]),
@@ -1667,7 +1668,7 @@ def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory):
     """A folder holding config.json + model.safetensors (tiny, random) + the real tokenizer files."""
-    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+    if not HAS_TOKENIZER:
         pytest.skip(NO_TOKENIZER)
     folder = tmp_path_factory.mktemp("tiny-modernbert")
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -144,7 +144,7 @@ class ModernBertConfig:
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # global, local
-ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
 
 # The official names map to these; "gelu" is the exact erf form everywhere in ModernBERT.
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
@@ -245,23 +245,23 @@ class Packing:
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
     shape: tuple  # (B, S) of the input grid
-    real: torch.Tensor | None = None  # (T,) bool; None: all real. False only at padding the traced path keeps
-    positions: torch.Tensor | None = None  # (T,) position inside its sequence; None: the token's offset in it
-    seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
+    real: torch.Tensor | None = None  # (T,) bool; None: all real. False only at the padding the traced path keeps
     uniform: bool = False  # all sequences have max_seqlen tokens, so attention needs no key mask
-    padded: bool = False
+    padded: bool = False  # the traced path's grid (traced_padded): padding kept as tokens, `real` False there
+    seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
+    positions: torch.Tensor = field(init=False)  # (T,) position inside its sequence: 0, 1, 2, ...
+    grid: torch.Tensor = field(init=False)  # (T,) slot in a right-padded (N, max_seqlen) grid
 
     def __post_init__(self):
         # (x.shape[0], not len(x): len() must return a plain int, which would fix the size of a traced graph)
         T, cu = self.indices.shape[0], self.cu_seqlens.long()
-        lengths = cu[1:] - cu[:-1]
         if self.seq_ids is None:
+            lengths = cu[1:] - cu[:-1]
             self.seq_ids = torch.repeat_interleave(
                 torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=T
             )
-        offsets = torch.arange(T, device=cu.device) - cu[self.seq_ids]  # (T,) index inside its sequence
-        self.grid = self.seq_ids * self.max_seqlen + offsets  # (T,) slot in a right-padded (N, max_seqlen) grid
-        self.positions = offsets if self.positions is None else self.positions
+        self.positions = torch.arange(T, device=cu.device) - cu[self.seq_ids]
+        self.grid = self.seq_ids * self.max_seqlen + self.positions
         self.real = torch.ones(T, dtype=torch.bool, device=cu.device) if self.real is None else self.real
 
     @classmethod
@@ -303,15 +303,18 @@ class Packing:
     @classmethod
     def traced_padded(cls, attention_mask):
         """For torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
-        data-dependent size. Every slot of the (B, S) grid is a token and every row one sequence; padding
-        is carried along and hidden from attention as a key (`real`), positions still count real tokens
-        only, and the kernel is the eager reference on the input's grid: the same numbers, more work."""
+        data-dependent size. Instead each row's real tokens move, in order, to its front (left padding and
+        holes close up), and every slot of the (B, S) grid stays a token, one row one sequence: padding rides
+        along at the end of each row, hidden from attention as a key (`real`). The same numbers as
+        unpadding, with the padding computed too."""
         B, S = attention_mask.shape
-        positions = (attention_mask.cumsum(1) - 1).clamp(min=0).flatten()
-        cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=attention_mask.device)
-        indices = torch.arange(B * S, device=attention_mask.device)
-        real = attention_mask.flatten().bool()
-        return cls(indices, cu_seqlens, S, (B, S), real, positions, seq_ids=indices // S, padded=True)
+        real = attention_mask.bool()
+        slots = torch.arange(S, device=real.device)
+        order = torch.argsort(torch.where(real, slots, slots + S), dim=1)  # (B, S): real slots first, in order
+        indices = (order + torch.arange(B, device=real.device)[:, None] * S).flatten()
+        cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=real.device)
+        seq_ids = torch.arange(B * S, device=real.device) // S  # (ONNX has no repeat_interleave with a length)
+        return cls(indices, cu_seqlens, S, (B, S), real.gather(1, order).flatten(), padded=True, seq_ids=seq_ids)
 
     @property
     def num_seqs(self):
@@ -405,8 +408,8 @@ def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
 
     A query in block i sees only keys within +-window, which all lie in blocks i-1, i, i+1: each block
     attends to 3 * window keys instead of S. Sequence boundaries need no special case: a key counts
-    only if it belongs to the query's sequence (and inside one sequence, packed distance = position
-    distance).
+    only if it is a real token of the query's sequence (and inside one sequence, packed distance =
+    position distance).
 
         stream   | block i-1 | block i | block i+1 |      queries: block i (b tokens)
                  '------ keys: 3b tokens ---------'       keys: blocks i-1, i, i+1 (zeros past the ends)
@@ -420,7 +423,7 @@ def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
         return t.unfold(0, 3 * b, b).movedim(-1, 1)
 
     q_ids = F.pad(packing.seq_ids, (0, n * b - T), value=-1).view(n, b)  # -1: past the end, its own "sequence"
-    k_ids = blocks_of_three(packing.seq_ids, fill=-1)  # (n, 3b)
+    k_ids = blocks_of_three(packing.seq_ids.masked_fill(~packing.real, -2), fill=-1)  # (n, 3b); -2: padding
     in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), window)
     mask = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, b, 3b)
     qb = F.pad(q, (0, 0, 0, 0, 0, n * b - T)).view(n, b, H, D).transpose(1, 2)  # (n, H, b, D)
@@ -443,16 +446,119 @@ def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
     return out.to(dtype)
 
 
-KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
+FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
 
 
-def attention_kernels(name, device, dtype, packing):
-    """The one place kernels are chosen: {layer type: kernel}. None picks flash on a GPU in half
-    precision when a kernel is there to be found, sdpa otherwise; a forced name is honoured or refused."""
+def flex_attention(q, k, v, packing, window, dropout_p=0.0, block_masks=None):
+    """torch's FlexAttention: the attention rule is written once as a Python function (the block mask's
+    mask_mod), which torch.compile turns into one fused kernel (Triton on a GPU, C++ on a CPU) that skips every
+    128 x 128 tile the rule leaves empty. No (S, S) scores, no padding computed, the window skipped rather than
+    masked. `block_masks`: {window: BlockMask}, built once per forward by `attention_kernels`."""
+    if dropout_p:
+        raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
+    if q.device.type == "cpu" and torch.compiler.is_compiling():  # see attention_kernels' table
+        return sdpa_attention(q, k, v, packing, window)
+    if q.requires_grad and q.device.type == "cpu":
+        raise RuntimeError(
+            "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
+            "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
+        )
+    if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
+        return q
+    block_mask = (block_masks or {}).get(window)
+    if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
+        block_mask = flex_block_mask(packing, window)
+    # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views (torch 2.13), and the copy
+    # is small next to the projections.
+    q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    out = flex_attention_kernel()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
+    return out[0].transpose(0, 1)
+
+
+def flex_block_mask(packing, window):
+    """The rule, for FlexAttention, over the packed stream: query q sees key k iff both are in the same
+    sequence, k is a real token (the traced path keeps padding in the stream), and on local layers
+    |position(q) - position(k)| <= window.
+
+    `mask_mod` decides each pair; the block structure only says which tiles can hold an allowed pair.
+    torch's create_block_mask finds them by evaluating the rule on all T x T pairs (17 GB of booleans for
+    256 x 512 packed tokens). Here they come from the layout instead: the keys a tile of queries may see are
+    one contiguous run of the stream, from the first query's sequence start (or position - window) to the
+    last query's sequence end (or position + window), found by binary search."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    seq, pos, real = packing.seq_ids, packing.positions, packing.real
+    T = seq.shape[0]
+    # The half-window as a tensor: torch 2.13's C++ template fails to compile it as a Python int, which
+    # dynamic=True makes symbolic; and one compiled kernel then serves every window.
+    half = torch.tensor(0 if window is None else window, device=seq.device)
+
+    def mask_mod(b, h, q, k):  # the rule, for each query q and key k of the stream
+        allowed = (seq[q] == seq[k]) & real[k]
+        return allowed if window is None else allowed & ((pos[q] - pos[k]).abs() <= half)
+
+    reach = T if window is None else window
+    order = seq.long() * (2 * T + 1) + pos  # sorted; a reach of <= T never crosses into the next sequence
+    first = torch.arange(0, T, FLEX_BLOCK, device=seq.device)  # each tile's first and last query
+    last = (first + FLEX_BLOCK - 1).clamp(max=T - 1)
+    n = first.shape[0]  # tiles
+    lo = torch.searchsorted(order, order[first] - reach) // FLEX_BLOCK  # (n,): the first key tile, and
+    hi = (torch.searchsorted(order, order[last] + reach, right=True) - 1) // FLEX_BLOCK  # the last one
+    tiles = (lo[:, None] + torch.arange(n, device=seq.device)).clamp(max=n - 1)  # (n, n): lo, lo + 1, ...
+    return BlockMask.from_kv_blocks(
+        (hi - lo + 1)[None, None].int(),
+        tiles[None, None].int(),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(T, T),
+    )
+
+
+def flex_attention_kernel():
+    """torch's flex_attention, compiled once per process for every shape. Run uncompiled, it is a reference that
+    builds the whole score matrix; inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(flex_attention)
+
+
+@functools.cache
+def compiled_flex_attention(flex):
+    return torch.compile(flex, dynamic=True)
+
+
+KERNELS = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention,
+    "flex_attention": flex_attention,
+}
+
+
+def attention_kernels(name, device, dtype, packing, window):
+    """The one place kernels are chosen: {layer type: kernel}, for the local layers' half-window `window`.
+
+    name                  global layers                           local layers
+    None                  flash_attention_2 on a GPU in half precision when a kernel is there to be found,
+                          sdpa otherwise (each as below)
+    "eager"               eager                                   eager
+    "sdpa"                sdpa                                    sdpa (blocked local attention)
+    "flash_attention_2"   flash; sdpa when all lengths are equal  flash
+    "flex_attention"      flex                                    flex
+    traced padded batch   as above, but sdpa for None and "flash_attention_2" (varlen flash needs the padding
+                          removed, which tracing cannot do)
+    exported padded batch eager, whatever the name: torch.export (ONNX's too) would fix the number of blocks
+                          that blocked and flex attention cut the stream into to the example's side of 1
+    inside a traced graph as above, but flex_attention on a CPU hands each call to sdpa: torch 2.13's C++ flex
+    on a CPU              template compiles flex alone, but not inside a compiled layer or model
+
+    A forced name is honoured or refused, except for the overrides the table shows."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}")
-    if packing.padded:  # a traced padded batch (Packing.traced_padded): the reference math on the input's grid
-        return dict.fromkeys(LAYER_TYPES, eager_attention)
+    if packing.padded and name in (None, "flash_attention_2"):  # a traced padded batch (Packing.traced_padded)
+        name = "sdpa"
+    if packing.padded and torch.compiler.is_exporting():
+        name = "eager"
     if name is None:
         name = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
@@ -461,6 +567,9 @@ def attention_kernels(name, device, dtype, packing):
                 name = "flash_attention_2"
             except RuntimeError:
                 pass
+    if name == "flex_attention":  # the block masks, built once per forward and shared by the layers of a type
+        masks = {w: flex_block_mask(packing, w) for w in (None, window)} if packing.indices.shape[0] else {}
+        return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
     if name != "flash_attention_2":
         return dict.fromkeys(LAYER_TYPES, KERNELS[name])
     flash = functools.partial(flash_attention, varlen=find_flash_kernel(device))  # raises with what is missing
@@ -722,7 +831,9 @@ class ModernBertModel(ModernBertPreTrainedModel):
         packing = Packing.from_inputs(self.config, input_ids, attention_mask, inputs_embeds, **packed)
         x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
         # Chosen per forward, so config.attn_implementation can change between calls.
-        kernels = attention_kernels(self.config.attn_implementation, x.device, x.dtype, packing)
+        kernels = attention_kernels(
+            self.config.attn_implementation, x.device, x.dtype, packing, self.config.local_attention // 2
+        )
         thetas = (self.config.global_rope_theta, self.config.local_rope_theta)
         ropes = {
             t: rope_tables(theta, self.config.head_dim, packing.positions) for t, theta in zip(LAYER_TYPES, thetas)
@@ -764,10 +875,7 @@ def pool(hidden, packing, how):
     if not torch.compiler.is_compiling():
         check_poolable(packing)
     if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
-        first = packing.cu_seqlens[:-1].long()
-        if packing.padded:  # the traced path keeps left padding in the row: skip it
-            first = first + packing.real.view(packing.shape).int().argmax(dim=1)
-        return hidden[first]
+        return hidden[packing.cu_seqlens[:-1].long()]
     real = packing.real[:, None].to(hidden.dtype)
     sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden * real)
     return sums / real.new_zeros(packing.num_seqs, 1).index_add_(0, packing.seq_ids, real)

@@ -34,7 +34,7 @@ from load import fill_mask, load_model, load_tokenizer, save_with_tokenizer, sho
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 CASES = sorted(d for d in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, d, "io.safetensors")))
-IMPLS = ["eager", "sdpa", "flash_attention_2"]  # flash runs here through the stand-in kernel below
+IMPLS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]  # flash runs here through the stand-in kernel below
 FP32_TOL = 2e-4  # outputs are O(1)-O(10); fp32 rounding of the two implementations differs by ~1e-5
 
 try:
@@ -512,6 +512,45 @@ def test_kernels_agree(lengths, window, flash_standin):
         f"flash window={window}",
     )
     assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
+    with torch.no_grad():  # torch 2.13's flex has no backward pass on a CPU
+        assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")
+
+
+def flex_layouts():
+    """Packings flex must serve: packed streams (one token, tiles cut mid-sequence, an empty sequence, long
+    ones), and the traced path's grid with left padding, right padding and a hole."""
+    mask = torch.ones(3, 300, dtype=torch.long)
+    mask[0, 250:], mask[1, :40], mask[2, 100:120] = 0, 0, 0
+    return {
+        "one token": mb.Packing.from_cu_seqlens(torch.tensor([0, 1]), None, 1),
+        "ragged": mb.Packing.from_cu_seqlens(torch.tensor([0, 5, 128, 135, 136, 256, 265, 331, 531]), None, 531),
+        "empty sequence": mb.Packing.from_cu_seqlens(torch.tensor([0, 300, 300, 317]), None, 317),
+        "traced grid": mb.Packing.traced_padded(mask),
+    }
+
+
+@pytest.mark.parametrize("window", [None, 1, 64, 200])
+@pytest.mark.parametrize("layout", ["one token", "ragged", "empty sequence", "traced grid"])
+def test_flex_block_mask_visits_every_tile_the_rule_needs(layout, window):
+    """flex_block_mask finds its tiles from the layout, without evaluating the rule on T x T pairs: they must
+    be the tiles where torch's create_block_mask (which does evaluate it) finds an allowed pair, and no more,
+    except on the traced grid, whose runs may also cover tiles of nothing but padding keys."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    packing = flex_layouts()[layout]
+    T = packing.indices.shape[0]
+    ours = mb.flex_block_mask(packing, window)
+    truth = create_block_mask(ours.mask_mod, 1, 1, T, T, device="cpu", BLOCK_SIZE=mb.FLEX_BLOCK).to_dense().bool()
+    mine = ours.to_dense().bool()
+    assert (mine >= truth).all(), f"{layout}: a tile with an allowed pair is skipped"
+    if layout != "traced grid":
+        assert torch.equal(mine, truth), f"{layout}: tiles visited that hold no allowed pair"
+    q, k, v = (torch.randn(T, 2, 8) for _ in range(3))
+    with torch.no_grad():  # real queries: what padding queries get is never used (repad zeroes it)
+        out, ref = (
+            kernel(q, k, v, packing, window)[packing.real] for kernel in (mb.flex_attention, mb.eager_attention)
+        )
+    assert_close(out, ref, 1e-5, f"flex on {layout}")
 
 
 def test_eager_kernel_is_the_textbook_formula():
@@ -696,7 +735,7 @@ def test_all_padding_rows(small, impl, flash_standin):
             nothing = model(ids, attention_mask=torch.zeros_like(mask)).last_hidden_state
         assert (out[1] == 0).all() and (nothing == 0).all()
         assert_close(out[[0, 2]], alone, 0.05 if impl == "flash_attention_2" else 1e-5, "rows beside an empty row")
-        with pytest.raises(ValueError, match="Row 1 of attention_mask is all zeros"):
+        with pytest.raises(ValueError, match="Row 1 of attention_mask is all zeros"), torch.no_grad():
             small["ModernBertForSequenceClassification"](ids, attention_mask=mask)
     finally:
         model.config.attn_implementation = None
@@ -742,10 +781,20 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on the GPU here
 
     def kernels(name, device, dtype, packing=ragged):
-        return set(mb.attention_kernels(name, device, dtype, packing).values())
+        return set(mb.attention_kernels(name, device, dtype, packing, 4).values())
 
     assert kernels(None, cpu, torch.float32) == kernels(None, cpu, torch.bfloat16) == {mb.sdpa_attention}
     assert kernels("eager", cpu, torch.float32) == {mb.eager_attention}
+    (flex,) = kernels("flex_attention", cpu, torch.float32)  # one block mask per layer type, shared by its layers
+    assert flex.func is mb.flex_attention and set(flex.keywords["block_masks"]) == {None, 4}
+    traced = mb.Packing.traced_padded(torch.tensor([[1, 1, 0], [0, 1, 1]]))  # varlen flash cannot serve it
+    for name in (None, "flash_attention_2"):
+        assert set(mb.attention_kernels(name, gpu, torch.bfloat16, traced, 4).values()) == {mb.sdpa_attention}
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        mb.flex_attention(*random_packed([5])[:3], ragged, None, dropout_p=0.1)
+    q, k, v, packing = random_packed([5])
+    with pytest.raises(RuntimeError, match="no backward pass on a CPU.*torch.no_grad"):
+        mb.flex_attention(q.requires_grad_(), k, v, packing, None)
     try:
         import flash_attn  # noqa: F401
 
@@ -757,9 +806,11 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
 
         has_kernel = "window_size" in inspect.signature(varlen.varlen_attn).parameters
     if has_kernel:  # torch 2.13 (CI's) has varlen_attn with the window: a bf16 model on a GPU picks flash
-        chosen = mb.attention_kernels(None, gpu, torch.bfloat16, ragged)
+        chosen = mb.attention_kernels(None, gpu, torch.bfloat16, ragged, 4)
         assert chosen["full_attention"].func is chosen["sliding_attention"].func is mb.flash_attention
-        chosen = mb.attention_kernels(None, gpu, torch.bfloat16, uniform)  # equal lengths: dense SDPA on global layers
+        chosen = mb.attention_kernels(
+            None, gpu, torch.bfloat16, uniform, 4
+        )  # equal lengths: dense SDPA on global layers
         assert chosen["full_attention"] is mb.sdpa_attention and chosen["sliding_attention"].func is mb.flash_attention
     # On a GPU without flash-attn and with a torch whose varlen_attn lacks window_size: a clear error
     # (asked for) or sdpa (chosen), never "the import worked".
@@ -775,7 +826,7 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     )
     monkeypatch.setattr(mb, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None: None)
     with pytest.raises(RuntimeError, match="pip install flash-attn"):
-        mb.attention_kernels("flash_attention_2", gpu, torch.bfloat16, ragged)
+        mb.attention_kernels("flash_attention_2", gpu, torch.bfloat16, ragged, 4)
     assert kernels(None, gpu, torch.bfloat16) == {mb.sdpa_attention}
     assert kernels(None, gpu, torch.float32) == {mb.sdpa_attention}  # flash is never picked for fp32
     monkeypatch.setattr(mb, "varlen_attn", None)  # a torch without varlen_attn at all
@@ -1251,6 +1302,47 @@ def test_layer_compile_with_inductor_equals_eager_and_never_recompiles(small):
     assert graphs_compiled() == after_first, "a new batch shape or packing compiled again"
 
 
+COMPILED_PEAK = """
+import sys, torch, modernbert as mb
+S, impl = 4096, sys.argv[1] or None
+config = mb.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+    num_attention_heads=4, local_attention=8, max_position_embeddings=S, attn_implementation=impl)
+model = mb.ModernBertModel(config).eval()
+ids, mask = torch.randint(1, 64, (1, S)), torch.ones(1, S, dtype=torch.long)
+mask[0, S - 300 :] = 0  # padding: the traced path keeps it in the (1, S) grid
+compiled = torch.compile(model)
+with torch.no_grad():
+    compiled(ids, mask)  # compiles; the measured call below only runs
+    rss = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current size
+    before = rss("VmRSS:")
+    out = compiled(ids, mask).last_hidden_state
+    peak = rss("VmHWM:") - before
+    assert (out - model(ids, mask).last_hidden_state).abs().max() < 1e-5
+print(peak)
+"""
+
+
+def test_compiled_padded_forward_never_builds_s_by_s_scores():
+    """torch.compile(model) on a padded batch traces the no-unpadding path (Packing.traced_padded): its kernels
+    must not build (B, H, S, S) scores. Peak memory above the compiled call's start, 1 x 4096 tokens with 4 heads:
+    far below one S x S fp32 matrix of one head (64 MiB), where the eager reference's scores and probabilities
+    for 4 heads (512 MiB) show that the measurement sees them. Each in a fresh process (the peak is per process)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    one_matrix = 4096 * 4096 * 4
+
+    def peak(impl):
+        run = subprocess.run(
+            [sys.executable, "-c", COMPILED_PEAK, impl], cwd=HERE, capture_output=True, text=True, timeout=600
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.split()[-1])
+
+    assert peak("") < one_matrix / 8, "the compiled padded forward builds S x S scores"  # the default kernels
+    assert peak("eager") > 4 * one_matrix, "the measurement misses the eager reference's S x S scores"
+
+
 @needs_transformers
 @needs_tokenizer
 def test_seed_doc_padding_free_example_compiles_with_fullgraph(demo_checkpoint):
@@ -1304,6 +1396,22 @@ def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
         a, b = program.module()(other["input_ids"], other["attention_mask"]), model(**other)
     for key in b:
         assert_close(a[key], b[key], 1e-5, f"{cls_name} {key}, exported vs eager")
+
+
+def test_exported_program_serves_lengths_past_one_attention_block():
+    """An example shorter than one +-64 block must not fix the exported program to short inputs (blocked and
+    flex attention cut the stream into blocks; the exporters keep the eager reference, which does not)."""
+    torch.manual_seed(0)
+    config = mb.ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = mb.ModernBertModel(config).eval()
+    short, long = (torch.randint(1, 64, (2, n)) for n in (8, 300))
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=8192)}
+    program = torch.export.export(model, (short, torch.ones_like(short)), dynamic_shapes=(dims, dims))
+    with torch.no_grad():
+        out = program.module()(long, torch.ones_like(long))["last_hidden_state"]
+        assert_close(out, model(long).last_hidden_state, 1e-5, "exported at 2 x 8, run at 2 x 300")
 
 
 def test_onnx_export_runs_in_onnxruntime(small):
@@ -2019,10 +2127,10 @@ def test_half_precision_on_gpu_is_as_exact_as_the_official(dtype):
         ours = ours.to(dtype)
         compiled = copy.deepcopy(ours).compile()
         assert (
-            mb.attention_kernels(None, ids.device, dtype, mb.Packing.from_mask(mask))["full_attention"].func
+            mb.attention_kernels(None, ids.device, dtype, mb.Packing.from_mask(mask), 64)["full_attention"].func
             is mb.flash_attention
         )
-        for impl in (None, "flash_attention_2", "sdpa", "eager"):
+        for impl in (None, "flash_attention_2", "flex_attention", "sdpa", "eager"):
             for model, name in ((ours, "eager mode"), (compiled, "compiled")):
                 model.config.attn_implementation = impl
                 within_official_error(
@@ -2094,6 +2202,44 @@ def test_fill_mask_on_gpu_is_as_exact_as_the_official_pipeline(demo_checkpoint, 
     assert our_mean <= HALF_FACTOR * their_mean, (
         f"fill-mask scores {dtype} {impl}: mean error {our_mean:.3g}, official {their_mean:.3g}"
     )
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_flex_on_gpu_trains_and_compiles_the_whole_forward():
+    """FlexAttention where it runs for real (Triton): in fp32, the loss and every gradient equal the sdpa
+    kernel's; and the whole forward compiled (block masks built inside the graph), on packed input with
+    fullgraph and on padded batches, equals eager, without compiling again for a third shape."""
+    torch.manual_seed(0)
+    config = mb.ModernBertConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4
+    )
+    model = mb.ModernBertForTokenClassification(config).cuda()
+    ids, mask = ragged_batch(config, [300, 129, 64, 5], left=(1,))
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = torch.randint(0, 2, ids.shape, device="cuda").masked_fill(mask == 0, -100)
+    grads = {}
+    for impl in ("sdpa", "flex_attention"):
+        model.config.attn_implementation = impl
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads[impl] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for i, (a, b) in enumerate(zip(grads["flex_attention"], grads["sdpa"])):
+        assert_close(a, b, 1e-4 * max(1.0, b.abs().max().item()), f"flex vs sdpa, loss (0) or gradient {i}")
+    model.eval()
+    for packed in (True, False):  # as test_compiled_forward_equals_eager, with Inductor
+        batches = [
+            {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in three_batches(config, packed)
+        ]
+        with torch.no_grad():
+            eager = [model(**batch).logits for batch in batches]  # (eager flex compiles its own kernel: count after)
+            fresh_dynamo()
+            whole = torch.compile(model.forward, fullgraph=packed, dynamic=True)
+            for batch, ref in zip(batches, eager):
+                assert_close(whole(**batch).logits, ref, 1e-4, f"compiled flex, packed={packed}")
+        assert graphs_compiled() <= 2, "a new batch shape compiled again"
+    model.config.attn_implementation = None
 
 
 @pytest.mark.gpu

@@ -1069,10 +1069,16 @@ def save_checkpoint(model, folder):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
     try:
+        # mkdtemp makes the folder private (0700), and safetensors 0.8 its files (safetensors issue #782): a
+        # checkpoint gets the modes any new folder and file get under the umask (0755 and 0644 under umask
+        # 022, as os.makedirs and open give them), so others on a shared server can read it.
+        umask = current_umask()
+        os.chmod(staging, 0o777 & ~umask)
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             tensors.pop("decoder.weight", None)  # official checkpoints omit the tied copy
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(staging, "model.safetensors"), 0o666 & ~umask)
         config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump({**config, "dtype": str(model.dtype).removeprefix("torch.")}, f, indent=2)
@@ -1085,6 +1091,18 @@ def save_checkpoint(model, folder):
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def current_umask():
+    """The process's umask, read from /proc where Linux shows it: setting it to read it (os.umask) changes it
+    for every thread for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 # ----------------------------------------------------------------------------------------------------

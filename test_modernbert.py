@@ -1602,6 +1602,28 @@ def test_a_failed_save_leaves_nothing_behind_and_keeps_the_old_checkpoint(small,
     )
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_saved_checkpoints_get_the_modes_of_the_umask(small, tmp_path, umask):
+    """Others on a shared server can read a checkpoint as far as the umask allows: the folder gets what
+    transformers' save_pretrained gives it (os.makedirs), every file what open() gives a new file. (safetensors
+    0.8 writes its files 0600 whatever the umask, in transformers' checkpoints too: its issue #782.)"""
+    old = os.umask(umask)
+    try:
+        small["ModernBertForMaskedLM"].save_pretrained(tmp_path / "ours")
+        (tmp_path / "plain.txt").write_text("a file made by open()")
+        if transformers is not None:
+            transformers.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    finally:
+        os.umask(old)
+    folder_mode = (tmp_path / "theirs").stat().st_mode & 0o777 if transformers is not None else 0o777 & ~umask
+    file_mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "ours").stat().st_mode & 0o777 == folder_mode == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ours").iterdir()} == {
+        "config.json": file_mode,
+        "model.safetensors": file_mode,
+    }
+
+
 HUB_CHECK = """
 import sys, modernbert as mb
 revision = sys.argv[1] if len(sys.argv) > 1 else None

@@ -926,6 +926,95 @@ def test_loader_sets_dtype_and_attention(checkpoint):
     assert model.dtype == torch.bfloat16 and model.config.attn_implementation == "eager" and not model.training
 
 
+@pytest.mark.parametrize(
+    "kwargs, device, dtype",
+    [
+        (dict(device_map="auto"), "cpu", torch.float32),  # no accelerator here
+        (dict(device_map="cpu"), "cpu", torch.float32),
+        (dict(device_map=torch.device("cpu")), "cpu", torch.float32),
+        (dict(device_map={"": "cpu"}), "cpu", torch.float32),
+        (dict(device_map="meta", device="meta"), "meta", torch.float32),  # not the CPU: the map is obeyed
+        (dict(torch_dtype=torch.bfloat16), "cpu", torch.bfloat16),
+        (dict(dtype="float16"), "cpu", torch.float16),
+    ],
+    ids=["auto", "cpu", "torch.device", "whole-model-dict", "meta", "torch_dtype", "dtype-name"],
+)
+def test_from_pretrained_reads_transformers_spellings(checkpoint, kwargs, device, dtype):
+    folder, _, _ = checkpoint
+    if "torch_dtype" in kwargs:
+        with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated! Use `dtype` instead!"):
+            model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
+    else:
+        model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
+    assert (model.device.type, model.dtype) == (device, dtype)
+
+
+def test_device_map_names_one_device(monkeypatch):
+    assert mb.single_device("cuda") == torch.device("cuda")
+    assert mb.single_device("cuda:1") == mb.single_device(1) == torch.device("cuda:1")
+    assert mb.single_device({"": "cuda:0"}) == mb.single_device(torch.device("cuda:0")) == torch.device("cuda:0")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    assert mb.single_device("auto") == torch.device("cuda"), "auto is the GPU where there is one"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(device_map={"model": 0, "head": 1}),
+            ValueError,
+            r"device_map=\{'model': 0, 'head': 1\} does not name one",
+        ),
+        (dict(device_map="balanced"), ValueError, "device_map='balanced' does not name one device"),
+        (dict(device_map=-1), ValueError, "device_map=-1 does not name one device"),
+        (
+            dict(device_map="cuda:1", device="cpu"),
+            ValueError,
+            r"device='cpu' and device_map='cuda:1' \(cuda:1\) disagree",
+        ),
+        (dict(torch_dtype=torch.float16, dtype=torch.bfloat16), TypeError, "Pass dtype or torch_dtype"),
+        (dict(dtype="auto"), ValueError, r"dtype='auto': pass a torch dtype"),
+        (dict(hiden_size=12345), TypeError, "Unexpected keyword argument 'hiden_size': no ModernBertConfig field"),
+        (dict(trust_remote_code=True), TypeError, "Unexpected keyword argument 'trust_remote_code'"),
+        (dict(low_cpu_mem_usage=True), TypeError, "Unexpected keyword argument 'low_cpu_mem_usage'"),
+    ],
+    ids=[
+        "map-over-two-devices",
+        "balanced",
+        "negative",
+        "device-disagrees",
+        "both-dtypes",
+        "dtype-auto",
+        "typo",
+        "trust_remote_code",
+        "low_cpu_mem_usage",
+    ],
+)
+def test_from_pretrained_refuses_what_it_cannot_honour_before_downloading(kwargs, error, message):
+    """Checked before the name is looked up: a hub id that is not there does not get in the way."""
+    with pytest.raises(error, match=message):
+        mb.ModernBertForMaskedLM.from_pretrained("nobody/not-downloaded", **kwargs)
+    with pytest.raises(error, match="Unknown dtype 'auto'" if kwargs == dict(dtype="auto") else message):
+        load_model("nobody/not-downloaded", **kwargs)  # load.py reads dtype names itself ("bf16")
+
+
+def test_download_options_reach_the_hub_client(checkpoint, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    folder, _, _ = checkpoint
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(folder))
+    options = dict(cache_dir=str(tmp_path), local_files_only=True, token="hf_x")
+    mb.ModernBertForMaskedLM.from_pretrained("nobody/tiny", revision="v1", **options)
+    load_model("nobody/tiny", revision="v1", **options)
+    assert mb.ModernBertConfig.from_pretrained("nobody/tiny", revision="v1", **options).hidden_size == 32
+    assert [{k: kw[k] for k in (*options, "revision")} for kw in asked] == [{**options, "revision": "v1"}] * 3
+    with pytest.raises(TypeError, match="hiden_size"):
+        mb.ModernBertConfig.from_pretrained(folder, hiden_size=1)
+    mb.ModernBertForMaskedLM.from_pretrained(folder, **options)  # a folder needs no download: nothing to apply
+    assert len(asked) == 3
+
+
 @needs_transformers
 def test_saved_checkpoints_load_in_transformers(checkpoint):
     folder, _, _ = checkpoint
@@ -1912,23 +2001,40 @@ def test_cli_bad_text_is_one_line_and_exit_2(demo_checkpoint, text, message):
     assert len(err.strip().splitlines()) == 1 and re.match(message, err), err
 
 
+@pytest.mark.parametrize("name", ["nobody/no-such-modernbert", "my-checkpoint"], ids=["hub-id", "mistyped-folder"])
 @pytest.mark.parametrize(
     "env",
     [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
     ids=["offline", "refused"],
 )
-def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env):
-    """An empty HF cache and no hub (offline mode, or a hub address that refuses connections)."""
-    rc, out, err, seconds = run_cli(
-        "--model", "nobody/no-such-modernbert", "A [MASK].", env={"HF_HOME": str(tmp_path), **env}
-    )
+def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env, name):
+    """An empty HF cache and no hub (offline mode, or a hub address that refuses connections): the message
+    says both that there is no such folder (where it looked) and that the hub could not be asked."""
+    rc, out, err, seconds = run_cli("--model", name, "A [MASK].", env={"HF_HOME": str(tmp_path), **env})
     assert rc == 2 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert (
-        "Could not get 'nobody/no-such-modernbert': the Hugging Face hub could not be reached" in err
+        f"Could not get '{name}': no such folder here ({os.path.join(HERE, name)}), and as a hub id the local "
+        "cache does not have it and the Hugging Face hub could not be reached"
+        in err
         and "--model /path/to/folder" in err
     ), err
     assert seconds < 60, f"took {seconds:.0f} s to give up"
+
+
+def test_a_name_that_is_neither_folder_nor_cached_says_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError) as e:
+        mb.checkpoint_folder("my-checkpoint", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert str(e.value).startswith(
+        f"Could not get 'my-checkpoint': no such folder here ({tmp_path / 'my-checkpoint'}), and as a hub id the "
+        "local cache does not have it and local_files_only=True kept the Hugging Face hub from being asked"
+    ), e.value
+    with pytest.raises(FileNotFoundError) as e:
+        mb.checkpoint_folder("my checkpoint")  # not a hub id either
+    assert str(e.value).startswith(
+        f"No checkpoint at 'my checkpoint': no such folder here ({tmp_path / 'my checkpoint'}), and not a valid hub id"
+    ), e.value
 
 
 # ----------------------------------------------------------------------------------------------------

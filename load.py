@@ -293,8 +293,9 @@ def main(argv=None):
             raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
         check_masks(args.texts)
         folder = resolve(args.model, args.revision)
+        tokenizer = load_tokenizer(folder)  # the cheap check first: a folder without one fails before the weights load
         model = load_model(folder, device=device, dtype=args.dtype, attn_implementation=args.attn)
-        results = fill_mask(model, load_tokenizer(folder), args.texts, top_k=args.top_k)
+        results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2001,6 +2001,14 @@ def test_cli_bad_text_is_one_line_and_exit_2(demo_checkpoint, text, message):
     assert len(err.strip().splitlines()) == 1 and re.match(message, err), err
 
 
+def test_cli_finds_a_missing_tokenizer_before_loading_the_weights(tmp_path):
+    """config.json and no weights, no tokenizer: the message is about the tokenizer, so the cheap check
+    ran first (loading the weights first would have failed on the missing model.safetensors)."""
+    (tmp_path / "config.json").write_text(json.dumps(mb.ModernBertConfig(**TINY).to_dict()))
+    rc, out, err, _ = run_cli("--model", tmp_path, "A [MASK].")
+    assert rc == 2 and out == "" and err.startswith(f"error: No tokenizer.json in '{tmp_path}'"), err
+
+
 @pytest.mark.parametrize("name", ["nobody/no-such-modernbert", "my-checkpoint"], ids=["hub-id", "mistyped-folder"])
 @pytest.mark.parametrize(
     "env",

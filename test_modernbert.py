@@ -933,7 +933,7 @@ def test_loader_sets_dtype_and_attention(checkpoint):
         (dict(device_map="cpu"), "cpu", torch.float32),
         (dict(device_map=torch.device("cpu")), "cpu", torch.float32),
         (dict(device_map={"": "cpu"}), "cpu", torch.float32),
-        (dict(device_map="meta", device="meta"), "meta", torch.float32),  # not the CPU: the map is obeyed
+        (dict(device_map="meta"), "meta", torch.float32),  # not the CPU: the map is obeyed
         (dict(torch_dtype=torch.bfloat16), "cpu", torch.bfloat16),
         (dict(dtype="float16"), "cpu", torch.float16),
     ],

@@ -1395,25 +1395,40 @@ def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
         assert_close(a[key], b[key], 1e-5, f"{cls_name} {key}, exported vs eager")
 
 
-def test_onnx_export_runs_in_onnxruntime(small):
+ONNX_OUTPUTS = {
+    "ModernBertModel": ["last_hidden_state"],
+    "ModernBertForQuestionAnswering": ["start_logits", "end_logits"],
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(ONNX_OUTPUTS))
+def test_onnx_export_runs_in_onnxruntime_with_transformers_names(small, cls_name):
+    """Exported as README does: inputs input_ids, attention_mask and outputs named as transformers' outputs
+    (and optimum's ONNX exports), with the axes batch_size and sequence_length. (README's own snippet, run
+    by test_readme_hugging_face_snippets, is checked for the masked LM's logits.)"""
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test-only) is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (needed by torch.onnx.export(dynamo=True)) is not installed")
-    model = small["ModernBertForMaskedLM"]
+    model = small[cls_name]
     first, other = three_batches(model.config)[:2]
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-    onnx_program = torch.onnx.export(
-        model,
-        (first["input_ids"], first["attention_mask"]),
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-        dynamo=True,
-        verbose=False,
-    )
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
-    (logits,) = session.run(
-        None, {"input_ids": other["input_ids"].numpy(), "attention_mask": other["attention_mask"].numpy()}
-    )
+    if transformers is not None:  # the names are the official model's output fields
+        official = getattr(transformers, cls_name)(transformers.ModernBertConfig(**model.config.to_dict())).eval()
+        assert list(official(**first).keys()) == ONNX_OUTPUTS[cls_name]
+    dims = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length", max=8192)}
+    args = (first["input_ids"], first["attention_mask"])
     with torch.no_grad():
-        assert_close(torch.from_numpy(logits), model(**other).logits, 1e-4, "onnxruntime vs eager")
+        outputs = model(*args)
+    program = torch.onnx.export(
+        model, args, dynamic_shapes=(dims, dims), output_names=list(outputs), dynamo=True, verbose=False
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ONNX_OUTPUTS[cls_name]
+    assert session.get_inputs()[0].shape == ["batch_size", "sequence_length"]
+    results = session.run(None, {k: other[k].numpy() for k in ("input_ids", "attention_mask")})
+    with torch.no_grad():
+        expected = model(**other)
+    for name, result in zip(ONNX_OUTPUTS[cls_name], results):
+        assert_close(torch.from_numpy(result), expected[name], 1e-4, f"{cls_name} {name}: onnxruntime vs eager")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1766,6 +1781,10 @@ def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
     assert namespace["out"].logits.shape[:2] == namespace["inputs"]["input_ids"].shape
     assert (tmp_path / "out" / "final" / "config.json").is_file() and (tmp_path / "modernbert.onnx").is_file()
     assert namespace["logits"].shape[:2] == namespace["batch"]["input_ids"].shape
+    session = pytest.importorskip("onnxruntime").InferenceSession(str(tmp_path / "modernbert.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ["logits"], "transformers' name for the masked LM's output"
+    assert session.get_outputs()[0].shape[:2] == ["batch_size", "sequence_length"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1762,6 +1762,41 @@ def test_from_pretrained_takes_a_hub_id_through_the_cache(small, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py's flags: what a device cannot run is said or refused, never dropped (no benchmark runs here)
+
+
+@needs_transformers
+def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, capsys):
+    import bench
+
+    def parsed(*argv, cuda=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args, device = bench.parse_args(list(argv))
+        return args, device.type, capsys.readouterr().err
+
+    args, device, err = parsed("--device", "cpu", "--workloads", "a,f")
+    assert (device, args.workloads) == ("cpu", "a") and "workload f" in err and "skipped on cpu" in err, err
+    args, device, err = parsed("--attn", "sdpa", "--workloads", "a,f", "--no-compile")  # README's GPU command
+    assert (device, args.workloads, args.compiled) == ("cpu", "a", False)
+    assert "no CUDA GPU here, so this is the CPU benchmark" in err and "skipped on cpu" in err, err
+    assert "--compile/--no-compile applies to the other device: ignored on cpu" in err, err
+    args, device, err = parsed()
+    assert (device, args.workloads, args.dtypes, args.batch_size) == ("cpu", "a,b,c,d,e", "fp32,bf16", 16)
+    args, device, err = parsed("--batch", "4", cuda=True)
+    assert (device, args.workloads, args.batch_size, args.compiled) == ("cuda", "a,c,d,f", 512, True)
+    assert err == "note: --batch applies to the other device: ignored on cuda\n", err
+    for argv, message in [
+        (("--device", "cuda"), "--device cuda: torch sees no CUDA GPU here"),
+        (("--device", "cpu", "--workloads", "f"), "--workloads f runs on CUDA only: nothing left to run on cpu"),
+        (("--workloads", "a,z"), "--workloads: unknown 'z'"),
+        (("--dtypes", "fp16"), "--dtypes: unknown 'fp16'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            parsed(*argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+# ----------------------------------------------------------------------------------------------------
 # README's "Using it with the Hugging Face stack": every snippet runs, in order, as written
 
 

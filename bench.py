@@ -2,10 +2,12 @@
 
 Both models get the same random ModernBERT-base weights (transformers' defaults, copied into ours),
 run in the same process on the same right-padded batches, interleaved, best of --repeats. Prints
-markdown tables for README.md. --device auto (the default) runs on CUDA where there is a GPU, else on CPU.
+markdown tables for README.md. --device auto (the default) runs on CUDA where there is a GPU, else on CPU
+with a note on stderr; --device cuda without a GPU is an error. What a device does not run (workload f on
+a CPU, the other device's flags) is named in a note on stderr, never dropped without a word.
 
 On CPU: batches of B = --batch (16) sequences (c: B/2 of 512; d: one of 8192), workloads a-e (f is
-GPU-sized and skipped), fp32 and bf16, ours vs theirs (transformers, sdpa), eager (--compile-cpu adds the
+GPU-sized: asked for, it is skipped), fp32 and bf16, ours vs theirs (transformers, sdpa), eager (--compile-cpu adds the
 compiled variants below). Peak memory comes from fresh child processes (this file re-run with --child).
 
 On CUDA: the paper's batch sizes, from B = --gpu-batch (512): (a) 512 sequences, lengths ~ N(256, 64)
@@ -342,22 +344,108 @@ def machine_line():
     return f"{cpu}, {cores}{gpu}; torch {torch.__version__}, transformers {transformers.__version__}"
 
 
+def note(message):
+    """What the run leaves out or decides by itself, said on stderr (the tables go to stdout)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
 def pick_device(name):
-    """--device: auto is CUDA where a GPU is, else CPU."""
+    """--device: auto is CUDA where a GPU is, else CPU (saying so); cuda without a GPU is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            note("torch sees no CUDA GPU here, so this is the CPU benchmark (--device cuda requires the GPU)")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+        raise ValueError("--device cuda: torch sees no CUDA GPU here (--device cpu runs the CPU benchmark)")
     return torch.device(name)
 
 
+OTHER_DEVICE_FLAGS = {  # the flags for one device (set when not None), as the other one sees them
+    "cpu": {"gpu_batch": "--gpu-batch", "compile": "--compile/--no-compile"},
+    "cuda": {"batch": "--batch", "compile_cpu": "--compile-cpu"},
+}
+
+
 def apply_device_defaults(args, device):
-    """The defaults that depend on the device: workloads, dtypes, the batch size B, compiling."""
+    """The defaults that depend on the device: workloads, dtypes, the batch size B, compiling. Unknown names
+    are errors; what this device does not run (f on a CPU, the other device's flags) is said, not dropped."""
     cuda = device.type == "cuda"
-    args.workloads = args.workloads or ("a,c,d,f" if cuda else "a,b,c,d,e,f")
+    args.workloads = args.workloads or ("a,c,d,f" if cuda else "a,b,c,d,e")
     args.dtypes = args.dtypes or ("bf16" if cuda else "fp32,bf16")
-    args.batch_size = args.gpu_batch if cuda else args.batch
-    args.compiled = args.compile if cuda else args.compile_cpu
+    for flag, names, known in (("--workloads", args.workloads, WORKLOADS), ("--dtypes", args.dtypes, DTYPES)):
+        if unknown := [n for n in names.split(",") if n not in known]:
+            raise ValueError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {','.join(known)}")
+    if not cuda and "f" in args.workloads.split(","):
+        note("workload f (GPU variable long: 32 sequences of ~4096 tokens) runs on CUDA only: skipped on cpu")
+        args.workloads = ",".join(w for w in args.workloads.split(",") if w != "f")
+        if not args.workloads:
+            raise ValueError("--workloads f runs on CUDA only: nothing left to run on cpu")
+    for dest, flag in OTHER_DEVICE_FLAGS[device.type].items():
+        if getattr(args, dest) is not None:
+            note(f"{flag} applies to the other device: ignored on {device.type}")
+    args.batch_size = (args.gpu_batch or 512) if cuda else (args.batch or 16)
+    args.compiled = (args.compile is not False) if cuda else bool(args.compile_cpu)
+
+
+def parse_args(argv=None):
+    """The flags, with the device and its defaults settled; a flag that cannot be honoured is an error
+    (exit status 2, as argparse's own), and what this device leaves out is a note on stderr."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto (default): cuda where torch sees a GPU, else cpu, with a note on stderr; cuda without a GPU "
+        "is an error",
+    )
+    p.add_argument(
+        "--workloads",
+        help="comma-separated subset of a,b,c,d,e,f; default a,b,c,d,e on CPU, a,c,d,f on CUDA "
+        "(f runs on CUDA only: asked for on CPU, it is skipped with a note)",
+    )
+    p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="CPU: sequences per batch B (default 16) for a, b, e (c uses B/2, d B/64 but at least one)",
+    )
+    p.add_argument(
+        "--gpu-batch",
+        type=int,
+        help="CUDA: B (default 512, the paper's): B sequences for a, b, e; B/2 for c, B/64 for d, B/16 for f",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="CUDA: also time ours_compiled and theirs_compiled (default on)",
+    )
+    p.add_argument(
+        "--compile-cpu", action="store_true", default=None, help="CPU: time the compiled variants too (off by default)"
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no new workload or variant after this many seconds; print the finished rows",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
+    )
+    p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly
+        return args, None
+    try:
+        device = pick_device(args.device)
+        apply_device_defaults(args, device)
+    except ValueError as e:
+        p.error(str(e))
+    return args, device
 
 
 def setups(device, dtypes, forced=None):
@@ -447,8 +535,7 @@ def run_all(args, device, rows, ceilings, deadline=None):
         label = f"{device.type} {dname}" + (" (ours flash)" if impl == "flash_attention_2" else "")
         for w in args.workloads.split(","):  # the ceiling is re-measured between workloads; the best counts
             ceilings[label] = max(ceilings.get(label, 0.0), matmul_ceiling(DTYPES[dname], device))
-            if w != "f" or device.type == "cuda":
-                rows.append(run_workload(models, w, label, dname, device, impl, args, deadline))
+            rows.append(run_workload(models, w, label, dname, device, impl, args, deadline))
         ceilings[label] = max(ceilings[label], matmul_ceiling(DTYPES[dname], device))
         del models
         free_memory(device)
@@ -463,7 +550,7 @@ def batches_line(args, device):
             f"{max(1, B // 2)} of 512 for c; {max(1, B // 64)} of 8192 for d; {max(1, B // 16)} for f; {best}"
         )
     d = f"; {B // 64} of 8192 for d" if B // 64 > 1 else ""
-    return f"Batches: {B} sequences for a, b, e, f; {max(1, B // 2)} of 512 for c{d}; {best}"
+    return f"Batches: {B} sequences for a, b, e; {max(1, B // 2)} of 512 for c{d}; {best}"
 
 
 def print_heading(args, device, ceilings, stopped, compiled):
@@ -569,58 +656,10 @@ def print_tables(args, device, rows, ceilings, stopped=None):
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
     start = time.perf_counter()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="auto (default): cuda where torch sees a GPU, else cpu",
-    )
-    p.add_argument(
-        "--workloads",
-        help="comma-separated subset of a,b,c,d,e,f (f: CUDA only); default a,b,c,d,e,f on CPU, a,c,d,f on CUDA",
-    )
-    p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
-    p.add_argument(
-        "--batch",
-        type=int,
-        default=16,
-        help="CPU: sequences per batch B for a, b, e (c uses B/2, d B/64 but at least one)",
-    )
-    p.add_argument(
-        "--gpu-batch",
-        type=int,
-        default=512,
-        help="CUDA: B, the paper's 512: B sequences for a, b, e; B/2 for c, B/64 for d, B/16 for f",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CUDA: also time ours_compiled and theirs_compiled (default on)",
-    )
-    p.add_argument("--compile-cpu", action="store_true", help="CPU: time the compiled variants too (off by default)")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        metavar="SECONDS",
-        help="start no new workload or variant after this many seconds; print the finished rows",
-    )
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument(
-        "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
-    )
-    p.add_argument(
-        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
-    )
-    p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly
+    args, device = parse_args()
+    if args.child:
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
         return
-    device = pick_device(args.device)
-    apply_device_defaults(args, device)
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` too still prints finished rows

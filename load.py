@@ -85,13 +85,18 @@ def load_model(
     **config_overrides,
 ):
     """A model in eval mode. `task` is a name from TASKS or a modernbert class; `dtype` a torch dtype or
-    a name ("bf16"); `config_overrides` change the config, e.g. num_labels=3 for a new classifier."""
+    a name ("bf16"); `config_overrides` change the config, e.g. num_labels=3 for a new classifier, and the
+    other keywords of from_pretrained (device_map, torch_dtype, cache_dir, ...) pass through to it."""
     cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
     if cls is None:
         raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
-    folder = resolve(name_or_folder, revision)
     return cls.from_pretrained(
-        folder, attn_implementation=attn_implementation, dtype=parse_dtype(dtype), device=device, **config_overrides
+        name_or_folder,
+        revision,
+        attn_implementation=attn_implementation,
+        dtype=parse_dtype(dtype),
+        device=device,
+        **config_overrides,
     )
 
 
@@ -288,8 +293,9 @@ def main(argv=None):
             raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
         check_masks(args.texts)
         folder = resolve(args.model, args.revision)
+        tokenizer = load_tokenizer(folder)  # the cheap check first: a folder without one fails before the weights load
         model = load_model(folder, device=device, dtype=args.dtype, attn_implementation=args.attn)
-        results = fill_mask(model, load_tokenizer(folder), args.texts, top_k=args.top_k)
+        results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -125,9 +125,10 @@ class ModernBertConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, revision=None):
-        """The config.json of a checkpoint folder or hub id."""
-        with open(os.path.join(checkpoint_folder(name_or_folder, revision), "config.json")) as f:
+    def from_pretrained(cls, name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None):
+        """The config.json of a checkpoint folder or hub id (the download options: `checkpoint_folder`)."""
+        folder = checkpoint_folder(name_or_folder, revision, cache_dir, local_files_only, token)
+        with open(os.path.join(folder, "config.json")) as f:
             return cls.from_dict(json.load(f))
 
     def to_dict(self):
@@ -744,13 +745,15 @@ class ModernBertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **config
+        cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **kwargs
     ):
         """Load an official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) into this
         class, strictly: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight
         an error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported
-        in `model.load_report` and a warning. `config` overrides the config, e.g. num_labels=3."""
-        folder = checkpoint_folder(name_or_folder, revision)
+        in `model.load_report` and a warning. `kwargs` override config fields, e.g. num_labels=3, or are
+        transformers' spellings that mean one thing here (`loading_arguments`); anything else is a TypeError."""
+        device, dtype, download, config = loading_arguments(device, dtype, kwargs)
+        folder = checkpoint_folder(name_or_folder, revision, **download)
         return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
 
     def save_pretrained(self, folder):
@@ -1040,10 +1043,66 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TO
 FOLDER_HINT = "To use a checkpoint on disk, pass its folder (with load.py: --model /path/to/folder)."
 
 
-def checkpoint_folder(name_or_folder, revision=None):
+DOWNLOAD_OPTIONS = ("cache_dir", "local_files_only", "token")  # checkpoint_folder's, named as transformers does
+
+
+def loading_arguments(device, dtype, kwargs):
+    """from_pretrained's keywords, checked before anything is downloaded: transformers' spellings are read
+    where they mean one thing here (torch_dtype, a device_map naming one device, the download options), the
+    rest must be config fields. Returns (device, dtype, download options, config overrides)."""
+    kwargs = dict(kwargs)
+    if (torch_dtype := kwargs.pop("torch_dtype", None)) is not None:
+        if dtype is not None:
+            raise TypeError(f"Pass dtype or torch_dtype (its old name), not both: got {dtype} and {torch_dtype}.")
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=3)
+        dtype = torch_dtype
+    if isinstance(dtype, str):  # "bfloat16", as transformers takes it
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: pass a torch dtype (torch.bfloat16) or its name ('bfloat16').")
+        dtype = getattr(torch, dtype)
+    if (device_map := kwargs.pop("device_map", None)) is not None:
+        mapped = single_device(device_map)
+        if device is not None and torch.device(device) != mapped:
+            raise ValueError(f"device={device!r} and device_map={device_map!r} ({mapped}) disagree: pass one.")
+        device = mapped
+    download = {k: kwargs.pop(k) for k in DOWNLOAD_OPTIONS if k in kwargs}
+    if unknown := sorted(set(kwargs) - {f.name for f in fields(ModernBertConfig)}):
+        raise TypeError(
+            f"Unexpected keyword argument {unknown[0]!r}: no ModernBertConfig field has that name. from_pretrained "
+            "takes revision, attn_implementation, dtype (or torch_dtype), device (or device_map), "
+            f"{', '.join(DOWNLOAD_OPTIONS)}, and config fields to override, like num_labels=3."
+        )
+    return device, dtype, download, kwargs
+
+
+def single_device(device_map):
+    """A transformers device_map that puts the whole model on one device: "auto" (the accelerator if there
+    is one, else the CPU: what transformers does with one GPU), a device ("cuda:1", "cpu", torch.device),
+    an int (that CUDA GPU), or {"": device}. This loader has no dispatching: maps over several devices,
+    and transformers' spreading strategies ("balanced", "sequential"), are an error."""
+    if isinstance(device_map, dict) and list(device_map) == [""]:
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+    if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, (str, torch.device)):
+        try:
+            return torch.device(device_map)
+        except RuntimeError:
+            pass  # not a device name: "balanced", "sequential", "disk", a typo
+    raise ValueError(
+        f"device_map={device_map!r} does not name one device. This loader puts the whole model on one device: "
+        'pass device_map="auto" (the GPU if there is one), "cuda", "cuda:1", "cpu", a torch.device, or device=.'
+    )
+
+
+def checkpoint_folder(name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None):
     """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the snapshot of that
-    hub id in the Hugging Face cache (shared with transformers), downloaded if needed. HF_HUB_OFFLINE=1
-    reads the cache only. Failures are one-line FileNotFoundError / OSError / ValueError."""
+    hub id in the Hugging Face cache (shared with transformers), downloaded if needed. The download options
+    are huggingface_hub's (and transformers'): another cache folder, the cache only (as HF_HUB_OFFLINE=1
+    does), a login token. A folder needs no download, so they do not apply to it; a revision names another
+    version, so with a folder it is an error. Failures are one-line FileNotFoundError / OSError / ValueError."""
     path = os.path.expanduser(str(name_or_folder))
     if os.path.isdir(path):
         if revision is not None:
@@ -1057,25 +1116,38 @@ def checkpoint_folder(name_or_folder, revision=None):
     from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo = str(name_or_folder)
+    no_folder = "no such folder" + ("" if os.path.isabs(path) else f" here ({os.path.abspath(path)})")  # a typo?
     try:
-        return snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES)
+        return snapshot_download(
+            repo,
+            revision=revision,
+            allow_patterns=HUB_FILES,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
     except HFValidationError:
         raise FileNotFoundError(
-            f"No checkpoint at {repo!r}: no such folder, and not a valid hub id "
-            f"(like 'answerdotai/ModernBERT-base'). {FOLDER_HINT}"
+            f"No checkpoint at {repo!r}: {no_folder}, and not a valid hub id (like 'answerdotai/ModernBERT-base'). "
+            f"{FOLDER_HINT}"
         ) from None
     except RepositoryNotFoundError:  # also a private or gated repo without a login
         raise OSError(
-            f"{repo!r} is not a local folder, and the Hugging Face hub has no model of that name "
+            f"No checkpoint at {repo!r}: {no_folder}, and the Hugging Face hub has no model of that name "
             f"(or it is private: `hf auth login`). {FOLDER_HINT}"
         ) from None
     except RevisionNotFoundError:
         raise OSError(f"The hub model {repo!r} has no revision {revision!r}.") from None
-    except OSError as e:  # no network, HF_HUB_OFFLINE=1 with an empty cache, an HTTP error
+    except OSError as e:  # no network, HF_HUB_OFFLINE=1 or local_files_only with an empty cache, an HTTP error
         reason = (str(e.__cause__ or e).strip() or type(e).__name__).splitlines()[0][:200]
+        hub = (
+            "local_files_only=True kept the Hugging Face hub from being asked"
+            if local_files_only
+            else "the Hugging Face hub could not be reached"
+        )
         raise OSError(
-            f"Could not get {repo!r}: the Hugging Face hub could not be reached ({reason}) and the local "
-            f"cache does not have it. {FOLDER_HINT}"
+            f"Could not get {repo!r}: {no_folder}, and as a hub id the local cache does not have it and {hub} "
+            f"({reason}). {FOLDER_HINT}"
         ) from None
 
 
@@ -1177,10 +1249,16 @@ def save_checkpoint(model, folder):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
     try:
+        # mkdtemp makes the folder private (0700), and safetensors 0.8 its files (safetensors issue #782): a
+        # checkpoint gets the modes any new folder and file get under the umask (0755 and 0644 under umask
+        # 022, as os.makedirs and open give them), so others on a shared server can read it.
+        umask = current_umask()
+        os.chmod(staging, 0o777 & ~umask)
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             tensors.pop("decoder.weight", None)  # official checkpoints omit the tied copy
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(staging, "model.safetensors"), 0o666 & ~umask)
         config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump({**config, "dtype": str(model.dtype).removeprefix("torch.")}, f, indent=2)
@@ -1193,6 +1271,18 @@ def save_checkpoint(model, folder):
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def current_umask():
+    """The process's umask, read from /proc where Linux shows it: setting it to read it (os.umask) changes it
+    for every thread for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -977,6 +977,95 @@ def test_loader_sets_dtype_and_attention(checkpoint):
     assert model.dtype == torch.bfloat16 and model.config.attn_implementation == "eager" and not model.training
 
 
+@pytest.mark.parametrize(
+    "kwargs, device, dtype",
+    [
+        (dict(device_map="auto"), "cpu", torch.float32),  # no accelerator here
+        (dict(device_map="cpu"), "cpu", torch.float32),
+        (dict(device_map=torch.device("cpu")), "cpu", torch.float32),
+        (dict(device_map={"": "cpu"}), "cpu", torch.float32),
+        (dict(device_map="meta"), "meta", torch.float32),  # not the CPU: the map is obeyed
+        (dict(torch_dtype=torch.bfloat16), "cpu", torch.bfloat16),
+        (dict(dtype="float16"), "cpu", torch.float16),
+    ],
+    ids=["auto", "cpu", "torch.device", "whole-model-dict", "meta", "torch_dtype", "dtype-name"],
+)
+def test_from_pretrained_reads_transformers_spellings(checkpoint, kwargs, device, dtype):
+    folder, _, _ = checkpoint
+    if "torch_dtype" in kwargs:
+        with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated! Use `dtype` instead!"):
+            model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
+    else:
+        model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
+    assert (model.device.type, model.dtype) == (device, dtype)
+
+
+def test_device_map_names_one_device(monkeypatch):
+    assert mb.single_device("cuda") == torch.device("cuda")
+    assert mb.single_device("cuda:1") == mb.single_device(1) == torch.device("cuda:1")
+    assert mb.single_device({"": "cuda:0"}) == mb.single_device(torch.device("cuda:0")) == torch.device("cuda:0")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    assert mb.single_device("auto") == torch.device("cuda"), "auto is the GPU where there is one"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(device_map={"model": 0, "head": 1}),
+            ValueError,
+            r"device_map=\{'model': 0, 'head': 1\} does not name one",
+        ),
+        (dict(device_map="balanced"), ValueError, "device_map='balanced' does not name one device"),
+        (dict(device_map=-1), ValueError, "device_map=-1 does not name one device"),
+        (
+            dict(device_map="cuda:1", device="cpu"),
+            ValueError,
+            r"device='cpu' and device_map='cuda:1' \(cuda:1\) disagree",
+        ),
+        (dict(torch_dtype=torch.float16, dtype=torch.bfloat16), TypeError, "Pass dtype or torch_dtype"),
+        (dict(dtype="auto"), ValueError, r"dtype='auto': pass a torch dtype"),
+        (dict(hiden_size=12345), TypeError, "Unexpected keyword argument 'hiden_size': no ModernBertConfig field"),
+        (dict(trust_remote_code=True), TypeError, "Unexpected keyword argument 'trust_remote_code'"),
+        (dict(low_cpu_mem_usage=True), TypeError, "Unexpected keyword argument 'low_cpu_mem_usage'"),
+    ],
+    ids=[
+        "map-over-two-devices",
+        "balanced",
+        "negative",
+        "device-disagrees",
+        "both-dtypes",
+        "dtype-auto",
+        "typo",
+        "trust_remote_code",
+        "low_cpu_mem_usage",
+    ],
+)
+def test_from_pretrained_refuses_what_it_cannot_honour_before_downloading(kwargs, error, message):
+    """Checked before the name is looked up: a hub id that is not there does not get in the way."""
+    with pytest.raises(error, match=message):
+        mb.ModernBertForMaskedLM.from_pretrained("nobody/not-downloaded", **kwargs)
+    with pytest.raises(error, match="Unknown dtype 'auto'" if kwargs == dict(dtype="auto") else message):
+        load_model("nobody/not-downloaded", **kwargs)  # load.py reads dtype names itself ("bf16")
+
+
+def test_download_options_reach_the_hub_client(checkpoint, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    folder, _, _ = checkpoint
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(folder))
+    options = dict(cache_dir=str(tmp_path), local_files_only=True, token="hf_x")
+    mb.ModernBertForMaskedLM.from_pretrained("nobody/tiny", revision="v1", **options)
+    load_model("nobody/tiny", revision="v1", **options)
+    assert mb.ModernBertConfig.from_pretrained("nobody/tiny", revision="v1", **options).hidden_size == 32
+    assert [{k: kw[k] for k in (*options, "revision")} for kw in asked] == [{**options, "revision": "v1"}] * 3
+    with pytest.raises(TypeError, match="hiden_size"):
+        mb.ModernBertConfig.from_pretrained(folder, hiden_size=1)
+    mb.ModernBertForMaskedLM.from_pretrained(folder, **options)  # a folder needs no download: nothing to apply
+    assert len(asked) == 3
+
+
 @needs_transformers
 def test_saved_checkpoints_load_in_transformers(checkpoint):
     folder, _, _ = checkpoint
@@ -1414,25 +1503,40 @@ def test_exported_program_serves_lengths_past_one_attention_block():
         assert_close(out, model(long).last_hidden_state, 1e-5, "exported at 2 x 8, run at 2 x 300")
 
 
-def test_onnx_export_runs_in_onnxruntime(small):
+ONNX_OUTPUTS = {
+    "ModernBertModel": ["last_hidden_state"],
+    "ModernBertForQuestionAnswering": ["start_logits", "end_logits"],
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(ONNX_OUTPUTS))
+def test_onnx_export_runs_in_onnxruntime_with_transformers_names(small, cls_name):
+    """Exported as README does: inputs input_ids, attention_mask and outputs named as transformers' outputs
+    (and optimum's ONNX exports), with the axes batch_size and sequence_length. (README's own snippet, run
+    by test_readme_hugging_face_snippets, is checked for the masked LM's logits.)"""
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test-only) is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (needed by torch.onnx.export(dynamo=True)) is not installed")
-    model = small["ModernBertForMaskedLM"]
+    model = small[cls_name]
     first, other = three_batches(model.config)[:2]
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-    onnx_program = torch.onnx.export(
-        model,
-        (first["input_ids"], first["attention_mask"]),
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-        dynamo=True,
-        verbose=False,
-    )
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
-    (logits,) = session.run(
-        None, {"input_ids": other["input_ids"].numpy(), "attention_mask": other["attention_mask"].numpy()}
-    )
+    if transformers is not None:  # the names are the official model's output fields
+        official = getattr(transformers, cls_name)(transformers.ModernBertConfig(**model.config.to_dict())).eval()
+        assert list(official(**first).keys()) == ONNX_OUTPUTS[cls_name]
+    dims = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length", max=8192)}
+    args = (first["input_ids"], first["attention_mask"])
     with torch.no_grad():
-        assert_close(torch.from_numpy(logits), model(**other).logits, 1e-4, "onnxruntime vs eager")
+        outputs = model(*args)
+    program = torch.onnx.export(
+        model, args, dynamic_shapes=(dims, dims), output_names=list(outputs), dynamo=True, verbose=False
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ONNX_OUTPUTS[cls_name]
+    assert session.get_inputs()[0].shape == ["batch_size", "sequence_length"]
+    results = session.run(None, {k: other[k].numpy() for k in ("input_ids", "attention_mask")})
+    with torch.no_grad():
+        expected = model(**other)
+    for name, result in zip(ONNX_OUTPUTS[cls_name], results):
+        assert_close(torch.from_numpy(result), expected[name], 1e-4, f"{cls_name} {name}: onnxruntime vs eager")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1710,6 +1814,28 @@ def test_a_failed_save_leaves_nothing_behind_and_keeps_the_old_checkpoint(small,
     )
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_saved_checkpoints_get_the_modes_of_the_umask(small, tmp_path, umask):
+    """Others on a shared server can read a checkpoint as far as the umask allows: the folder gets what
+    transformers' save_pretrained gives it (os.makedirs), every file what open() gives a new file. (safetensors
+    0.8 writes its files 0600 whatever the umask, in transformers' checkpoints too: its issue #782.)"""
+    old = os.umask(umask)
+    try:
+        small["ModernBertForMaskedLM"].save_pretrained(tmp_path / "ours")
+        (tmp_path / "plain.txt").write_text("a file made by open()")
+        if transformers is not None:
+            transformers.ModernBertForMaskedLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    finally:
+        os.umask(old)
+    folder_mode = (tmp_path / "theirs").stat().st_mode & 0o777 if transformers is not None else 0o777 & ~umask
+    file_mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "ours").stat().st_mode & 0o777 == folder_mode == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ours").iterdir()} == {
+        "config.json": file_mode,
+        "model.safetensors": file_mode,
+    }
+
+
 HUB_CHECK = """
 import sys, modernbert as mb
 revision = sys.argv[1] if len(sys.argv) > 1 else None
@@ -1744,6 +1870,41 @@ def test_from_pretrained_takes_a_hub_id_through_the_cache(small, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# bench.py's flags: what a device cannot run is said or refused, never dropped (no benchmark runs here)
+
+
+@needs_transformers
+def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, capsys):
+    import bench
+
+    def parsed(*argv, cuda=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args, device = bench.parse_args(list(argv))
+        return args, device.type, capsys.readouterr().err
+
+    args, device, err = parsed("--device", "cpu", "--workloads", "a,f")
+    assert (device, args.workloads) == ("cpu", "a") and "workload f" in err and "skipped on cpu" in err, err
+    args, device, err = parsed("--attn", "sdpa", "--workloads", "a,f", "--no-compile")  # README's GPU command
+    assert (device, args.workloads, args.compiled) == ("cpu", "a", False)
+    assert "no CUDA GPU here, so this is the CPU benchmark" in err and "skipped on cpu" in err, err
+    assert "--compile/--no-compile applies to the other device: ignored on cpu" in err, err
+    args, device, err = parsed()
+    assert (device, args.workloads, args.dtypes, args.batch_size) == ("cpu", "a,b,c,d,e", "fp32,bf16", 16)
+    args, device, err = parsed("--batch", "4", cuda=True)
+    assert (device, args.workloads, args.batch_size, args.compiled) == ("cuda", "a,c,d,f", 512, True)
+    assert err == "note: --batch applies to the other device: ignored on cuda\n", err
+    for argv, message in [
+        (("--device", "cuda"), "--device cuda: torch sees no CUDA GPU here"),
+        (("--device", "cpu", "--workloads", "f"), "--workloads f runs on CUDA only: nothing left to run on cpu"),
+        (("--workloads", "a,z"), "--workloads: unknown 'z'"),
+        (("--dtypes", "fp16"), "--dtypes: unknown 'fp16'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            parsed(*argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+# ----------------------------------------------------------------------------------------------------
 # README's "Using it with the Hugging Face stack": every snippet runs, in order, as written
 
 
@@ -1763,6 +1924,10 @@ def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
     assert namespace["out"].logits.shape[:2] == namespace["inputs"]["input_ids"].shape
     assert (tmp_path / "out" / "final" / "config.json").is_file() and (tmp_path / "modernbert.onnx").is_file()
     assert namespace["logits"].shape[:2] == namespace["batch"]["input_ids"].shape
+    session = pytest.importorskip("onnxruntime").InferenceSession(str(tmp_path / "modernbert.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ["logits"], "transformers' name for the masked LM's output"
+    assert session.get_outputs()[0].shape[:2] == ["batch_size", "sequence_length"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1998,23 +2163,48 @@ def test_cli_bad_text_is_one_line_and_exit_2(demo_checkpoint, text, message):
     assert len(err.strip().splitlines()) == 1 and re.match(message, err), err
 
 
+def test_cli_finds_a_missing_tokenizer_before_loading_the_weights(tmp_path):
+    """config.json and no weights, no tokenizer: the message is about the tokenizer, so the cheap check
+    ran first (loading the weights first would have failed on the missing model.safetensors)."""
+    (tmp_path / "config.json").write_text(json.dumps(mb.ModernBertConfig(**TINY).to_dict()))
+    rc, out, err, _ = run_cli("--model", tmp_path, "A [MASK].")
+    assert rc == 2 and out == "" and err.startswith(f"error: No tokenizer.json in '{tmp_path}'"), err
+
+
+@pytest.mark.parametrize("name", ["nobody/no-such-modernbert", "my-checkpoint"], ids=["hub-id", "mistyped-folder"])
 @pytest.mark.parametrize(
     "env",
     [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
     ids=["offline", "refused"],
 )
-def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env):
-    """An empty HF cache and no hub (offline mode, or a hub address that refuses connections)."""
-    rc, out, err, seconds = run_cli(
-        "--model", "nobody/no-such-modernbert", "A [MASK].", env={"HF_HOME": str(tmp_path), **env}
-    )
+def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env, name):
+    """An empty HF cache and no hub (offline mode, or a hub address that refuses connections): the message
+    says both that there is no such folder (where it looked) and that the hub could not be asked."""
+    rc, out, err, seconds = run_cli("--model", name, "A [MASK].", env={"HF_HOME": str(tmp_path), **env})
     assert rc == 2 and out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert (
-        "Could not get 'nobody/no-such-modernbert': the Hugging Face hub could not be reached" in err
+        f"Could not get '{name}': no such folder here ({os.path.join(HERE, name)}), and as a hub id the local "
+        "cache does not have it and the Hugging Face hub could not be reached"
+        in err
         and "--model /path/to/folder" in err
     ), err
     assert seconds < 60, f"took {seconds:.0f} s to give up"
+
+
+def test_a_name_that_is_neither_folder_nor_cached_says_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError) as e:
+        mb.checkpoint_folder("my-checkpoint", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert str(e.value).startswith(
+        f"Could not get 'my-checkpoint': no such folder here ({tmp_path / 'my-checkpoint'}), and as a hub id the "
+        "local cache does not have it and local_files_only=True kept the Hugging Face hub from being asked"
+    ), e.value
+    with pytest.raises(FileNotFoundError) as e:
+        mb.checkpoint_folder("my checkpoint")  # not a hub id either
+    assert str(e.value).startswith(
+        f"No checkpoint at 'my checkpoint': no such folder here ({tmp_path / 'my checkpoint'}), and not a valid hub id"
+    ), e.value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2028,6 +2218,12 @@ def hub(request):
     )
     if not wanted:
         pytest.skip("downloads answerdotai/ModernBERT-base (~600 MB): run with `pytest -m hub` or MODERNBERT_HUB=1")
+    try:  # the download, or the cache; only an unreachable hub skips, any other error fails
+        return mb.checkpoint_folder("answerdotai/ModernBERT-base")
+    except OSError as e:
+        if "the Hugging Face hub could not be reached" not in str(e):
+            raise
+        pytest.skip(f"needs the internet or a cached answerdotai/ModernBERT-base: {e}")
 
 
 @pytest.mark.hub
@@ -2048,9 +2244,7 @@ def test_real_model_demo(hub):
 @pytest.mark.hub
 def test_official_golden_values_on_the_real_checkpoint(hub):
     """REFERENCE.md's values from the released answerdotai/ModernBERT-base (fp32, CPU)."""
-    from load import resolve
-
-    folder = resolve("answerdotai/ModernBERT-base")
+    folder = hub
     tokenizer = load_tokenizer(folder)
     mlm = mb.ModernBertForMaskedLM.from_pretrained(folder)
     hello = tokenize(tokenizer, ["Hello World!"])

@@ -30,6 +30,8 @@ error prints them too, before its traceback and exit status 1.
 
 import argparse
 import copy
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -431,6 +433,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="instead of the models: the attention kernels' time per layer, global and local, at each workload's "
+        "shape (--workloads, --repeats, the device's batch sizes)",
+    )
+    p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
@@ -653,12 +661,74 @@ def print_tables(args, device, rows, ceilings, stopped=None):
             print(md_row(cells))
 
 
+def layer_kernels(packing, device, window):
+    """{(layer type, kernel name): fn()} with every way modernbert.py can run one attention layer on this
+    packing: what `attention_kernels` chooses from, each called directly so the table can set them side by
+    side. Flex's block masks are built here, once, as a forward builds them (their cost is a row of its own)."""
+    cfg = mb.ModernBertConfig()
+    H, D, T = cfg.num_attention_heads, cfg.head_dim, packing.indices.shape[0]
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(T, H, D, device=device, generator=g, dtype=dtype) for _ in range(3))
+    masks = {w: mb.flex_block_mask(packing, w) for w in (None, window)}
+    fns = {
+        ("both", "flex block masks (once a forward)"): lambda: [
+            mb.flex_block_mask(packing, w) for w in (None, window)
+        ],
+        ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
+        ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
+        ("global", "sdpa masked grid"): lambda: mb.sdpa_on_grid(q, k, v, dataclasses.replace(packing, uniform=False)),
+        ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
+    }
+    if packing.uniform:
+        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_on_grid(q, k, v, packing)
+    if device.type == "cpu":
+        fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
+    try:
+        flash = functools.partial(mb.flash_attention, varlen=mb.find_flash_kernel(device))
+        fns[("global", "varlen flash")] = lambda: flash(q, k, v, packing, None)
+        fns[("local", "varlen flash")] = lambda: flash(q, k, v, packing, window)
+    except RuntimeError as e:
+        note(f"no varlen flash kernel on {device.type}: {e}")
+    return fns
+
+
+def kernel_table(args, device):
+    """--kernels: milliseconds per attention layer, global and local, for every kernel at each workload's
+    shape (ModernBERT-base heads, bf16 on CUDA, fp32 on CPU), best of --repeats after an untimed round that
+    compiles flex. Which kernel `attention_kernels` picks for each layer type rests on this table."""
+    cfg = mb.ModernBertConfig()
+    window = cfg.local_attention // 2
+    print(f"Machine: {machine_line()}")
+    print(f"Command: python bench.py {' '.join(sys.argv[1:])}\n")
+    print(md_header(["workload", "real tokens", "layer", "kernel", "ms", "vs fastest of its layer type"], left=4))
+    for w in args.workloads.split(","):
+        _, mask = make_batch(w, args.batch_size, device)
+        packing = mb.Packing.from_mask(mask)
+        fns = layer_kernels(packing, device, window)
+        named = {f"{layer} {name}": fn for (layer, name), fn in fns.items()}
+        best, _, _ = time_interleaved(named, args.repeats, device, warmup=True)
+        ms = {key: best[" ".join(key)] for key in fns}
+        ms = {key: t if isinstance(t, str) else t * 1e3 for key, t in ms.items()}
+        fastest = {}
+        for (layer, _), t in ms.items():
+            if not isinstance(t, str):
+                fastest[layer] = min(fastest.get(layer, t), t)
+        for (layer, name), t in ms.items():
+            vs = "" if isinstance(t, str) or layer == "both" else f"{t / fastest[layer]:.2f}x"
+            print(md_row([w, int(mask.sum()), layer, name, fmt(t, ".2f"), vs]))
+        free_memory(device)
+
+
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
     start = time.perf_counter()
     args, device = parse_args()
     if args.child:
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
+        return
+    if args.kernels:
+        kernel_table(args, device)
         return
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None

@@ -389,13 +389,24 @@ def sdpa_attention(q, k, v, packing, window, dropout_p=0.0):
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding: 3x faster than
         # the masked grid, and a Python loop costs nothing there. On a GPU it would be N launches and a sync.
-        out, bounds = torch.empty_like(q), packing.cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D is fused
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
-        return out
+        return sdpa_per_sequence(q, k, v, packing, dropout_p)
+    return sdpa_on_grid(q, k, v, packing, dropout_p)
+
+
+def sdpa_per_sequence(q, k, v, packing, dropout_p=0.0):
+    """Global attention as one unmasked SDPA call per sequence of the stream (every token real)."""
+    out, bounds = torch.empty_like(q), packing.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D is fused
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
+    return out
+
+
+def sdpa_on_grid(q, k, v, packing, dropout_p=0.0):
+    """Global attention as one SDPA call on the (N, S) grid, padding hidden by a key mask; no mask when all N
+    sequences have S tokens (the stream then already is the grid)."""
     N, S = packing.num_seqs, packing.max_seqlen
-    if packing.uniform:  # N sequences of S tokens back to back: the stream already is the (N, S) grid, no mask
+    if packing.uniform:
         qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
         return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
     qg, kg, vg = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)

@@ -40,17 +40,18 @@ from tokenizers import Tokenizer
 
 from modernbert import (
     ATTN_IMPLEMENTATIONS,
-    TOKENIZER_FILES,
+    CHECKPOINT_FILES,
     ModernBertForMaskedLM,
     ModernBertForMultipleChoice,
     ModernBertForQuestionAnswering,
     ModernBertForSequenceClassification,
     ModernBertForTokenClassification,
     ModernBertPreTrainedModel,
+    checkpoint_folder,
     unpad,
 )
-from modernbert import checkpoint_folder as resolve  # a folder as it is, or a hub id through the HF cache
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 DEFAULT_TEXT = "Plants create [MASK] through a process known as photosynthesis."
 MASK, PAD = "[MASK]", "[PAD]"
@@ -98,6 +99,11 @@ def load_model(
         device=device,
         **config_overrides,
     )
+
+
+def resolve(name_or_folder, revision=None):
+    """A folder as it is, or a hub id's snapshot in the HF cache: the checkpoint and its tokenizer files."""
+    return checkpoint_folder(name_or_folder, revision, files=(*CHECKPOINT_FILES, *TOKENIZER_FILES))
 
 
 def parse_dtype(dtype):

@@ -16,8 +16,8 @@ Every number this file computes is checked against the official implementation (
 `transformers`, `models/modernbert`) in test_modernbert.py. Class names, attribute names and
 `state_dict` keys are the official ones, so checkpoints load both ways.
 
-Reading order: config -> small parts (RoPE, GeGLU, packing, the attention kernels) -> encoder layer
--> model -> heads -> loading and saving -> input checks (skip them on a first read).
+Reading order: config -> RoPE, GeGLU, packing, the attention kernels -> encoder layer -> model -> heads.
+Below the "Plumbing" banner (outputs, files, the hub, tracing, checks) a first reading may stop.
 """
 
 import functools
@@ -35,13 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve (see below)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
 # ----------------------------------------------------------------------------------------------------
 # Config
+
+# The two layer types, by their official names, and the config field that holds each one's RoPE base.
+ROPE_THETA_FIELDS = {"full_attention": "global_rope_theta", "sliding_attention": "local_rope_theta"}
+LAYER_TYPES = tuple(ROPE_THETA_FIELDS)  # global, local
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
+# The official names map to these; "gelu" is the exact erf form everywhere in ModernBERT.
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 
 
 @dataclass
@@ -64,7 +66,7 @@ class ModernBertConfig:
     sep_token_id: int = 50282
     global_rope_theta: float = 160000.0
     local_rope_theta: float = 10000.0
-    local_attention: int = 128  # total width: query i sees key j iff |i - j| <= 64
+    local_attention: int = 128  # total width: query i sees key j iff |i - j| <= 64, the half-window
     global_attn_every_n_layers: int = 3  # layer i is global iff i % 3 == 0: G L L G L L ...
     layer_types: list | None = None  # v5 spelling of the pattern; derived from the line above if None
     attention_bias: bool = False
@@ -86,69 +88,41 @@ class ModernBertConfig:
     initializer_range: float = 0.02
     initializer_cutoff_factor: float = 2.0
     tie_word_embeddings: bool = True
-    attn_implementation: str | None = None  # "eager", "sdpa" or "flash_attention_2"; None picks one
+    attn_implementation: str | None = None  # one of ATTN_IMPLEMENTATIONS; None picks (see attention_kernels)
 
     def __post_init__(self):
-        if self.layer_types is None:
+        if self.layer_types is None:  # v4 configs: the pattern from global_attn_every_n_layers
             every = self.global_attn_every_n_layers
             self.layer_types = [LAYER_TYPES[i % every != 0] for i in range(self.num_hidden_layers)]
-        if self.id2label is None:
-            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
-        self.num_labels = len(self.id2label)
-        if self.label2id is None:
-            self.label2id = {v: k for k, v in self.id2label.items()}
+        agree_labels(self)  # num_labels, id2label and label2id tell one story, as in transformers
         check_config(self)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def half_window(self):  # local layers: query i sees key j iff |i - j| <= half_window
+        return self.local_attention // 2
+
     def is_global(self, layer_id):
         return self.layer_types[layer_id] == "full_attention"
 
-    @classmethod
-    def from_dict(cls, d):
-        """Reads a config.json of either official format: v4 (`global_rope_theta`,
-        `global_attn_every_n_layers`) or v5 (`layer_types`, `rope_parameters`). Other keys are ignored."""
-        kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
-        for layer_type, name in zip(LAYER_TYPES, ("global_rope_theta", "local_rope_theta")):
-            rope = (d.get("rope_parameters") or {}).get(layer_type)
-            if rope:
-                if rope.get("rope_type", "default") != "default":
-                    raise ValueError(
-                        f"rope_type {rope['rope_type']!r} for {layer_type} is not supported: only plain RoPE"
-                    )
-                kwargs[name] = rope["rope_theta"]
-        if kwargs.get("id2label"):
-            kwargs.pop("num_labels", None)  # the label map decides
-        return cls(**kwargs)
+    def rope_theta(self, layer_type):
+        return getattr(self, ROPE_THETA_FIELDS[layer_type])
 
     @classmethod
-    def from_pretrained(cls, name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None):
-        """The config.json of a checkpoint folder or hub id (the download options: `checkpoint_folder`)."""
-        folder = checkpoint_folder(name_or_folder, revision, cache_dir, local_files_only, token)
-        with open(os.path.join(folder, "config.json")) as f:
+    def from_dict(cls, d):  # a config.json of either official format (config_from_dict, below the banner)
+        return config_from_dict(cls, d)
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, revision=None, **download):  # a checkpoint's config.json
+        with open(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json")) as f:
             return cls.from_dict(json.load(f))
 
-    def to_dict(self):
-        """config.json in the official format, written in both spellings so transformers 4 and 5 read it."""
-        d = asdict(self)
-        d.pop("attn_implementation")
-        d["rope_parameters"] = {
-            t: {"rope_type": "default", "rope_theta": theta}
-            for t, theta in zip(LAYER_TYPES, (self.global_rope_theta, self.local_rope_theta))
-        }
-        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
-        d["model_type"] = "modernbert"
-        return d
+    def to_dict(self):  # config.json in the official format (config_to_dict, below the banner)
+        return config_to_dict(self)
 
-
-LAYER_TYPES = ("full_attention", "sliding_attention")  # global, local
-ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
-
-# The official names map to these; "gelu" is the exact erf form everywhere in ModernBERT.
-ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
 
 # ----------------------------------------------------------------------------------------------------
 # RoPE with two bases. Rotation "rotate_half" (NeoX): the first and second halves of each head pair up.
@@ -181,6 +155,8 @@ def apply_rope(x, cos, sin):
 
 
 class ModernBertMLP(nn.Module):
+    init_roles = {"Wi": "input", "Wo": "output"}  # how init_weights scales each weight
+
     def __init__(self, config):
         super().__init__()
         self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
@@ -222,22 +198,6 @@ def pad(x, indices, batch, seqlen):
     return out.view(batch, seqlen, *x.shape[1:])
 
 
-# The keywords of already-packed input: ours, and those of transformers' DataCollatorWithFlattening.
-COLLATOR_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-PACKED_INPUTS = ("cu_seqlens", *COLLATOR_INPUTS)
-
-
-def longest_and_uniform(lengths):
-    """The longest sequence's length, and whether all have it: one host sync (per forward)."""
-    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
-    return longest, shortest == longest
-
-
-def position_starts(positions, total):
-    """Packed (T,) position_ids -> cu_seqlens: a sequence starts wherever the positions restart at 0."""
-    return F.pad((positions == 0).nonzero().squeeze(1), (0, 1), value=total)
-
-
 @dataclass
 class Packing:
     """Where the tokens of a batch sit, worked out once per forward and shared by every layer."""
@@ -246,9 +206,9 @@ class Packing:
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
     shape: tuple  # (B, S) of the input grid
-    real: torch.Tensor | None = None  # (T,) bool; None: all real. False only at the padding the traced path keeps
+    real: torch.Tensor | None = None  # (T,) bool; None: all real (False only at the padding `traced_padded` keeps)
     uniform: bool = False  # all sequences have max_seqlen tokens, so attention needs no key mask
-    padded: bool = False  # the traced path's grid (traced_padded): padding kept as tokens, `real` False there
+    padded: bool = False  # made by `traced_padded`: padding kept in the stream as tokens that are not real
     seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
     positions: torch.Tensor = field(init=False)  # (T,) position inside its sequence: 0, 1, 2, ...
     grid: torch.Tensor = field(init=False)  # (T,) slot in a right-padded (N, max_seqlen) grid
@@ -256,32 +216,12 @@ class Packing:
     def __post_init__(self):
         # (x.shape[0], not len(x): len() must return a plain int, which would fix the size of a traced graph)
         T, cu = self.indices.shape[0], self.cu_seqlens.long()
-        if self.seq_ids is None:
-            lengths = cu[1:] - cu[:-1]
-            self.seq_ids = torch.repeat_interleave(
-                torch.arange(lengths.shape[0], device=cu.device), lengths, output_size=T
-            )
+        if self.seq_ids is None:  # sequence i's tokens are numbered i
+            numbers = torch.arange(cu.shape[0] - 1, device=cu.device)
+            self.seq_ids = torch.repeat_interleave(numbers, cu.diff(), output_size=T)
         self.positions = torch.arange(T, device=cu.device) - cu[self.seq_ids]
         self.grid = self.seq_ids * self.max_seqlen + self.positions
         self.real = torch.ones(T, dtype=torch.bool, device=cu.device) if self.real is None else self.real
-
-    @classmethod
-    def from_inputs(cls, config, input_ids, attention_mask, inputs_embeds, **packed):
-        """The one door from a forward's inputs to a Packing: a padded batch with its attention_mask, or
-        packed input (B = 1) with cu_seqlens, or with the keys of transformers' DataCollatorWithFlattening
-        (position_ids alone, or with cu_seq_lens_q/k and max_length_q/k). The checks are at the bottom."""
-        tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
-        check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
-        packed = {k: v for k, v in packed.items() if v is not None}
-        x = input_ids if input_ids is not None else inputs_embeds
-        (B, S), device = x.shape[:2], x.device
-        cu = next((packed[k] for k in ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k") if k in packed), None)
-        if cu is None and "position_ids" in packed:
-            cu = position_starts(packed["position_ids"][0], S)
-        if cu is not None:
-            return cls.from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
-        mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask
-        return cls.traced_padded(mask.to(device)) if tracing else cls.from_mask(mask.to(device))
 
     @classmethod
     def from_mask(cls, attention_mask):
@@ -301,22 +241,6 @@ class Packing:
         indices = torch.arange(total, device=cu_seqlens.device)
         return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), uniform=uniform)
 
-    @classmethod
-    def traced_padded(cls, attention_mask):
-        """For torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
-        data-dependent size. Instead each row's real tokens move, in order, to its front (left padding and
-        holes close up), and every slot of the (B, S) grid stays a token, one row one sequence: padding rides
-        along at the end of each row, hidden from attention as a key (`real`). The same numbers as
-        unpadding, with the padding computed too."""
-        B, S = attention_mask.shape
-        real = attention_mask.bool()
-        slots = torch.arange(S, device=real.device)
-        order = torch.argsort(torch.where(real, slots, slots + S), dim=1)  # (B, S): real slots first, in order
-        indices = (order + torch.arange(B, device=real.device)[:, None] * S).flatten()
-        cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=real.device)
-        seq_ids = torch.arange(B * S, device=real.device) // S  # (ONNX has no repeat_interleave with a length)
-        return cls(indices, cu_seqlens, S, (B, S), real.gather(1, order).flatten(), padded=True, seq_ids=seq_ids)
-
     @property
     def num_seqs(self):
         return self.cu_seqlens.shape[0] - 1
@@ -326,10 +250,6 @@ class Packing:
         if self.padded:
             x = x.masked_fill(~self.real.view(-1, *[1] * (x.dim() - 1)), 0)
         return pad(x, self.indices, *self.shape)
-
-    def repad_all(self, states):
-        """The per-layer hidden states, if asked for, back on the input's grid."""
-        return None if states is None else tuple(self.repad(h) for h in states)
 
     def real_mask(self):
         """Boolean (B, S) on the input's grid: True where a real token sits."""
@@ -343,12 +263,12 @@ class Packing:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention kernels. All three take q, k, v of shape (T, H, D), the Packing, and the half-window
-# (None on global layers), and return (T, H, D). `attention_kernels` picks them.
+# Attention kernels. Each takes q, k, v of shape (T, H, D), the Packing, and the half-window (None on
+# global layers), and returns (T, H, D). `attention_kernels` picks them.
 #
-# The local band, drawn for window = 2 (ModernBERT: 64), intersected with padding:
+# The local band, drawn for a half-window of 2 (ModernBERT: 64), intersected with padding:
 #
-#        keys ->  0 1 2 3 4 5 .          query i sees key j iff |i - j| <= window
+#        keys ->  0 1 2 3 4 5 .          query i sees key j iff |i - j| <= half-window
 #   query 0       x x x . . . .          and both are real tokens of the same sequence
 #         1       x x x x . . .
 #         2       x x x x x . .
@@ -356,20 +276,20 @@ class Packing:
 #         4       . . x x x x .          (5 real tokens, then padding: no column, no row)
 
 
-def band(query_pos, key_pos, window):
-    """Boolean (..., Q, K): which keys each query may see, |i - j| <= window."""
-    return (query_pos[..., :, None] - key_pos[..., None, :]).abs() <= window
+def band(query_pos, key_pos, half_window):
+    """Boolean (..., Q, K): which keys each query may see, |i - j| <= half_window."""
+    return (query_pos[..., :, None] - key_pos[..., None, :]).abs() <= half_window
 
 
-def eager_attention(q, k, v, packing, window, dropout_p=0.0):
+def eager_attention(q, k, v, packing, half_window, dropout_p=0.0):
     """The reference: softmax(Q K^T / sqrt(D) + mask) V, written out on a padded (N, H, S, S) grid."""
     N, S, D = packing.num_seqs, packing.max_seqlen, q.shape[-1]
     q, k, v = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * D**-0.5  # (N, H, S, S)
     allowed = pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
-    if window is not None:
+    if half_window is not None:
         pos = pad(packing.positions, packing.grid, N, S)[:, None]  # (N, 1, S)
-        allowed = allowed & band(pos, pos, window)  # (N, 1, S, S)
+        allowed = allowed & band(pos, pos, half_window)  # (N, 1, S, S)
     # A finite minimum, not -inf: a padded query row with no allowed key stays finite (and is dropped).
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -377,15 +297,15 @@ def eager_attention(q, k, v, packing, window, dropout_p=0.0):
     return unpad((probs @ v).transpose(1, 2), packing.grid)  # (T, H, D)
 
 
-def sdpa_attention(q, k, v, packing, window, dropout_p=0.0):
+def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
     """torch's scaled_dot_product_attention, without ever building an (S, S) mask.
 
     SDPA with an explicit (S, S) mask materialises it, saves nothing from the window and keeps SDPA
     off its fused kernels. Instead: local layers run blocked sliding-window attention over the packed
     stream, which costs O(T * window) however long the sequences are; global layers run one SDPA call
     on a padded (N, S) grid with a key mask that hides the padding (no mask when all lengths are equal)."""
-    if window is not None:
-        return local_block_attention(q, k, v, packing, window, dropout_p)
+    if half_window is not None:
+        return local_block_attention(q, k, v, packing, half_window, dropout_p)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding: 3x faster than
         # the masked grid, and a Python loop costs nothing there. On a GPU it would be N launches and a sync.
@@ -415,36 +335,37 @@ def sdpa_on_grid(q, k, v, packing, dropout_p=0.0):
     return unpad(out.transpose(1, 2), packing.grid)
 
 
-def local_block_attention(q, k, v, packing, window, dropout_p=0.0):
-    """Sliding-window attention in blocks of `window` queries over the whole packed stream.
+def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
+    """Sliding-window attention in blocks of `half_window` queries over the whole packed stream.
 
-    A query in block i sees only keys within +-window, which all lie in blocks i-1, i, i+1: each block
-    attends to 3 * window keys instead of S. Sequence boundaries need no special case: a key counts
-    only if it is a real token of the query's sequence (and inside one sequence, packed distance =
+    A query in block i sees only keys within +-half_window, which all lie in blocks i-1, i, i+1: each
+    block attends to 3 * half_window keys instead of S. Sequence boundaries need no special case: a key
+    counts only if it is a real token of the query's sequence (and inside one sequence, packed distance =
     position distance).
 
         stream   | block i-1 | block i | block i+1 |      queries: block i (b tokens)
                  '------ keys: 3b tokens ---------'       keys: blocks i-1, i, i+1 (zeros past the ends)
     """
     T, H, D = q.shape
-    b = window
-    n = max(1, -(-T // b))  # number of query blocks (one, empty, when T = 0)
+    b = half_window  # the block length
+    n = max(1, -(-T // b))  # query blocks: T / b rounded up (one, empty, when T = 0)
+    tail = n * b - T  # padding that fills the last block
 
     def blocks_of_three(t, fill=0):  # (T, ...) -> (n, 3b, ...): the keys of blocks i-1, i, i+1 for each i
-        t = F.pad(t, (0, 0) * (t.dim() - 1) + (b, n * b - T + b), value=fill)
-        return t.unfold(0, 3 * b, b).movedim(-1, 1)
+        token_dim_pads = (0, 0) * (t.dim() - 1) + (b, tail + b)  # F.pad lists the last dimension first
+        return F.pad(t, token_dim_pads, value=fill).unfold(0, 3 * b, b).movedim(-1, 1)
 
-    q_ids = F.pad(packing.seq_ids, (0, n * b - T), value=-1).view(n, b)  # -1: past the end, its own "sequence"
+    q_ids = F.pad(packing.seq_ids, (0, tail), value=-1).view(n, b)  # -1: past the end, its own "sequence"
     k_ids = blocks_of_three(packing.seq_ids.masked_fill(~packing.real, -2), fill=-1)  # (n, 3b); -2: padding
-    in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), window)
+    in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), half_window)
     mask = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, b, 3b)
-    qb = F.pad(q, (0, 0, 0, 0, 0, n * b - T)).view(n, b, H, D).transpose(1, 2)  # (n, H, b, D)
+    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).view(n, b, H, D).transpose(1, 2)  # (n, H, b, D)
     kb, vb = (blocks_of_three(t).transpose(1, 2) for t in (k, v))  # (n, H, 3b, D)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # (n, H, b, D)
     return out.transpose(1, 2).reshape(n * b, H, D)[:T]
 
 
-def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
+def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
     """FlashAttention-2 varlen on the packed stream: no padding, no mask, and on local layers the kernel
     skips the key blocks outside the window. It takes fp16/bf16 only; fp32 inputs are cast to bf16 and
     back, as the official code does. `varlen` is the kernel, found by `attention_kernels`."""
@@ -452,7 +373,7 @@ def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    w = (-1, -1) if window is None else (window, window)  # inclusive on both sides, like |i - j| <= window
+    w = (-1, -1) if half_window is None else (half_window, half_window)  # inclusive on both sides, as the band
     cu, S = packing.cu_seqlens, packing.max_seqlen
     out = varlen(q, k, v, cu, cu, S, S, dropout_p=dropout_p, softmax_scale=q.shape[-1] ** -0.5, window_size=w)
     return out.to(dtype)
@@ -461,25 +382,20 @@ def flash_attention(q, k, v, packing, window, dropout_p=0.0, varlen=None):
 FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
 
 
-def flex_attention(q, k, v, packing, window, dropout_p=0.0, block_masks=None):
+def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
     """torch's FlexAttention: the attention rule is written once as a Python function (the block mask's
     mask_mod), which torch.compile turns into one fused kernel (Triton on a GPU, C++ on a CPU) that skips every
     128 x 128 tile the rule leaves empty. No (S, S) scores, no padding computed, the window skipped rather than
-    masked. `block_masks`: {window: BlockMask}, built once per forward by `attention_kernels`."""
+    masked. `block_masks`: {half-window: BlockMask}, built once per forward by `attention_kernels`."""
     if dropout_p:
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
-    if q.device.type == "cpu" and torch.compiler.is_compiling():  # see attention_kernels' table
-        return sdpa_attention(q, k, v, packing, window)
-    if q.requires_grad and q.device.type == "cpu":
-        raise RuntimeError(
-            "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
-            "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
-        )
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):  # what torch 2.13 cannot
+        return flex_on_cpu_fallback(q, k, v, packing, half_window)
     if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
         return q
-    block_mask = (block_masks or {}).get(window)
+    block_mask = (block_masks or {}).get(half_window)
     if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
-        block_mask = flex_block_mask(packing, window)
+        block_mask = flex_block_mask(packing, half_window)
     # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views (torch 2.13), and the copy
     # is small next to the projections.
     q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
@@ -487,68 +403,38 @@ def flex_attention(q, k, v, packing, window, dropout_p=0.0, block_masks=None):
     return out[0].transpose(0, 1)
 
 
-def flex_block_mask(packing, window):
-    """The rule, for FlexAttention, over the packed stream: query q sees key k iff both are in the same
-    sequence, k is a real token (the traced path keeps padding in the stream), and on local layers
-    |position(q) - position(k)| <= window.
-
-    `mask_mod` decides each pair; the block structure only says which tiles can hold an allowed pair.
-    torch's create_block_mask finds them by evaluating the rule on all T x T pairs (17 GB of booleans for
-    256 x 512 packed tokens). Here they come from the layout instead: the keys a tile of queries may see are
-    one contiguous run of the stream, from the first query's sequence start (or position - window) to the
-    last query's sequence end (or position + window), found by binary search."""
+def flex_block_mask(packing, half_window):
+    """The rule, for FlexAttention: query q sees key k of the stream iff both are in the same sequence, k is
+    a real token, and on local layers |position(q) - position(k)| <= half_window. `mask_mod` decides each
+    pair; the tiles to visit, those that can hold an allowed pair, come from the layout: torch's
+    create_block_mask would evaluate the rule on all T x T pairs (17 GB of booleans for 256 x 512 tokens),
+    but the keys a tile of queries may see are one contiguous run of the stream, found by binary search."""
     from torch.nn.attention.flex_attention import BlockMask
 
     seq, pos, real = packing.seq_ids, packing.positions, packing.real
     T = seq.shape[0]
     # The half-window as a tensor: torch 2.13's C++ template fails to compile it as a Python int, which
     # dynamic=True makes symbolic; and one compiled kernel then serves every window.
-    half = torch.tensor(0 if window is None else window, device=seq.device)
+    half = torch.tensor(0 if half_window is None else half_window, device=seq.device)
 
     def mask_mod(b, h, q, k):  # the rule, for each query q and key k of the stream
         allowed = (seq[q] == seq[k]) & real[k]
-        return allowed if window is None else allowed & ((pos[q] - pos[k]).abs() <= half)
+        return allowed if half_window is None else allowed & ((pos[q] - pos[k]).abs() <= half)
 
-    reach = T if window is None else window
+    reach = T if half_window is None else half_window
     order = seq.long() * (2 * T + 1) + pos  # sorted; a reach of <= T never crosses into the next sequence
     first = torch.arange(0, T, FLEX_BLOCK, device=seq.device)  # each tile's first and last query
     last = (first + FLEX_BLOCK - 1).clamp(max=T - 1)
     n = first.shape[0]  # tiles
     lo = torch.searchsorted(order, order[first] - reach) // FLEX_BLOCK  # (n,): the first key tile, and
     hi = (torch.searchsorted(order, order[last] + reach, right=True) - 1) // FLEX_BLOCK  # the last one
-    tiles = (lo[:, None] + torch.arange(n, device=seq.device)).clamp(max=n - 1)  # (n, n): lo, lo + 1, ...
-    return BlockMask.from_kv_blocks(
-        (hi - lo + 1)[None, None].int(),
-        tiles[None, None].int(),
-        BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=mask_mod,
-        seq_lengths=(T, T),
-    )
+    tiles = (lo[:, None] + torch.arange(n, device=seq.device)).clamp(max=n - 1)[None, None].int()  # lo, lo + 1..
+    count = (hi - lo + 1)[None, None].int()  # (1, 1, n): how many key tiles each query tile visits
+    return BlockMask.from_kv_blocks(count, tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
 
 
-def flex_attention_kernel():
-    """torch's flex_attention, compiled once per process for every shape. Run uncompiled, it is a reference that
-    builds the whole score matrix; inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(flex_attention)
-
-
-@functools.cache
-def compiled_flex_attention(flex):
-    return torch.compile(flex, dynamic=True)
-
-
-KERNELS = {
-    "eager": eager_attention,
-    "sdpa": sdpa_attention,
-    "flash_attention_2": flash_attention,
-    "flex_attention": flex_attention,
-}
-
-
-def attention_kernels(name, device, dtype, packing, window):
-    """The one place kernels are chosen: {layer type: kernel}, for the local layers' half-window `window`.
+def attention_kernels(name, device, dtype, packing, half_window):
+    """The one place kernels are chosen: {layer type: kernel}, for local layers of this half-window.
 
     name                  global layers                           local layers
     None                  flash_attention_2 on a GPU in half precision when a kernel is there to be found,
@@ -565,9 +451,8 @@ def attention_kernels(name, device, dtype, packing, window):
     on a CPU              template compiles flex alone, but not inside a compiled layer or model
 
     A forced name is honoured or refused, except for the overrides the table shows."""
-    if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}")
-    if packing.padded and name in (None, "flash_attention_2"):  # a traced padded batch (Packing.traced_padded)
+    check_attn_implementation(name)
+    if packing.padded and name in (None, "flash_attention_2"):  # a traced padded batch (traced_padded)
         name = "sdpa"
     if packing.padded and torch.compiler.is_exporting():
         name = "eager"
@@ -580,10 +465,10 @@ def attention_kernels(name, device, dtype, packing, window):
             except RuntimeError:
                 pass
     if name == "flex_attention":  # the block masks, built once per forward and shared by the layers of a type
-        masks = {w: flex_block_mask(packing, w) for w in (None, window)} if packing.indices.shape[0] else {}
+        masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
         return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
     if name != "flash_attention_2":
-        return dict.fromkeys(LAYER_TYPES, KERNELS[name])
+        return dict.fromkeys(LAYER_TYPES, eager_attention if name == "eager" else sdpa_attention)
     flash = functools.partial(flash_attention, varlen=find_flash_kernel(device))  # raises with what is missing
     # Global layers over sequences of one length: a single dense SDPA call (no mask, so cuDNN's Hopper kernel)
     # beat varlen flash on an H100: 0.5 ms against 0.9 ms a layer at 256 x 512, 4.1 against 5.2 at 8 x 8192.
@@ -591,40 +476,21 @@ def attention_kernels(name, device, dtype, packing, window):
     return {"full_attention": sdpa_attention if packing.uniform else flash, "sliding_attention": flash}
 
 
-def find_flash_kernel(device):
-    """The varlen flash kernel for `device`, with flash_attn's signature, or a clear error."""
-    if device.type != "cuda":
-        raise RuntimeError(
-            f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. "
-            "Use 'sdpa' (or None to choose) on this device."
-        )
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func
-    except ImportError:
-        pass
-    if varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters:
-        return torch_varlen
-    raise RuntimeError(
-        "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
-        "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
-    )
-
-
-def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
-    """torch's varlen_attn behind flash_attn_varlen_func's signature."""
-    if dropout_p:
-        raise RuntimeError("torch's varlen_attn has no dropout: install flash-attn to train with attention dropout")
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
-
-
 # ----------------------------------------------------------------------------------------------------
-# The encoder
+# The encoder. Each module names the init role of its weights (`init_roles`, read by init_weights).
+#
+# The stack, for ModernBERT-base (22 layers; global every 3rd, starting at layer 0):
+#
+#   tokens -> embeddings -> [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] -> final_norm
+#                            0  1 2  3  4 5  6                                        21
+#   G: every token sees its whole sequence, RoPE theta 160000 (long range, slowly turning phases)
+#   L: every token sees +-64 neighbours,   RoPE theta  10000 (short range, fast phases)
 
 
 class ModernBertEmbeddings(nn.Module):
     """Token embeddings -> LayerNorm -> dropout. No position embeddings: RoPE does that inside attention."""
+
+    init_roles = {"tok_embeddings": "input"}
 
     def __init__(self, config):
         super().__init__()
@@ -638,10 +504,12 @@ class ModernBertEmbeddings(nn.Module):
 
 
 class ModernBertAttention(nn.Module):
+    init_roles = {"Wqkv": "input", "Wo": "output"}
+
     def __init__(self, config, layer_id):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.window = None if config.is_global(layer_id) else config.local_attention // 2
+        self.half_window = None if config.is_global(layer_id) else config.half_window
         self.dropout = config.attention_dropout
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
@@ -653,7 +521,7 @@ class ModernBertAttention(nn.Module):
         # Position enters only here: rotating q and k makes q . k depend on their distance alone.
         # Both are rotated in one call, so a compiled layer does it in one fp32 pass.
         q, k = apply_rope(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
-        out = kernel(q, k, qkv[:, 2], packing, self.window, self.dropout if self.training else 0.0)
+        out = kernel(q, k, qkv[:, 2], packing, self.half_window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
 
@@ -670,6 +538,290 @@ class ModernBertEncoderLayer(nn.Module):
     def forward(self, x, rope, packing, kernel):  # pre-norm: the residual stream itself is never normed
         x = x + self.attn(self.attn_norm(x), rope, packing, kernel)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class ModernBertPreTrainedModel(nn.Module):
+    """What every class shares: the config, weight init, and (their code below the banner) loading, saving,
+    compiling, gradient checkpointing, and the conveniences transformers users reach for."""
+
+    accepts_loss_kwargs = False  # transformers.Trainer: our losses average over the batch themselves
+
+    def __init__(self, config):
+        super().__init__()
+        # A transformers ModernBertConfig is read through its dict, like a config.json.
+        self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
+
+    def init_weights(self, only=None):
+        """The official init: truncated normals scaled by each weight's role (`init_roles`), zero biases,
+        LayerNorm weights 1. `only`: the names of the modules to initialise (the loader's fresh heads)."""
+        c = self.config
+        std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+        stds = {"input": std_in, "output": std_out, "classifier": c.hidden_size**-0.5}
+        for parent_name, parent in self.named_modules():
+            for name, m in parent.named_children():
+                if only is not None and f"{parent_name}.{name}".lstrip(".") not in only:
+                    continue
+                if isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, (nn.Linear, nn.Embedding)):
+                    role = weight_init_role(parent, name)
+                    if role != "tied":  # the decoder's weight is the embeddings': only its bias is its own
+                        cutoff = c.initializer_cutoff_factor * stds[role]
+                        nn.init.trunc_normal_(m.weight, 0.0, stds[role], -cutoff, cutoff)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+
+    def tie_weights(self):
+        """Only the masked-LM class ties weights (its decoder to the embeddings)."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **kw):
+        """An official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) loaded into this
+        class, strictly: see `load_pretrained`. `kw`: config fields to override (num_labels=3), and the
+        transformers spellings that mean one thing here (device_map, torch_dtype, cache_dir, ...)."""
+        return load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kw)
+
+    def save_pretrained(self, folder):
+        """Write config.json + model.safetensors in the official format, atomically (`save_checkpoint`)."""
+        save_checkpoint(self, folder)
+
+    def compile(self, **kwargs):  # each encoder layer compiled once for every batch shape: compile_layers
+        return compile_layers(self, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        set_checkpointing(self, gradient_checkpointing_kwargs or {}, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self):
+        set_checkpointing(self, None)
+
+    def num_parameters(self, only_trainable=False, exclude_embeddings=False):
+        skip = set(self.get_input_embeddings().parameters()) if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and p not in skip)
+
+    def get_input_embeddings(self):
+        return next(m for m in self.modules() if isinstance(m, ModernBertEmbeddings)).tok_embeddings
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+
+class ModernBertModel(ModernBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        config = self.config
+        self.embeddings = ModernBertEmbeddings(config)
+        self.layers = nn.ModuleList(ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.checkpointing = None  # gradient checkpointing's options, when it is enabled
+        self.init_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, return_dict=None, **inputs):
+        """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input (see
+        `pack_inputs`). Returns last_hidden_state (B, S, hidden), zeros at padded positions; with
+        output_hidden_states=True, hidden_states: the embeddings, then each layer's output (the last normed)."""
+        hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
+        return output(return_dict, packing, states, last_hidden_state=packing.repad(hidden))
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
+        """The packed forward every head builds on: returns hidden (T, hidden) of the tokens only, the
+        Packing that says where they came from, and the per-layer states if asked for."""
+        c = self.config
+        packing = pack_inputs(c, input_ids, attention_mask, inputs_embeds, packed)  # checked, then packed
+        x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
+        # Chosen per forward, so config.attn_implementation can change between calls.
+        kernels = attention_kernels(c.attn_implementation, x.device, x.dtype, packing, c.half_window)
+        ropes = {t: rope_tables(c.rope_theta(t), c.head_dim, packing.positions) for t in LAYER_TYPES}
+        states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
+        for layer, layer_type in zip(self.layers, c.layer_types):
+            args = (x, ropes[layer_type], packing, kernels[layer_type])
+            if self.checkpointing and self.training:  # keep only x; recompute the layer's insides in backward
+                x = checkpoint(layer, *args, **self.checkpointing)
+            else:
+                x = layer(*args)
+            if states is not None:
+                states.append(x)
+        x = self.final_norm(x)
+        if states is not None:
+            states[-1] = x  # as transformers 5: the last hidden state is the normed one
+        return x, packing, states
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task heads. All share the pretrained prediction head (dense -> GELU -> norm) and run on packed tokens.
+# Each takes input_ids, attention_mask, labels, return_dict; the rest goes on to the encoder.
+
+
+class ModernBertPredictionHead(nn.Module):
+    init_roles = {"dense": "output"}
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.act = ACTIVATIONS[config.classifier_activation]()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+    def forward(self, x):
+        return self.norm(self.act(self.dense(x)))
+
+
+def pool(hidden, packing, how):
+    """One vector per sequence: 'cls' takes its first real token, 'mean' averages its real tokens."""
+    if not torch.compiler.is_compiling():
+        check_poolable(packing)
+    if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
+        return hidden[packing.cu_seqlens[:-1].long()]
+    real = packing.real[:, None].to(hidden.dtype)
+    sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden * real)
+    return sums / real.new_zeros(packing.num_seqs, 1).index_add_(0, packing.seq_ids, real)
+
+
+class ModernBertForMaskedLM(ModernBertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = ModernBertModel(self.config)
+        self.head = ModernBertPredictionHead(self.config)
+        self.decoder = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=self.config.decoder_bias)
+        self.init_roles = {"decoder": "tied" if self.config.tie_word_embeddings else "output"}
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self):
+        """One matrix reads and writes tokens: the decoder's weight is the embeddings' (stored once)."""
+        if self.config.tie_word_embeddings:
+            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
+        """logits (B, S, vocab), zeros at padded positions. With config.sparse_prediction and labels,
+        only positions whose label is not the ignore index are decoded: logits (N_masked, vocab)."""
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
+        sparse = self.config.sparse_prediction and labels is not None
+        ignore = self.config.sparse_pred_ignore_index if sparse else -100
+        if labels is not None:
+            labels = packing.token_labels(labels, ignore)  # (T,)
+        if sparse:  # skip the vocabulary-wide matmul for the tokens nobody asked about
+            keep = labels != ignore
+            hidden, labels = hidden[keep], labels[keep]
+        logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
+        return output(return_dict, packing, states, loss=loss, logits=logits if sparse else packing.repad(logits))
+
+
+def sequence_classification_loss(logits, labels, config):
+    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
+    check_sequence_labels(labels, logits.shape[0])
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"problem_type {problem!r} is unknown")
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
+    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
+    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
+    check_answer_positions(start_positions, end_positions)
+    B, S = packing.shape
+    real = packing.real_mask()  # (B, S)
+    losses = []
+    ends = {"start_positions": (start_logits, start_positions), "end_positions": (end_logits, end_positions)}
+    for name, (logits, positions) in ends.items():
+        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
+        check_labels(positions, (B,), name)
+        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
+        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
+    return (losses[0] + losses[1]) / 2
+
+
+class ModernBertWithClassifier(ModernBertPreTrainedModel):
+    """What the four classifying heads share: backbone -> head -> dropout -> classifier (with bias)."""
+
+    init_roles = {"classifier": "classifier"}
+
+    def __init__(self, config, num_outputs=None):
+        super().__init__(config)
+        self.model = ModernBertModel(self.config)
+        self.head = ModernBertPredictionHead(self.config)
+        self.drop = nn.Dropout(self.config.classifier_dropout)
+        self.classifier = nn.Linear(self.config.hidden_size, num_outputs or self.config.num_labels)
+        self.init_weights()
+
+
+class ModernBertForSequenceClassification(ModernBertWithClassifier):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
+        """logits (N, num_labels), one row per sequence. Pooling happens before the head."""
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
+        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
+        loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)
+        return output(return_dict, packing, states, loss=loss, logits=logits)
+
+
+class ModernBertForTokenClassification(ModernBertWithClassifier):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
+        """logits (B, S, num_labels), zeros at padded positions; loss ignores label -100."""
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
+        logits = self.classifier(self.drop(self.head(hidden)))  # (T, num_labels)
+        loss = None if labels is None else F.cross_entropy(logits.float(), packing.token_labels(labels))
+        return output(return_dict, packing, states, loss=loss, logits=packing.repad(logits))
+
+
+class ModernBertForQuestionAnswering(ModernBertWithClassifier):
+    def __init__(self, config):
+        check_question_answering_labels(config)  # before building a model that cannot be used
+        super().__init__(config)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, return_dict=None, **inputs
+    ):
+        """start_logits, end_logits (B, S), zeros at padded positions; the loss is question_answering_loss."""
+        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
+        logits = packing.repad(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
+        start_logits, end_logits = (t.contiguous() for t in logits.unbind(dim=-1))
+        loss = None
+        if start_positions is not None or end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing)
+        return output(return_dict, packing, states, loss=loss, start_logits=start_logits, end_logits=end_logits)
+
+
+class ModernBertForMultipleChoice(ModernBertWithClassifier):
+    def __init__(self, config):
+        super().__init__(config, num_outputs=1)  # one score per choice
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
+        """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real
+        token. `inputs`: inputs_embeds (B, C, S, hidden), output_hidden_states. Packed input does not apply:
+        each choice is its own padded row."""
+        B, C, S = check_multiple_choice(input_ids, attention_mask, labels, inputs)
+        flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731  (B, C, S) -> (B*C, S)
+        ids, mask, embeds = (flat(t) for t in (input_ids, attention_mask, inputs.get("inputs_embeds")))
+        hidden, packing, states = self.model.encode(ids, mask, embeds, inputs.get("output_hidden_states", False))
+        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
+        loss = None if labels is None else F.cross_entropy(logits.view(B, C), labels)
+        return output(return_dict, packing, states, loss=loss, logits=logits.view(B, C))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs in
+# transformers' shape, config files, the door from a forward's inputs (the collator's keys, the traced path),
+# finding kernels, compiling and checkpointing, the hub, loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):
@@ -704,357 +856,228 @@ torch.utils._pytree.register_pytree_node(
 )
 
 
-def output(return_dict, **values):
-    """The forward's result: a ModernBertOutput, or its tuple with return_dict=False (as transformers)."""
-    out = ModernBertOutput(**values)
+def output(return_dict, packing, states, **values):
+    """A forward's result: the per-layer states, if kept, back on the input's grid, all in a ModernBertOutput,
+    or its tuple with return_dict=False (as transformers)."""
+    hidden_states = None if states is None else tuple(packing.repad(h) for h in states)
+    out = ModernBertOutput(**values, hidden_states=hidden_states)
     return out.to_tuple() if return_dict is False else out
 
 
-class ModernBertPreTrainedModel(nn.Module):
-    """What every class shares: the config, weight init, loading and saving (the code is at the bottom of
-    the file), compiling, gradient checkpointing, and the conveniences transformers users reach for."""
-
-    accepts_loss_kwargs = False  # transformers.Trainer: our losses average over the batch themselves
-
-    def __init__(self, config):
-        super().__init__()
-        # A transformers ModernBertConfig is read through its dict, like a config.json.
-        self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
-
-    def init_weights(self, only=None):
-        """The official init: truncated normals, smaller for output projections, zero biases,
-        LayerNorm weights 1. `only`: the names of the modules to initialise (the loader's fresh heads)."""
-        c = self.config
-        std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
-
-        def trunc(linear, std):
-            cutoff = c.initializer_cutoff_factor * std
-            nn.init.trunc_normal_(linear.weight, 0.0, std, -cutoff, cutoff)
-            if getattr(linear, "bias", None) is not None:
-                nn.init.zeros_(linear.bias)
-
-        for name, m in self.named_modules():
-            if only is not None and name not in only:
-                continue
-            if isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                trunc(m, std_in)
-            elif isinstance(m, nn.Linear):
-                # By the module's name: input projections, the classifier, and (any other) output projections.
-                last = name.rsplit(".", 1)[-1]
-                std = {"Wqkv": std_in, "Wi": std_in, "classifier": c.hidden_size**-0.5}.get(last, std_out)
-                if last != "decoder" or not c.tie_word_embeddings:
-                    trunc(m, std)
-                elif m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def tie_weights(self):
-        """Only the masked-LM class ties weights (its decoder to the embeddings)."""
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **kwargs
-    ):
-        """Load an official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) into this
-        class, strictly: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight
-        an error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported
-        in `model.load_report` and a warning. `kwargs` override config fields, e.g. num_labels=3, or are
-        transformers' spellings that mean one thing here (`loading_arguments`); anything else is a TypeError."""
-        device, dtype, download, config = loading_arguments(device, dtype, kwargs)
-        folder = checkpoint_folder(name_or_folder, revision, **download)
-        return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
-
-    def save_pretrained(self, folder):
-        """Write config.json + model.safetensors in the official format, atomically (`save_checkpoint`)."""
-        save_checkpoint(self, folder)
-
-    def compile(self, **kwargs):
-        """The fast configuration: each encoder layer compiled once for every batch shape (dynamic=True),
-        so Inductor fuses the elementwise work around the matmuls and attention (RoPE on q and k in one fp32
-        pass, GeGLU, the norms, residual adds and casts). Packing and the kernel choice stay eager, so
-        unpadding keeps working and no layer waits on the host. The first forward pays for compiling
-        (9 s for ModernBERT-base on an H100, three graphs), and no later batch shape compiles again."""
-        for module in self.modules():
-            if isinstance(module, ModernBertEncoderLayer):
-                module.compile(dynamic=True, **kwargs)
-        return self
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        """Recompute each layer's activations in the backward pass instead of keeping them: long inputs
-        fit in much less memory for about one more forward of compute. (transformers.Trainer passes
-        every_n_layers and offload; only their defaults, every layer and no offloading, are supported.)"""
-        if every_n_layers != 1 or offload:
-            raise ValueError("Gradient checkpointing here covers every layer and keeps activations on the device.")
-        for module in self.modules():
-            if isinstance(module, ModernBertModel):
-                module.checkpointing = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-
-    def gradient_checkpointing_disable(self):
-        for module in self.modules():
-            if isinstance(module, ModernBertModel):
-                module.checkpointing = None
-
-    def num_parameters(self, only_trainable=False, exclude_embeddings=False):
-        skip = set(self.get_input_embeddings().parameters()) if exclude_embeddings else set()
-        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only_trainable) and p not in skip)
-
-    def get_input_embeddings(self):
-        return next(m for m in self.modules() if isinstance(m, ModernBertEmbeddings)).tok_embeddings
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
+# ----------------------------------------------------------------------------------------------------
+# Config files: both official formats in, both spellings out.
 
 
-# The stack, for ModernBERT-base (22 layers; global every 3rd, starting at layer 0):
-#
-#   tokens -> embeddings -> [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] L L [G] -> final_norm
-#                            0  1 2  3  4 5  6                                        21
-#   G: every token sees its whole sequence, RoPE theta 160000 (long range, slowly turning phases)
-#   L: every token sees +-64 neighbours,   RoPE theta  10000 (short range, fast phases)
+def config_from_dict(cls, d):
+    """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`) or v5
+    (`layer_types`, `rope_parameters`). Other keys are ignored."""
+    kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+    for layer_type, name in ROPE_THETA_FIELDS.items():
+        rope = (d.get("rope_parameters") or {}).get(layer_type)
+        if rope:
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"rope_type {rope['rope_type']!r} for {layer_type} is not supported: only plain RoPE")
+            kwargs[name] = rope["rope_theta"]
+    if kwargs.get("id2label"):
+        kwargs.pop("num_labels", None)  # the label map decides
+    return cls(**kwargs)
 
 
-class ModernBertModel(ModernBertPreTrainedModel):
-    def __init__(self, config):
-        super().__init__(config)
-        config = self.config
-        self.embeddings = ModernBertEmbeddings(config)
-        self.layers = nn.ModuleList(ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
-        self.checkpointing = None  # gradient checkpointing's options, when it is enabled
-        self.init_weights()
+def agree_labels(config):
+    """The label fields of a config: id2label decides (its JSON keys are strings), num_labels and label2id follow;
+    without one, LABEL_0, LABEL_1, ... for num_labels."""
+    if config.id2label is None:
+        config.id2label = {i: f"LABEL_{i}" for i in range(config.num_labels)}
+    config.id2label = {int(k): v for k, v in config.id2label.items()}
+    config.num_labels = len(config.id2label)
+    if config.label2id is None:
+        config.label2id = {v: k for k, v in config.id2label.items()}
 
-    def forward(self, input_ids=None, attention_mask=None, return_dict=None, **inputs):
-        """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input (see
-        Packing.from_inputs). Returns last_hidden_state (B, S, hidden), zeros at padded positions, and with
-        output_hidden_states=True the embedding output and each layer's output, the last one after final_norm.
-        `inputs`: inputs_embeds, output_hidden_states, and the packed-input keys."""
-        hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
-        return output(return_dict, last_hidden_state=packing.repad(hidden), hidden_states=packing.repad_all(states))
 
-    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
-        """The packed forward every head builds on: returns hidden (T, hidden) of the tokens only, the
-        Packing that says where they came from, and the per-layer states if asked for."""
-        packing = Packing.from_inputs(self.config, input_ids, attention_mask, inputs_embeds, **packed)
-        x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
-        # Chosen per forward, so config.attn_implementation can change between calls.
-        kernels = attention_kernels(
-            self.config.attn_implementation, x.device, x.dtype, packing, self.config.local_attention // 2
+def config_to_dict(config):
+    """config.json in the official format, written in both spellings so transformers 4 and 5 read it."""
+    d = asdict(config)
+    d.pop("attn_implementation")
+    d["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": config.rope_theta(t)} for t in LAYER_TYPES}
+    d["id2label"] = {str(k): v for k, v in config.id2label.items()}
+    d["model_type"] = "modernbert"
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# The door from a forward's inputs to a Packing, and the traced path.
+
+BOUNDARY_KEYS = ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k")  # ours, then DataCollatorWithFlattening's
+PACKED_INPUTS = (*BOUNDARY_KEYS, "position_ids", "max_length_q", "max_length_k", "seq_idx")  # the collator's too
+
+
+def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
+    """The one door from a forward's inputs to a Packing, after `check_inputs`: a padded batch with its
+    attention_mask, or packed input (B = 1) with cu_seqlens, or with the keys of transformers'
+    DataCollatorWithFlattening (position_ids alone, or with cu_seq_lens_q/k and max_length_q/k)."""
+    tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
+    check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
+    packed = {k: v for k, v in packed.items() if v is not None}
+    x = input_ids if input_ids is not None else inputs_embeds
+    (B, S), device = x.shape[:2], x.device
+    cu = next((packed[k] for k in BOUNDARY_KEYS if k in packed), None)
+    if cu is None and "position_ids" in packed:
+        cu = position_starts(packed["position_ids"][0], S)
+    if cu is not None:
+        packing = Packing.from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
+    else:
+        mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        if tracing:
+            return traced_padded(mask.to(device))
+        packing = Packing.from_mask(mask.to(device))
+    if not tracing:
+        check_length(config, packing.max_seqlen)
+    return packing
+
+
+def longest_and_uniform(lengths):
+    """The longest sequence's length, and whether all have it: one host sync (per forward)."""
+    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
+    return longest, shortest == longest
+
+
+def position_starts(positions, total):
+    """Packed (T,) position_ids -> cu_seqlens: a sequence starts wherever the positions restart at 0."""
+    return F.pad((positions == 0).nonzero().squeeze(1), (0, 1), value=total)
+
+
+def traced_padded(attention_mask):
+    """The Packing for torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
+    data-dependent size. Instead each row's real tokens move, in order, to its front (left padding and holes
+    close up), and every slot of the (B, S) grid stays a token, one row one sequence: padding rides along at
+    the end of each row, hidden from attention as a key (`real`). The same numbers as unpadding, with the
+    padding computed too."""
+    B, S = attention_mask.shape
+    real = attention_mask.bool()
+    slots = torch.arange(S, device=real.device)
+    order = torch.argsort(torch.where(real, slots, slots + S), dim=1)  # (B, S): real slots first, in order
+    indices = (order + torch.arange(B, device=real.device)[:, None] * S).flatten()
+    cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=real.device)
+    seq_ids = torch.arange(B * S, device=real.device) // S  # (ONNX has no repeat_interleave with a length)
+    return Packing(indices, cu_seqlens, S, (B, S), real.gather(1, order).flatten(), padded=True, seq_ids=seq_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding kernels: varlen flash (the flash_attn package, or torch's own) and compiled FlexAttention.
+
+try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def find_flash_kernel(device):
+    """The varlen flash kernel for `device`, with flash_attn's signature, or a clear error."""
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. "
+            "Use 'sdpa' (or None to choose) on this device."
         )
-        thetas = (self.config.global_rope_theta, self.config.local_rope_theta)
-        ropes = {
-            t: rope_tables(theta, self.config.head_dim, packing.positions) for t, theta in zip(LAYER_TYPES, thetas)
-        }
-        states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
-        for layer, layer_type in zip(self.layers, self.config.layer_types):
-            args = (x, ropes[layer_type], packing, kernels[layer_type])
-            if self.checkpointing and self.training:  # keep only x; recompute the layer's insides in backward
-                x = checkpoint(layer, *args, **self.checkpointing)
-            else:
-                x = layer(*args)
-            if states is not None:
-                states.append(x)
-        x = self.final_norm(x)
-        if states is not None:
-            states[-1] = x  # as transformers 5: the last hidden state is the normed one
-        return x, packing, states
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except ImportError:
+        pass
+    if varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters:
+        return torch_varlen
+    raise RuntimeError(
+        "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
+        "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
+    )
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
+    """torch's varlen_attn behind flash_attn_varlen_func's signature."""
+    if dropout_p:
+        raise RuntimeError("torch's varlen_attn has no dropout: install flash-attn to train with attention dropout")
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
+
+
+def flex_attention_kernel():
+    """torch's flex_attention, compiled once per process for every shape. Run uncompiled, it is a reference that
+    builds the whole score matrix; inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(flex_attention)
+
+
+@functools.cache
+def compiled_flex_attention(flex):
+    return torch.compile(flex, dynamic=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Task heads. All share the pretrained prediction head (dense -> GELU -> norm) and run on packed tokens.
-# Each forward takes input_ids, attention_mask, its labels, return_dict, and passes the rest (inputs_embeds,
-# output_hidden_states, packed input) through to the encoder.
+# Compiling, gradient checkpointing, weight init roles
 
 
-class ModernBertPredictionHead(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
-        self.act = ACTIVATIONS[config.classifier_activation]()
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
-
-    def forward(self, x):
-        return self.norm(self.act(self.dense(x)))
-
-
-def pool(hidden, packing, how):
-    """One vector per sequence: 'cls' takes its first real token, 'mean' averages its real tokens."""
-    if not torch.compiler.is_compiling():
-        check_poolable(packing)
-    if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
-        return hidden[packing.cu_seqlens[:-1].long()]
-    real = packing.real[:, None].to(hidden.dtype)
-    sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden * real)
-    return sums / real.new_zeros(packing.num_seqs, 1).index_add_(0, packing.seq_ids, real)
+def flex_on_cpu_fallback(q, k, v, packing, half_window):
+    """What torch 2.13's flex cannot do on a CPU: run inside a traced graph (its C++ template compiles flex
+    alone, but not inside a compiled layer or model: sdpa serves there, as attention_kernels' table says),
+    and backward (an error that says what to do)."""
+    if torch.compiler.is_compiling():
+        return sdpa_attention(q, k, v, packing, half_window)
+    raise RuntimeError(
+        "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
+        "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
+    )
 
 
-class ModernBertForMaskedLM(ModernBertPreTrainedModel):
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = ModernBertModel(self.config)
-        self.head = ModernBertPredictionHead(self.config)
-        self.decoder = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=self.config.decoder_bias)
-        self.tie_weights()
-        self.init_weights()
-
-    def tie_weights(self):
-        """One matrix reads and writes tokens: the decoder's weight is the embeddings' (stored once)."""
-        if self.config.tie_word_embeddings:
-            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
-        """logits (B, S, vocab), zeros at padded positions. With config.sparse_prediction and labels,
-        only positions whose label is not the ignore index are decoded: logits (N_masked, vocab)."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        sparse = self.config.sparse_prediction and labels is not None
-        ignore = self.config.sparse_pred_ignore_index if sparse else -100
-        if labels is not None:
-            labels = packing.token_labels(labels, ignore)  # (T,)
-        if sparse:  # skip the vocabulary-wide matmul for the tokens nobody asked about
-            keep = labels != ignore
-            hidden, labels = hidden[keep], labels[keep]
-        logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
-        logits = logits if sparse else packing.repad(logits)
-        return output(return_dict, loss=loss, logits=logits, hidden_states=packing.repad_all(states))
+def compile_layers(model, **kwargs):
+    """model.compile(), the fast configuration: each encoder layer compiled once for every batch shape
+    (dynamic=True), so Inductor fuses the elementwise work around the matmuls and attention (RoPE on q and k
+    in one fp32 pass, GeGLU, the norms, residual adds and casts). Packing and the kernel choice stay eager, so
+    unpadding keeps working and no layer waits on the host. The first forward pays for compiling (9 s for
+    ModernBERT-base on an H100, three graphs), and no later batch shape compiles again."""
+    for module in model.modules():
+        if isinstance(module, ModernBertEncoderLayer):
+            module.compile(dynamic=True, **kwargs)
+    return model
 
 
-def sequence_classification_loss(logits, labels, config):
-    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels)
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
-    if problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    raise ValueError(f"problem_type {problem!r} is unknown")
+def set_checkpointing(model, options, every_n_layers=1, offload=False):
+    """gradient_checkpointing_enable (options: a dict) / _disable (None): recompute each layer's activations
+    in the backward pass instead of keeping them, so long inputs fit in much less memory for about one more
+    forward of compute. (transformers.Trainer passes every_n_layers and offload; only their defaults, every
+    layer and no offloading, are supported.)"""
+    if every_n_layers != 1 or offload:
+        raise ValueError("Gradient checkpointing here covers every layer and keeps activations on the device.")
+    for module in model.modules():
+        if isinstance(module, ModernBertModel):
+            module.checkpointing = None if options is None else {"use_reentrant": False, **options}
 
 
-def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
-    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
-    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
-    B, S = packing.shape
-    real = packing.real_mask()  # (B, S)
-    losses = []
-    for name, logits, positions in (
-        ("start_positions", start_logits, start_positions),
-        ("end_positions", end_logits, end_positions),
-    ):
-        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
-        check_labels(positions, (B,), name)
-        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
-        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
-    return (losses[0] + losses[1]) / 2
-
-
-class ModernBertWithClassifier(ModernBertPreTrainedModel):
-    """What the four classifying heads share: backbone -> head -> dropout -> classifier (with bias)."""
-
-    def __init__(self, config, num_outputs=None):
-        super().__init__(config)
-        self.model = ModernBertModel(self.config)
-        self.head = ModernBertPredictionHead(self.config)
-        self.drop = nn.Dropout(self.config.classifier_dropout)
-        self.classifier = nn.Linear(self.config.hidden_size, num_outputs or self.config.num_labels)
-        self.init_weights()
-
-
-class ModernBertForSequenceClassification(ModernBertWithClassifier):
-    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
-        """logits (N, num_labels), one row per sequence. Pooling happens before the head."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
-        loss = None
-        if labels is not None:
-            if labels.shape[0] != logits.shape[0]:
-                raise ValueError(f"labels has {labels.shape[0]} rows for {logits.shape[0]} sequences.")
-            loss = sequence_classification_loss(logits, labels, self.config)
-        return output(return_dict, loss=loss, logits=logits, hidden_states=packing.repad_all(states))
-
-
-class ModernBertForTokenClassification(ModernBertWithClassifier):
-    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
-        """logits (B, S, num_labels), zeros at padded positions; loss ignores label -100."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        logits = self.classifier(self.drop(self.head(hidden)))  # (T, num_labels)
-        loss = None if labels is None else F.cross_entropy(logits.float(), packing.token_labels(labels))
-        return output(return_dict, loss=loss, logits=packing.repad(logits), hidden_states=packing.repad_all(states))
-
-
-class ModernBertForQuestionAnswering(ModernBertWithClassifier):
-    def __init__(self, config):
-        if config.num_labels != 2:  # before building a model that cannot be used
-            raise ValueError(
-                f"Question answering needs num_labels = 2 (start, end), the config has {config.num_labels}."
-            )
-        super().__init__(config)
-
-    def forward(
-        self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, return_dict=None, **inputs
-    ):
-        """start_logits, end_logits (B, S), zeros at padded positions; the loss is question_answering_loss."""
-        hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        logits = packing.repad(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
-        start_logits, end_logits = (t.contiguous() for t in logits.unbind(dim=-1))
-        if (start_positions is None) != (end_positions is None):
-            raise ValueError("Pass both start_positions and end_positions, or neither.")
-        loss = None
-        if start_positions is not None:
-            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing)
-        states = packing.repad_all(states)
-        return output(return_dict, loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=states)
-
-
-class ModernBertForMultipleChoice(ModernBertWithClassifier):
-    def __init__(self, config):
-        super().__init__(config, num_outputs=1)  # one score per choice
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        labels=None,
-        return_dict=None,
-        inputs_embeds=None,
-        output_hidden_states=False,
-    ):
-        """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real
-        token. Packed input does not apply: each choice is its own padded row."""
-        B, C, S = check_multiple_choice(input_ids, attention_mask, inputs_embeds, labels)
-        flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731  (B, C, S) -> (B*C, S)
-        ids, mask, embeds = flat(input_ids), flat(attention_mask), flat(inputs_embeds)
-        hidden, packing, states = self.model.encode(ids, mask, embeds, output_hidden_states)
-        logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
-        loss = None if labels is None else F.cross_entropy(logits.view(B, C), labels)
-        return output(return_dict, loss=loss, logits=logits.view(B, C), hidden_states=packing.repad_all(states))
+def weight_init_role(module, name):
+    """The init role `module` gives its weight `name` in its `init_roles`: "input", "output", "classifier" or
+    "tied". A weight without one is an error, so a new module never inherits some other module's scale."""
+    role = getattr(module, "init_roles", {}).get(name)
+    if role is None:
+        owner = type(module).__name__
+        raise TypeError(f"{owner}.{name} has no init role: add it to {owner}.init_roles ('input', 'output', ...).")
+    return role
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading and saving official checkpoints (config.json + model.safetensors, or sharded with an index).
+# The hub, loading and saving official checkpoints (config.json + model.safetensors, or sharded with an index).
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # fetched for load.py
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-FOLDER_HINT = "To use a checkpoint on disk, pass its folder (with load.py: --model /path/to/folder)."
-
-
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")  # what a hub id fetches
+FOLDER_HINT = "To use a checkpoint on disk, pass its folder."
 DOWNLOAD_OPTIONS = ("cache_dir", "local_files_only", "token")  # checkpoint_folder's, named as transformers does
+
+
+def load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kwargs):
+    """from_pretrained: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight an
+    error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported in
+    `model.load_report` and a warning. Every keyword is read or refused (`loading_arguments`) before anything
+    is downloaded."""
+    device, dtype, download, config = loading_arguments(device, dtype, kwargs)
+    folder = checkpoint_folder(name_or_folder, revision, **download)
+    return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
 
 
 def loading_arguments(device, dtype, kwargs):
@@ -1108,12 +1131,15 @@ def single_device(device_map):
     )
 
 
-def checkpoint_folder(name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None):
+def checkpoint_folder(
+    name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None, files=CHECKPOINT_FILES
+):
     """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the snapshot of that
-    hub id in the Hugging Face cache (shared with transformers), downloaded if needed. The download options
-    are huggingface_hub's (and transformers'): another cache folder, the cache only (as HF_HUB_OFFLINE=1
-    does), a login token. A folder needs no download, so they do not apply to it; a revision names another
-    version, so with a folder it is an error. Failures are one-line FileNotFoundError / OSError / ValueError."""
+    hub id in the Hugging Face cache (shared with transformers), downloaded if needed: the `files` patterns
+    (load.py adds the tokenizer's). The download options are huggingface_hub's (and transformers'): another
+    cache folder, the cache only (as HF_HUB_OFFLINE=1 does), a login token. A folder needs no download, so
+    they do not apply to it; a revision names another version, so with a folder it is an error. Failures are
+    one-line FileNotFoundError / OSError / ValueError."""
     path = os.path.expanduser(str(name_or_folder))
     if os.path.isdir(path):
         if revision is not None:
@@ -1132,7 +1158,7 @@ def checkpoint_folder(name_or_folder, revision=None, cache_dir=None, local_files
         return snapshot_download(
             repo,
             revision=revision,
-            allow_patterns=HUB_FILES,
+            allow_patterns=list(files),
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
@@ -1297,6 +1323,7 @@ def current_umask():
 
 
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Input checks: a clear error for every malformed input, in one place so the forward path reads as the
 # idea. Checks that read values (not only shapes) sync with the GPU, and a traced graph (torch.compile,
 # torch.export) cannot raise on data, so they run only in eager mode: check inputs eagerly before compiling.
@@ -1320,11 +1347,20 @@ def check_config(c):
     if c.classifier_pooling not in ("cls", "mean"):
         problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
     if c.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        problems.append(f"attn_implementation {c.attn_implementation!r} must be one of {ATTN_IMPLEMENTATIONS}")
+        problems.append(unknown_attn_implementation(c.attn_implementation))
     if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
         problems.append("sizes must be positive")
     if problems:
         raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
+
+
+def unknown_attn_implementation(name):
+    return f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}"
+
+
+def check_attn_implementation(name):  # at each forward too: the name can change after the config is made
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(unknown_attn_implementation(name))
 
 
 def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=True):
@@ -1354,25 +1390,23 @@ def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_
             f"Empty batch: input shape {tuple(x.shape)}. Pass at least one sequence of at least one token."
         )
     if packed:
-        longest = check_packed(packed, attention_mask, B, S, read_values)
+        check_packed(packed, attention_mask, B, S, read_values)
     elif attention_mask is not None:
         if tuple(attention_mask.shape) != (B, S):
             got = tuple(attention_mask.shape)
             raise ValueError(f"attention_mask has shape {got} but the input has (batch, seq_len) = {(B, S)}.")
         if read_values and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
-        longest = int(attention_mask.sum(1).max()) if read_values else S
-    else:
-        longest = S
-    if not read_values:
-        return
-    if input_ids is not None:
+    if read_values and input_ids is not None:
         low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()
         if low < 0 or high >= config.vocab_size:
             raise ValueError(
                 f"input_ids must lie in [0, {config.vocab_size}) (the vocabulary), got values in [{low}, {high}]. "
                 "Was the text tokenized with this model's tokenizer?"
             )
+
+
+def check_length(config, longest):  # after packing, which knows the longest sequence
     if longest > config.max_position_embeddings:
         raise ValueError(
             f"A sequence has {longest} tokens, more than max_position_embeddings = "
@@ -1382,13 +1416,13 @@ def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_
 
 def check_packed(packed, attention_mask, B, S, read_values):
     """Packed input: (1, T), no attention_mask, and every spelling of its boundaries it is given agreeing
-    with the others. Returns the longest sequence's length."""
+    with the others."""
     if attention_mask is not None or B != 1:
         raise ValueError(
             f"Packed input ({', '.join(packed)}) is input_ids of shape (1, T) with no attention_mask: the "
             "sequences back to back, their boundaries in cu_seqlens or position_ids."
         )
-    if not {"cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "position_ids"} & set(packed):
+    if not {*BOUNDARY_KEYS, "position_ids"} & set(packed):
         raise ValueError(
             f"Packed input needs its boundaries: cu_seqlens, cu_seq_lens_q/k or position_ids, got {list(packed)}."
         )
@@ -1396,9 +1430,9 @@ def check_packed(packed, attention_mask, B, S, read_values):
         if name in packed and tuple(packed[name].shape) != (1, S):
             raise ValueError(f"{name} has shape {tuple(packed[name].shape)}, expected (1, {S}) like input_ids.")
     if not read_values:
-        return S
+        return
     bounds = {}  # name -> the sequence boundaries it gives
-    for name in ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k"):
+    for name in BOUNDARY_KEYS:
         if name in packed:
             cu = bounds[name] = torch.as_tensor(packed[name]).long().cpu()
             if cu.dim() != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != S or (cu.diff() < 0).any():
@@ -1422,7 +1456,21 @@ def check_packed(packed, attention_mask, B, S, read_values):
         numbered = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
         if not torch.equal(packed["seq_idx"][0].long().cpu(), numbered):
             raise ValueError("seq_idx does not number the packed sequences 0, 1, 2, ... as their boundaries say.")
-    return longest
+
+
+def check_sequence_labels(labels, sequences):
+    if labels.shape[0] != sequences:
+        raise ValueError(f"labels has {labels.shape[0]} rows for {sequences} sequences.")
+
+
+def check_question_answering_labels(config):
+    if config.num_labels != 2:
+        raise ValueError(f"Question answering needs num_labels = 2 (start, end), the config has {config.num_labels}.")
+
+
+def check_answer_positions(start_positions, end_positions):
+    if (start_positions is None) != (end_positions is None):
+        raise ValueError("Pass both start_positions and end_positions, or neither.")
 
 
 def check_labels(labels, shape, name="labels"):
@@ -1447,8 +1495,14 @@ def check_poolable(packing):
         )
 
 
-def check_multiple_choice(input_ids, attention_mask, inputs_embeds, labels):
+def check_multiple_choice(input_ids, attention_mask, labels, inputs):
     """The (batch, num_choices, seq_len) of a multiple-choice input, checked."""
+    if unknown := sorted(set(inputs) - {"inputs_embeds", "output_hidden_states"}):
+        raise TypeError(
+            f"Unexpected keyword argument {unknown[0]!r}. Multiple choice takes input_ids (or inputs_embeds), "
+            "attention_mask, labels, output_hidden_states and return_dict; packed input does not apply."
+        )
+    inputs_embeds = inputs.get("inputs_embeds")
     x = input_ids if input_ids is not None else inputs_embeds
     if x is None or x.dim() != (3 if input_ids is not None else 4):
         got = None if x is None else tuple(x.shape)

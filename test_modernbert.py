@@ -1698,6 +1698,33 @@ def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
 
 
 @needs_transformers
+@pytest.mark.parametrize("cls_name", ["ModernBertForMaskedLM", "ModernBertForSequenceClassification"])
+def test_weights_start_at_the_official_scale_of_their_role(cls_name):
+    """init_weights scales each weight by the role its module declares in `init_roles`; every weight matrix
+    starts with the spread of the official model's (transformers' own init), within sampling noise. A module
+    with a weight and no role is an error naming it, not a silent guess."""
+    config = dict(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4)
+    config.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    torch.manual_seed(0)
+    ours = getattr(mb, cls_name)(mb.ModernBertConfig(**config))
+    official = getattr(transformers, cls_name)(transformers.ModernBertConfig(**config))
+    theirs = dict(official.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.dim() == 2:
+            ratio = p.std().item() / theirs[name].std().item()
+            assert 0.9 < ratio < 1.1, f"{name}: std {p.std().item():.4g}, official {theirs[name].std().item():.4g}"
+
+    class WithExtra(mb.ModernBertForSequenceClassification):
+        def __init__(self, config):
+            super().__init__(config)
+            self.extra = torch.nn.Linear(4, 4)
+            self.init_weights()
+
+    with pytest.raises(TypeError, match="WithExtra.extra has no init role"):
+        WithExtra(mb.ModernBertConfig(**config))
+
+
+@needs_transformers
 def test_transformers_config_and_hf_conveniences(tmp_path):
     official = transformers.ModernBertConfig(
         vocab_size=64,

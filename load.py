@@ -143,7 +143,7 @@ def read_special_tokens(folder, tokenizer):
     for key, (token, source) in found.items():
         if tokenizer.token_to_id(token) is None:
             raise ValueError(f"{source} in {folder!r} says {key} is {token!r}, but tokenizer.json has no such token.")
-    read = f"{folder!r} (tokenizer_config.json, special_tokens_map.json, config.json)"
+    read = f"tokenizer_config.json, special_tokens_map.json and config.json in {folder!r}"
     return {key: token for key, (token, _) in found.items()}, read
 
 
@@ -173,8 +173,8 @@ def mask_token(tokenizer):
         raise ValueError("The tokenizer does not say which token is the mask: make it with load_tokenizer(folder).")
     if "mask_token" not in special:
         raise ValueError(
-            f"The tokenizer of {tokenizer.special_tokens_read} names no mask token (mask_token, mask_token_id): "
-            "fill-mask needs a masked-language-model checkpoint's tokenizer."
+            f"No mask token: {tokenizer.special_tokens_read} name none (mask_token, mask_token_id). "
+            "Fill-mask needs a masked-language-model checkpoint's tokenizer."
         )
     return special["mask_token"]
 

@@ -1678,6 +1678,16 @@ def demo_checkpoint(tmp_path_factory):
         model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**TINY, attn_implementation="sdpa"))
     except ImportError:
         model = mb.ModernBertForMaskedLM(mb.ModernBertConfig(**TINY))
+    spread_weights(model)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(TOKENIZER_DIR / name, folder / name)
+    return folder
+
+
+def spread_weights(model):
+    """Random weights under which every layer and every token matters (the default init barely moves the
+    residual stream, and ties every top-k to rounding noise)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -1686,12 +1696,11 @@ def demo_checkpoint(tmp_path_factory):
                 p.normal_(0.0, 3.0)  # a wide spread: top-k neighbours are far apart, not rounding noise
             elif "tok_embeddings" in name:
                 p.normal_(0.0, 1.0)  # tied to the decoder: logits ~ N(0, 8) from the hidden state, so the text matters
-            else:
+            elif p.dim() == 2:
                 p.normal_(0.0, p.shape[1] ** -0.5)  # (out, in) matrices, std 1/sqrt(fan_in)
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(TOKENIZER_DIR / name, folder / name)
-    return folder
+            else:
+                p.normal_(0.0, 0.1)  # biases (a classifier's)
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -1907,6 +1916,147 @@ def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env):
         and "--model /path/to/folder" in err
     ), err
     assert seconds < 60, f"took {seconds:.0f} s to give up"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any tokenizer: special tokens come from the checkpoint. An mmBERT-style folder (Gemma's spellings: <pad> 0,
+# <eos> 1, <bos> 2, <unk> 3, <mask> 4; texts wrapped as <bos> ... <eos>), with a small BPE trained here by
+# `tokenizers` and a random-weight masked LM whose vocabulary matches it.
+
+MMBERT_CORPUS = [
+    "The capital of France is Paris, a big city on the Seine.",
+    "Plants create energy through a process known as photosynthesis.",
+    "ModernBERT is an encoder; mmBERT reads many languages, and Ettin comes in six sizes.",
+    "Hello world, the weather is lovely today and the sun is out.",
+    "What is the best way to search a million documents quickly?",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'()-",
+]
+MMBERT_TEXTS = ["The capital of France is <mask>.", "Plants create <mask> through a process known as <mask>."]
+
+
+def mmbert_style_tokenizer(folder, mask_in_config=True):
+    """tokenizer.json (BPE with ▁ for spaces, as Gemma's; <mask> takes the space before it) + tokenizer_config.json
+    (plain strings) + special_tokens_map.json (AddedToken dicts), as the hub's mmBERT folders have them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
+
+    names = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    specials = [AddedToken(t, special=True, normalized=False, lstrip=t == "<mask>") for t in names]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Replace("▁", " ")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False, max_token_length=6)
+    tokenizer.train_from_iterator(MMBERT_CORPUS * 4, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    roles = dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", mask_token="<mask>")
+    roles |= dict(cls_token="<bos>", sep_token="<eos>")
+    config = {k: v for k, v in roles.items() if mask_in_config or k != "mask_token"}
+    config |= {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    added = {
+        k: {"content": v, "lstrip": v == "<mask>", "normalized": False, "rstrip": False} for k, v in roles.items()
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(added))
+    return tokenizer
+
+
+MMBERT_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1)
+MMBERT_TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, local_attention=8)
+
+
+@pytest.fixture(scope="session")
+def mmbert_checkpoint(tmp_path_factory):
+    """An mmBERT-style masked LM: the tokenizer above, random spread weights, its ids in config.json."""
+    folder = tmp_path_factory.mktemp("mmbert-style")
+    vocab = mmbert_style_tokenizer(folder).get_vocab_size()
+    torch.manual_seed(0)
+    model = mb.ModernBertForMaskedLM(mb.ModernBertConfig(vocab_size=vocab, **MMBERT_TINY, **MMBERT_IDS))
+    spread_weights(model).save_pretrained(folder)
+    return folder
+
+
+def test_special_tokens_come_from_the_checkpoint_files(tmp_path):
+    """tokenizer_config.json first (plain strings), then special_tokens_map.json (AddedToken dicts), then
+    config.json's ids; a folder naming no mask token is a clear error naming the files read."""
+    from load import mask_token
+
+    mmbert_style_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(MMBERT_IDS))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.special_tokens_map == dict(
+        mask_token="<mask>",
+        pad_token="<pad>",
+        cls_token="<bos>",
+        sep_token="<eos>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+    ) | {"unk_token": "<unk>"}
+    assert tokenizer.padding["pad_token"] == "<pad>" and tokenizer.padding["pad_id"] == 0
+    assert tokenizer.encode("a b").ids[0] == 2 and tokenizer.encode("a b").ids[-1] == 1  # <bos> ... <eos>
+
+    mmbert_style_tokenizer(tmp_path, mask_in_config=False)  # the AddedToken dict of special_tokens_map.json
+    assert mask_token(load_tokenizer(tmp_path)) == "<mask>"
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # only config.json's ids are left
+        (tmp_path / name).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.special_tokens_map == {"pad_token": "<pad>", "cls_token": "<bos>", "sep_token": "<eos>"} | {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"^No mask token: tokenizer_config.json, special_tokens_map.json and config.json in '.*' name none",
+    ):
+        mask_token(tokenizer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"mask_token": "[MASK]"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json in .* says mask_token is '\[MASK\]', but tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_fill_mask_on_an_mmbert_style_tokenizer_matches_the_pipeline(mmbert_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    official = transformers.pipeline(
+        "fill-mask",
+        model=transformers.ModernBertForMaskedLM.from_pretrained(mmbert_checkpoint, attn_implementation="sdpa").eval(),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(mmbert_checkpoint),
+    )
+    tokenizer = load_tokenizer(mmbert_checkpoint)
+    assert [tokenizer.encode(t).ids for t in MMBERT_TEXTS] == [
+        official.tokenizer(t)["input_ids"] for t in MMBERT_TEXTS
+    ]
+    ours = fill_mask(load_model(mmbert_checkpoint), tokenizer, MMBERT_TEXTS, top_k=4)
+    for text, mine in zip(MMBERT_TEXTS, ours):
+        theirs = official(text, top_k=4)
+        theirs = [theirs] if isinstance(theirs[0], dict) else theirs
+        assert len(mine) == len(theirs) == text.count("<mask>")
+        for a, b in zip(mine, theirs):
+            assert [(p["token"], p["token_str"], p["sequence"]) for p in a] == [
+                (p["token"], p["token_str"], p["sequence"]) for p in b
+            ], text
+            assert max(abs(p["score"] - q["score"]) for p, q in zip(a, b)) < 1e-5, text
+
+
+def test_cli_fill_mask_on_an_mmbert_style_folder(mmbert_checkpoint, capsys):
+    """`load.py --model FOLDER "... <mask> ..."` end to end (in a subprocess); in-process, the demo text takes the
+    model's mask token, and a text with another model's spelling is a one-line error."""
+    import load
+
+    rc, out, err, _ = run_cli("--model", mmbert_checkpoint, "--top-k", 2, MMBERT_TEXTS[1])
+    assert rc == 0, err
+    model, tokenizer = load_model(mmbert_checkpoint), load_tokenizer(mmbert_checkpoint)
+    expected = fill_mask(model, tokenizer, MMBERT_TEXTS[1], top_k=2)[0]
+    lines = out.splitlines()
+    assert lines[0] == MMBERT_TEXTS[1] and lines[1] == "  <mask> 1 of 2:" and lines[4] == "  <mask> 2 of 2:"
+    predicted = [int(PREDICTION.match(line).group(3)) for line in lines[2:4] + lines[5:7]]
+    assert predicted == [p["token"] for mask in expected for p in mask]
+    assert load.main(["--model", str(mmbert_checkpoint), "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Plants create <mask> through a process known as photosynthesis.\n")
+    assert load.main(["--model", str(mmbert_checkpoint), "The capital of France is [MASK]."]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: Text 1 has no <mask> to fill: 'The capital of France is [MASK].'\n"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in masked tokens.
 
-The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line.
+The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line. Sentence embeddings and
+rerankers live beside it in embed.py (load_embedder, load_reranker below, and the embed / rerank commands).
 
     python load.py                                       # the default demo sentence
     python load.py "The capital of France is [MASK]."
     python load.py --model ./my-checkpoint --top-k 3 "One [MASK] text." "Two [MASK] in [MASK] text."
     python load.py --model ./an-mmbert-checkpoint "The capital of France is <mask>."   # its own mask token
+    python load.py embed --model nomic-ai/modernbert-embed-base --prompt-name query "What is ModernBERT?"
+    python load.py rerank --model Alibaba-NLP/gte-reranker-modernbert-base --query "Q?" "doc one" "doc two"
 
 From Python, e.g. a notebook:
 
@@ -204,6 +207,21 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
     }
 
 
+def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
+    """Sentence embeddings as Sentence Transformers computes them: embed.Embedder (encode, encode_query,
+    encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files."""
+    import embed  # embed.py imports this file
+
+    return embed.Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
+def load_reranker(name_or_folder, device=None, dtype=None, revision=None):
+    """Reranker scores as Sentence Transformers' CrossEncoder computes them: embed.Reranker (predict, rank)."""
+    import embed
+
+    return embed.Reranker.load(name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
 def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
     """model.save_pretrained(folder), plus the tokenizer files of `tokenizer_from` (a folder or hub id),
     so that `folder` is a whole checkpoint for load.py and for transformers."""
@@ -305,7 +323,8 @@ def format_results(texts, results, mask):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Fill in masked tokens with ModernBERT: the top-k tokens for every mask of every text."
+        description="Fill in masked tokens with ModernBERT: the top-k tokens for every mask of every text. "
+        "Also: `load.py embed --help` (sentence embeddings), `load.py rerank --help` (reranker scores)."
     )
     parser.add_argument(
         "texts",
@@ -340,7 +359,13 @@ def pick_device(name):
 
 def main(argv=None):
     """Prints the predictions; exits with status 2 and a one-line message on any error the user can
-    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU."""
+    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU.
+    `load.py embed ...` and `load.py rerank ...` are the commands of embed.py."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("embed", "rerank"):
+        import embed
+
+        return embed.main(argv)
     args = parse_args(argv)
     try:
         device = pick_device(args.device)

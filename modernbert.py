@@ -928,7 +928,9 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
 # Loading and saving official checkpoints (config.json + model.safetensors, or sharded with an index).
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # fetched for load.py
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+# Sentence Transformers' files (1_Pooling/config.json, ...), fetched for load.py's embedders and rerankers
+EMBEDDER_FILES = ("modules.json", "*/config.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES, *EMBEDDER_FILES]
 FOLDER_HINT = "To use a checkpoint on disk, pass its folder (with load.py: --model /path/to/folder)."
 
 

@@ -2506,6 +2506,43 @@ def test_cli_embed_and_rerank(embed_backbone, reranker_checkpoints, tmp_path, mo
         assert out == "" and len(err.splitlines()) == 1 and re.match(rf"^error: .*{message}", err), err
 
 
+def test_readme_embedding_snippets(embed_backbone, reranker_checkpoints, tmp_path, monkeypatch, capsys):
+    """README's "Embeddings and rerankers": the Python snippet and the two commands, as written, with small
+    random checkpoints (an embedder with nomic's prompts, a one-label reranker) in place of the hub ids."""
+    import shlex
+
+    import numpy
+
+    import load
+
+    section = Path(HERE, "README.md").read_text().split("## Embeddings and rerankers")[1].split("\n## ")[0]
+    (python,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (bash,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    embedder = legacy_folder(
+        embed_backbone, tmp_path / "embedder", legacy_pooling("mean"), normalize=True, prompts=PROMPTS
+    )
+    folders = {
+        "nomic-ai/modernbert-embed-base": embedder,
+        "Alibaba-NLP/gte-reranker-modernbert-base": reranker_checkpoints[1],
+    }
+    for hub_id, folder in folders.items():
+        python = python.replace(f'"{hub_id}"', repr(str(folder)))
+    namespace = {}
+    exec(python, namespace)
+    assert namespace["scores"].shape == (1, 2) and sorted(r["corpus_id"] for r in namespace["ranking"]) == [0, 1]
+    expected = load.load_embedder(embedder).encode(["What is ModernBERT?"], prompt="search_query: ")
+    assert_close(namespace["queries"], expected, 0, "README: encode_query applies the query prompt")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "questions.txt").write_text("What is ModernBERT?\nWhere is Paris?\n")
+    commands = [shlex.split(line) for line in bash.strip().splitlines()]
+    assert [c[:3] for c in commands] == [["python", "load.py", "embed"], ["python", "load.py", "rerank"]]
+    for command in commands:
+        assert load.main([str(folders.get(arg, arg)) for arg in command[2:]]) == 0
+    assert numpy.load(tmp_path / "q.npy").shape == (2, 32)
+    assert len(capsys.readouterr().out.splitlines()) == 2 + 1  # the embed summary line, then two ranked documents
+
+
 # ----------------------------------------------------------------------------------------------------
 # The real model: needs the hub (pytest -m hub, or MODERNBERT_HUB=1)
 

@@ -14,7 +14,7 @@ and read here, in both formats, the one on the hub today and the one sentence-tr
     config_sentence_transformers.json   prompts, default_prompt_name, similarity_fn_name, truncate_dim,
                                         activation_fn (rerankers)
 
-From Python (load.py re-exports both loaders):
+From Python (through load.py, like the rest):
 
     from load import load_embedder, load_reranker
     embedder = load_embedder("nomic-ai/modernbert-embed-base")  # a hub id or a folder
@@ -34,6 +34,9 @@ The command line, through load.py:
 
     python load.py embed --model M [--prompt-name query] [--input FILE|-] [--output FILE.safetensors|.npy] [TEXT ...]
     python load.py rerank --model M --query Q DOC [DOC ...]
+
+Depends on what load.py depends on (and tqdm, for the progress bar); never on transformers or
+sentence-transformers, which the tests compare against.
 """
 
 import argparse
@@ -97,7 +100,7 @@ def read_modules(folder, model_type):
         if os.path.isabs(path) or path.startswith(".."):
             raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
         modules.append((kind, path))
-    if modules and modules[0][0] != "Transformer" or any(kind == "Transformer" for kind, _ in modules[1:]):
+    if (modules and modules[0][0] != "Transformer") or any(kind == "Transformer" for kind, _ in modules[1:]):
         raise ValueError(f"modules.json in {folder!r}: the first module, and only it, must be the Transformer.")
     return modules
 
@@ -293,7 +296,8 @@ def run_packed(forward, encodings, device, batch_tokens, batch_size, show_progre
 
 
 def checkpoint_tokenizer(folder, max_seq_length, lowercase):
-    """load.py's tokenizer of the folder, truncating as Sentence Transformers does and padding nothing."""
+    """load.py's tokenizer of the folder, truncating as Sentence Transformers does (longest_first: a pair
+    loses tokens from its longer text first) and padding nothing."""
     tokenizer = load_tokenizer(folder)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_seq_length, strategy="longest_first")
@@ -305,11 +309,21 @@ def checkpoint_tokenizer(folder, max_seq_length, lowercase):
     return tokenizer
 
 
-class PromptsMixin:
-    """Prompts as Sentence Transformers resolves them: an explicit prompt wins, then prompt_name (a key of
-    config_sentence_transformers.json's prompts), then default_prompt_name."""
+class Pipeline:
+    """What Embedder and Reranker share: the tokenizer, which truncates at max_seq_length, and the prompts."""
+
+    @property
+    def max_seq_length(self):
+        """Tokens kept of a text (a pair, for a reranker), special tokens included; settable."""
+        return self.tokenizer.truncation["max_length"]
+
+    @max_seq_length.setter
+    def max_seq_length(self, value):
+        self.tokenizer.enable_truncation(value, strategy="longest_first")
 
     def resolve_prompt(self, prompt, prompt_name):
+        """As Sentence Transformers resolves it: an explicit prompt wins, then prompt_name (a key of
+        config_sentence_transformers.json's prompts), then default_prompt_name."""
         if prompt is None and prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise ValueError(f"No prompt named {prompt_name!r}: this checkpoint's prompts are {self.prompts}.")
@@ -340,7 +354,7 @@ def texts_list(texts, what="texts"):
 # Embeddings
 
 
-class Embedder(PromptsMixin):
+class Embedder(Pipeline):
     """A ModernBERT encoder with Sentence Transformers' modules: Pooling, then Dense and Normalize as the
     checkpoint has them. Make it with load.load_embedder (or Embedder.load)."""
 
@@ -351,16 +365,20 @@ class Embedder(PromptsMixin):
         "mean"), and a warning says so."""
         folder = resolve(name_or_folder, revision)
         modules = read_modules(folder, "SentenceTransformer")
+        kinds = [kind for kind, _ in modules]
+        if kinds and (kinds[1:2] != ["Pooling"] or not set(kinds[2:]) <= {"Dense", "Normalize"}):
+            raise ValueError(
+                f"modules.json in {folder!r} has {kinds}: an embedder here is a Transformer, a "
+                "Pooling, then any Dense and Normalize modules."
+            )
         config = read_json(folder, "config_sentence_transformers.json")
         root = os.path.join(folder, modules[0][1]) if modules else folder
         model = ModernBertModel.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
         self = cls()
         self.model, self.folder = model, folder
-        self.max_seq_length, lowercase = transformer_settings(root, "feature-extraction", model.config)
-        self.tokenizer = checkpoint_tokenizer(root, self.max_seq_length, lowercase)
+        max_seq_length, lowercase = transformer_settings(root, "feature-extraction", model.config)
+        self.tokenizer = checkpoint_tokenizer(root, max_seq_length, lowercase)
         self.special_ids = {self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens_map.values()}
-        if modules and (len(modules) < 2 or modules[1][0] != "Pooling"):
-            raise ValueError(f"modules.json in {folder!r}: the second module must be a Pooling.")
         if modules:
             self.modes, self.include_prompt = read_pooling(
                 os.path.join(folder, modules[1][1]), model.config.hidden_size
@@ -373,10 +391,10 @@ class Embedder(PromptsMixin):
                 "no normalisation.",
                 stacklevel=3,
             )
-        after = [{"Dense": Dense, "Normalize": Normalize}.get(kind) for kind, _ in modules[2:]]
-        if None in after:
-            raise ValueError(f"modules.json in {folder!r}: only Dense and Normalize may follow the Pooling.")
-        self.modules = nn.Sequential(*(m(os.path.join(folder, path)) for m, (_, path) in zip(after, modules[2:])))
+        after = [
+            {"Dense": Dense, "Normalize": Normalize}[kind](os.path.join(folder, path)) for kind, path in modules[2:]
+        ]
+        self.modules = nn.Sequential(*after)
         self.modules.to(device=model.device, dtype=model.dtype)
         self.read_prompts(config, {"query": "", "document": ""})  # Sentence Transformers' default prompts
         self.similarity_fn_name = config.get("similarity_fn_name") or "cosine"
@@ -459,7 +477,7 @@ class Embedder(PromptsMixin):
 # Rerankers
 
 
-class Reranker(PromptsMixin):
+class Reranker(Pipeline):
     """A ModernBERT sequence classifier scoring (query, document) pairs, as Sentence Transformers'
     CrossEncoder does. Make it with load.load_reranker (or Reranker.load)."""
 
@@ -482,8 +500,8 @@ class Reranker(PromptsMixin):
             )
         self = cls()
         self.model, self.folder = model, folder
-        self.max_seq_length, lowercase = transformer_settings(root, "sequence-classification", model.config)
-        self.tokenizer = checkpoint_tokenizer(root, self.max_seq_length, lowercase)
+        max_seq_length, lowercase = transformer_settings(root, "sequence-classification", model.config)
+        self.tokenizer = checkpoint_tokenizer(root, max_seq_length, lowercase)
         config = read_json(folder, "config_sentence_transformers.json") if modules else {}
         self.read_prompts(config, {})
         self.activation_fn = self.read_activation(config, read_json(root, "config.json"), model.config.num_labels)

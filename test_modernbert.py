@@ -2311,6 +2311,11 @@ def test_embedder_batches_by_token_budget_and_keeps_the_input_order(st_transform
         assert_close(got, expected, EMBED_TOL, f"batch_tokens={batch_tokens}, batch_size={batch_size}")
     ours.encode(texts, batch_tokens=40, show_progress_bar=True)
     assert "Embedding: 100%" in capsys.readouterr().err
+    ours.max_seq_length = st_transformer.max_seq_length = 9  # settable, as theirs
+    try:
+        assert_close(ours.encode(texts), theirs.encode(texts, convert_to_tensor=True), EMBED_TOL, "max_seq_length 9")
+    finally:
+        st_transformer.max_seq_length = MAX_SEQ_LENGTH
     assert ours.encode([]).shape == (0, 32)
     lengths = [5, 30, 17, 1, 22, 40]
     batches = token_batches(lengths, 40, batch_size=2)
@@ -2331,6 +2336,12 @@ def test_embedder_files_it_cannot_run_are_clear_errors(embed_backbone, tmp_path)
     modules[2]["type"] = "my_package.MyPooling"
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match=r"type 'my_package.MyPooling'"):
+        load_embedder(folder)
+    modules[1:] = [{"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(
+        ValueError, match=r"has \['Transformer', 'Normalize'\]: an embedder here is a Transformer, a Pooling"
+    ):
         load_embedder(folder)
     folder = legacy_folder(embed_backbone, tmp_path / "bad-pooling", {"pooling_mode": "median"})
     with pytest.raises(ValueError, match=r"unknown pooling mode 'median'"):

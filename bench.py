@@ -26,6 +26,7 @@ error prints them too, before its traceback and exit status 1.
     python bench.py                                  # everything, on the GPU if there is one
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
+    python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
 """
 
 import argparse
@@ -34,6 +35,7 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import signal
@@ -432,6 +434,8 @@ def parse_args(argv=None):
         help="start no new workload or variant after this many seconds; print the finished rows",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--embeddings", action="store_true", help="only the sentence-embedding comparison (see above)")
+    p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
     p.add_argument(
         "--kernels",
         action="store_true",
@@ -720,6 +724,83 @@ def kernel_table(args, device):
         free_memory(device)
 
 
+# ----------------------------------------------------------------------------------------------------
+# --embeddings: load.load_embedder's encode (texts sorted by length, packed batches by token budget) against
+# sentence-transformers' SentenceTransformer.encode with its defaults (batches of 32 texts, padded), on the
+# same random weights and the same texts, checked to agree before timing.
+
+# jhu-clsp/ettin-encoder-32m's shape: hidden 384 and 10 layers (its model card); intermediate 576 (1.5 x hidden,
+# as every ModernBERT, which gives the 31.9M backbone parameters quoted for it); 6 heads of 64 (assumed).
+ETTIN_32M = dict(hidden_size=384, intermediate_size=576, num_hidden_layers=10, num_attention_heads=6)
+
+
+def embedding_corpus(tokenizer, n, seed=1234):
+    """n texts whose lengths are log-uniform in [16, 2048] tokens: words that the tokenizer makes one token
+    each (" word"), so that a text of L - 2 words is L tokens with [CLS] and [SEP] (its first word, without
+    the space, may take one or two more)."""
+    g = torch.Generator().manual_seed(seed)
+    candidates = sorted(w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
+    encodings = tokenizer.encode_batch([" " + w for w in candidates], add_special_tokens=False)
+    words = [w for w, e in zip(candidates, encodings) if len(e.ids) == 1]
+    lengths = torch.empty(n).uniform_(math.log(16), math.log(2048), generator=g).exp().round().long()
+    return [" ".join(words[i] for i in torch.randint(len(words), (L - 2,), generator=g).tolist()) for L in lengths]
+
+
+def bench_embeddings(args, device):
+    """Builds a random ettin-encoder-32m-sized embedding model (mean pooling + Normalize) with
+    sentence-transformers, loads it both ways, checks the embeddings agree, times encode interleaved (best of
+    --repeats) and prints the table."""
+    import shutil
+    import tempfile
+    from importlib.metadata import version
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from tokenizers import Tokenizer
+
+    import embed
+    import load
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    shared = os.environ.get("MODERNBERT_SHARED_DATA", os.path.join(here, "..", "shared", "data"))
+    tokenizer_json = os.path.join(shared, "modernbert-base", "tokenizer.json")
+    if not os.path.isfile(tokenizer_json):
+        raise SystemExit(f"--embeddings needs the ModernBERT tokenizer: no {tokenizer_json} (MODERNBERT_SHARED_DATA)")
+    texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
+            fast_trunc_normal_
+        )
+        transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(folder)
+        for name in load.TOKENIZER_FILES:
+            shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(folder, name))
+        modules = [Transformer(folder), Pooling(ETTIN_32M["hidden_size"], "mean"), Normalize()]
+        SentenceTransformer(modules=modules, device=device.type).save(folder, create_model_card=False)
+        theirs = SentenceTransformer(folder, device=device.type)  # as users load it
+        ours = load.load_embedder(folder, device=device)
+        tokens = [len(e.ids) for e in ours.tokenizer.encode_batch(texts)]
+        n, total = len(texts), sum(tokens)
+        print(f"  {n} texts, {total} tokens (mean {total / n:.0f}, longest {max(tokens)})", file=sys.stderr)
+        fns = {"ours": lambda: ours.encode(texts), "theirs": lambda: torch.from_numpy(theirs.encode(texts))}
+        secs, outs, _ = time_interleaved(fns, args.repeats, device, warmup=device.type == "cuda")
+    diff = (outs["ours"].float().cpu() - outs["theirs"].float()).abs().max().item()
+    assert diff < 1e-4, f"ours and SentenceTransformer.encode differ by {diff:.2e}"  # fp32, unit vectors
+    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
+    print(
+        f"Corpus: {n} texts of random words, lengths log-uniform in [16, 2048] tokens ({total} tokens, mean "
+        f"{total / n:.0f}, longest {max(tokens)}). Model: ettin-encoder-32m's shape {ETTIN_32M}, random weights, "
+        "mean pooling + Normalize, fp32. Theirs: SentenceTransformer.encode(texts) with its defaults "
+        f"(sentence-transformers {version('sentence-transformers')}: batches of 32 texts, padded). Ours: "
+        f"load_embedder(folder).encode(texts) (packed batches of up to {embed.BATCH_TOKENS} tokens). "
+        f"Best of {args.repeats}, interleaved.\n"
+    )
+    columns = ["texts", "tokens", "ours s", "theirs s", "ours tok/s", "theirs tok/s", "ours/theirs", "max abs diff"]
+    row = {"secs": secs, "tok": total}
+    cells = [n, total, fmt(secs["ours"], ".2f"), fmt(secs["theirs"], ".2f"), speed(row, "ours"), speed(row, "theirs")]
+    print(md_header(columns) + "\n" + md_row(cells + [f"**{ratio(row, 'ours', 'theirs')}**", f"{diff:.1e}"]))
+
+
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
     start = time.perf_counter()
@@ -729,6 +810,9 @@ def main():
         return
     if args.kernels:
         kernel_table(args, device)
+        return
+    if args.embeddings:
+        bench_embeddings(args, device)
         return
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None

@@ -1,10 +1,14 @@
-"""Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in [MASK] tokens.
+"""Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in masked tokens.
 
-The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line.
+The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line. Sentence embeddings and
+rerankers live beside it in embed.py (load_embedder, load_reranker below, and the embed / rerank commands).
 
     python load.py                                       # the default demo sentence
     python load.py "The capital of France is [MASK]."
     python load.py --model ./my-checkpoint --top-k 3 "One [MASK] text." "Two [MASK] in [MASK] text."
+    python load.py --model ./an-mmbert-checkpoint "The capital of France is <mask>."   # its own mask token
+    python load.py embed --model nomic-ai/modernbert-embed-base --prompt-name query "What is ModernBERT?"
+    python load.py rerank --model Alibaba-NLP/gte-reranker-modernbert-base --query "Q?" "doc one" "doc two"
 
 From Python, e.g. a notebook:
 
@@ -22,8 +26,12 @@ How and why:
 - The tokenizer is the official tokenizer.json run by the `tokenizers` library. Its post-processor
   already wraps every text as [CLS] text [SEP], and [MASK] swallows the space before it (lstrip), so
   the ids are transformers' ids. Nothing is ever truncated: an over-long text is an error.
+- Special tokens are the checkpoint's own, never a spelling written here: ModernBERT says [MASK] and
+  [PAD], mmBERT (Gemma's tokenizer) says <mask> and <pad>, and <bos> / <eos> where ModernBERT has
+  [CLS] / [SEP]. They are read from tokenizer_config.json, then special_tokens_map.json, then config.json's
+  ids (read_special_tokens).
 - fill_mask returns what transformers' fill-mask pipeline returns (score, token, token_str, sequence),
-  but runs all texts as one padded batch, and decodes only the [MASK] rows. The vocabulary
+  but runs all texts as one padded batch, and decodes only the mask rows. The vocabulary
   projection (hidden x 50368) is most of the MLM cost, and a sentence has a mask or two among dozens
   of tokens.
 
@@ -31,6 +39,7 @@ Depends on torch, tokenizers, huggingface_hub (only for hub ids) and modernbert.
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -52,9 +61,13 @@ from modernbert import (
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Sentence Transformers' files (1_Pooling/config.json, ...), fetched for embed.py's embedders and rerankers
+EMBEDDER_FILES = ("modules.json", "*/config.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+HUB_FILES = (*CHECKPOINT_FILES, *TOKENIZER_FILES, *EMBEDDER_FILES)  # what a hub id fetches for load.py
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
-DEFAULT_TEXT = "Plants create [MASK] through a process known as photosynthesis."
-MASK, PAD = "[MASK]", "[PAD]"
+DEMO_TEXT = "Plants create {mask} through a process known as photosynthesis."  # with the model's mask token
+# The special tokens read from a checkpoint (tokenizer_config.json's keys; config.json has them + "_id").
+SPECIAL_TOKENS = ("mask_token", "pad_token", "cls_token", "sep_token", "bos_token", "eos_token", "unk_token")
 
 TASKS = {
     "masked-lm": ModernBertForMaskedLM,
@@ -102,8 +115,9 @@ def load_model(
 
 
 def resolve(name_or_folder, revision=None):
-    """A folder as it is, or a hub id's snapshot in the HF cache: the checkpoint and its tokenizer files."""
-    return checkpoint_folder(name_or_folder, revision, files=(*CHECKPOINT_FILES, *TOKENIZER_FILES))
+    """A folder as it is, or a hub id's snapshot in the HF cache: the checkpoint, its tokenizer files, and
+    the Sentence Transformers files an embedder or reranker has."""
+    return checkpoint_folder(name_or_folder, revision, files=HUB_FILES)
 
 
 def parse_dtype(dtype):
@@ -115,13 +129,49 @@ def parse_dtype(dtype):
 
 
 def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` that pads batches with [PAD] and
-    never truncates."""
-    tokenizer = Tokenizer.from_file(tokenizer_json(resolve(name_or_folder, revision)))
-    special_id(tokenizer, MASK)  # fail now, not at the first fill_mask, if the vocabulary is not ModernBERT's
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` that pads batches with the checkpoint's
+    pad token and never truncates. `tokenizer.special_tokens_map` holds the checkpoint's special tokens
+    ({"mask_token": "[MASK]", "pad_token": "[PAD]", ...}, as transformers names them)."""
+    folder = resolve(name_or_folder, revision)
+    tokenizer = Tokenizer.from_file(tokenizer_json(folder))
+    tokenizer.special_tokens_map, tokenizer.special_tokens_read = read_special_tokens(folder, tokenizer)
     tokenizer.no_truncation()
-    tokenizer.enable_padding(pad_id=special_id(tokenizer, PAD), pad_token=PAD)
+    pad = tokenizer.special_tokens_map.get("pad_token")
+    if pad is not None:
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad), pad_token=pad)
     return tokenizer
+
+
+def read_special_tokens(folder, tokenizer):
+    """The checkpoint's special tokens, and a description of where they were looked for (for errors).
+    Each is taken from the first of tokenizer_config.json, special_tokens_map.json (a plain string, or an
+    AddedToken dict {"content": ...}) and config.json's ids (`pad_token_id`, ...) that names it; a token
+    named there must be in tokenizer.json."""
+    found = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        for key, value in read_json(folder, name).items():
+            value = value.get("content") if isinstance(value, dict) else value
+            if key in SPECIAL_TOKENS and key not in found and isinstance(value, str):
+                found[key] = (value, name)
+    config = read_json(folder, "config.json")
+    for key in SPECIAL_TOKENS:
+        i = config.get(f"{key}_id")
+        if key not in found and isinstance(i, int) and tokenizer.id_to_token(i) is not None:
+            found[key] = (tokenizer.id_to_token(i), f"config.json ({key}_id {i})")
+    for key, (token, source) in found.items():
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{source} in {folder!r} says {key} is {token!r}, but tokenizer.json has no such token.")
+    read = f"tokenizer_config.json, special_tokens_map.json and config.json in {folder!r}"
+    return {key: token for key, (token, _) in found.items()}, read
+
+
+def read_json(folder, name):
+    """A JSON file of a checkpoint folder as a dict; {} when the folder has no such file."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def tokenizer_json(folder):
@@ -134,11 +184,17 @@ def tokenizer_json(folder):
     return path
 
 
-def special_id(tokenizer, token):
-    i = tokenizer.token_to_id(token)
-    if i is None:
-        raise ValueError(f"The tokenizer has no {token} token: is it ModernBERT's tokenizer.json?")
-    return i
+def mask_token(tokenizer):
+    """The checkpoint's mask token ([MASK], <mask>, ...), or an error naming where it was looked for."""
+    special = getattr(tokenizer, "special_tokens_map", None)
+    if special is None:
+        raise ValueError("The tokenizer does not say which token is the mask: make it with load_tokenizer(folder).")
+    if "mask_token" not in special:
+        raise ValueError(
+            f"No mask token: {tokenizer.special_tokens_read} name none (mask_token, mask_token_id). "
+            "Fill-mask needs a masked-language-model checkpoint's tokenizer."
+        )
+    return special["mask_token"]
 
 
 def tokenize(tokenizer, texts, max_length=None, device=None):
@@ -149,7 +205,8 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
         raise ValueError("No text given.")
     if tokenizer.padding is None:
         raise ValueError(
-            "The tokenizer does not pad: make it with load_tokenizer(), or call tokenizer.enable_padding(...)."
+            "The tokenizer does not pad: make it with load_tokenizer() from a checkpoint whose tokenizer files "
+            "name a pad token, or call tokenizer.enable_padding(...)."
         )
     encodings = tokenizer.encode_batch(texts)
     for i, (text, encoding) in enumerate(zip(texts, encodings)):
@@ -163,6 +220,21 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
         "input_ids": torch.tensor([e.ids for e in encodings], device=device),
         "attention_mask": torch.tensor([e.attention_mask for e in encodings], device=device),
     }
+
+
+def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
+    """Sentence embeddings as Sentence Transformers computes them: embed.Embedder (encode, encode_query,
+    encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files."""
+    import embed  # embed.py imports this file
+
+    return embed.Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
+def load_reranker(name_or_folder, device=None, dtype=None, revision=None):
+    """Reranker scores as Sentence Transformers' CrossEncoder computes them: embed.Reranker (predict, rank)."""
+    import embed
+
+    return embed.Reranker.load(name_or_folder, device=device, dtype=dtype, revision=revision)
 
 
 def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
@@ -179,15 +251,16 @@ def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
 # Fill-mask, as transformers' pipeline("fill-mask") computes it
 
 
-def check_masks(texts):
-    """An error naming the first text with no [MASK] (cheap, so the CLI checks before loading a model)."""
+def check_masks(texts, mask):
+    """An error naming the first text without the mask token (cheap, so the CLI checks before loading a model)."""
     for i, text in enumerate(texts):
-        if MASK not in text:
-            raise ValueError(f"Text {i + 1} has no {MASK} to fill: {text!r}")
+        if mask not in text:
+            raise ValueError(f"Text {i + 1} has no {mask} to fill: {text!r}")
 
 
 def fill_mask(model, tokenizer, texts, top_k=5):
-    """For each text (a str or a list of them), for each [MASK] in it, the top_k predictions:
+    """For each text (a str or a list of them), for each mask token in it (the checkpoint's: [MASK] for
+    ModernBERT, <mask> for mmBERT), the top_k predictions:
     [[[{"score", "token", "token_str", "sequence"}, ...] per mask] per text], the fields and values of
     transformers' fill-mask pipeline. Scores are independent softmaxes per mask, not joint ones."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -195,8 +268,9 @@ def fill_mask(model, tokenizer, texts, top_k=5):
         raise TypeError(f"fill_mask needs a ModernBertForMaskedLM (task='masked-lm'), got {type(model).__name__}.")
     if not 1 <= top_k <= model.config.vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {model.config.vocab_size}, got {top_k}.")
-    check_masks(texts)
-    mask_id = special_id(tokenizer, MASK)
+    mask = mask_token(tokenizer)
+    check_masks(texts, mask)
+    mask_id = tokenizer.token_to_id(mask)
     batch = tokenize(tokenizer, texts, max_length=model.config.max_position_embeddings, device=model.device)
     scores, tokens = predict_masks(model, batch["input_ids"], batch["attention_mask"], mask_id, top_k)
     predictions = iter(zip(scores.tolist(), tokens.tolist()))  # rows in text order, then position order
@@ -211,8 +285,8 @@ def fill_mask(model, tokenizer, texts, top_k=5):
 @torch.inference_mode()
 def predict_masks(model, input_ids, attention_mask, mask_id, top_k):
     """The sparse decoder: encode the batch (packed, padding dropped), then run the head and the
-    vocabulary projection on the [MASK] rows only. Returns probabilities and token ids, both (M, top_k),
-    one row per [MASK] in packed order: text by text, left to right."""
+    vocabulary projection on the mask rows only. Returns probabilities and token ids, both (M, top_k),
+    one row per mask in packed order: text by text, left to right."""
     hidden, packing, _ = model.model.encode(input_ids, attention_mask)  # (T, hidden), real tokens only
     at_mask = unpad(input_ids, packing.indices) == mask_id  # (T,)
     logits = model.decoder(model.head(hidden[at_mask]))  # (M, vocab)
@@ -220,10 +294,10 @@ def predict_masks(model, input_ids, attention_mask, mask_id, top_k):
 
 
 def candidates(tokenizer, ids, position, scores, tokens, single_mask):
-    """The pipeline's dicts for one [MASK]. `sequence` is the text with this mask filled in; as in the
+    """The pipeline's dicts for one mask. `sequence` is the text with this mask filled in; as in the
     pipeline, special tokens are dropped only when the text has a single mask. With several, they
-    stay, so that the other [MASK]s show (and [CLS]/[SEP] with them)."""
-    pad_id = special_id(tokenizer, PAD)
+    stay, so that the other masks show (and [CLS]/[SEP] with them)."""
+    pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else None
     out = []
     for score, token in zip(scores, tokens):
         filled = [t for t in ids[:position] + [token] + ids[position + 1 :] if t != pad_id]
@@ -249,12 +323,12 @@ def shown(s, strip=False):
     return t if t and t.isprintable() else repr(s)
 
 
-def format_results(texts, results):
+def format_results(texts, results, mask):
     lines = []
     for text, masks in zip(texts, results):
         lines += ["", text] if lines else [text]
         for m, predictions in enumerate(masks):
-            lines.append(f"  {MASK} {m + 1} of {len(masks)}:")
+            lines.append(f"  {mask} {m + 1} of {len(masks)}:")
             width = max(len(shown(p["token_str"], strip=True)) for p in predictions)
             for p in predictions:
                 token = shown(p["token_str"], strip=True)
@@ -264,14 +338,15 @@ def format_results(texts, results):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Fill in [MASK] tokens with ModernBERT: the top-k tokens for every mask of every text."
+        description="Fill in masked tokens with ModernBERT: the top-k tokens for every mask of every text. "
+        "Also: `load.py embed --help` (sentence embeddings), `load.py rerank --help` (reranker scores)."
     )
     parser.add_argument(
         "texts",
         nargs="*",
-        default=[DEFAULT_TEXT],
         metavar="TEXT",
-        help=f"texts with one or more {MASK} (default: {DEFAULT_TEXT!r})",
+        help="texts with one or more of the model's mask token ([MASK] for ModernBERT, <mask> for mmBERT; "
+        f"default: {DEMO_TEXT!r} with the model's mask token)",
     )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})"
@@ -289,23 +364,37 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def pick_device(name):
+    """--device, or cuda where torch sees a GPU, else cpu."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
+    return device
+
+
 def main(argv=None):
     """Prints the predictions; exits with status 2 and a one-line message on any error the user can
-    fix: no [MASK], a text too long, no such folder or hub model, no network, no GPU."""
+    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU.
+    `load.py embed ...` and `load.py rerank ...` are the commands of embed.py."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("embed", "rerank"):
+        import embed
+
+        return embed.main(argv)
     args = parse_args(argv)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
-        check_masks(args.texts)
+        device = pick_device(args.device)
         folder = resolve(args.model, args.revision)
-        tokenizer = load_tokenizer(folder)  # the cheap check first: a folder without one fails before the weights load
+        tokenizer = load_tokenizer(folder)  # cheap checks first: no tokenizer or no mask fails before the weights
+        mask = mask_token(tokenizer)
+        texts = args.texts or [DEMO_TEXT.format(mask=mask)]
+        check_masks(texts, mask)  # before loading the weights: a mistyped text fails fast
         model = load_model(folder, device=device, dtype=args.dtype, attn_implementation=args.attn)
-        results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
+        results = fill_mask(model, tokenizer, texts, top_k=args.top_k)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_results(args.texts, results))
+    print(format_results(texts, results, mask))
     return 0
 
 

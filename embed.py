@@ -1,0 +1,659 @@
+"""Sentence embeddings and reranker scores from ModernBERT-family checkpoints, as Sentence Transformers computes them.
+
+Most ModernBERT checkpoints people download are embedding models (nomic-ai/modernbert-embed-base,
+Alibaba-NLP/gte-modernbert-base, ...) or rerankers (Alibaba-NLP/gte-reranker-modernbert-base). How to turn
+token states into one vector, which prompt to put before a query, whether to normalise, which activation
+turns a reranker's logit into a score: all of it is written in the checkpoint's Sentence Transformers files,
+and read here, in both formats, the one on the hub today and the one sentence-transformers 6 writes:
+
+    modules.json                        the pipeline: Transformer -> Pooling -> [Dense] -> [Normalize]
+    1_Pooling/config.json               "pooling_mode": "cls" (6) or "pooling_mode_cls_token": true ... (hub)
+    2_Dense/config.json + .safetensors  a linear layer and its activation ("torch.nn.modules.activation.Tanh")
+    sentence_bert_config.json           max_seq_length (hub), the task ("feature-extraction" or a classifier)
+    tokenizer_config.json               model_max_length: where sentence-transformers 6 keeps max_seq_length
+    config_sentence_transformers.json   prompts, default_prompt_name, similarity_fn_name, truncate_dim,
+                                        activation_fn (rerankers)
+
+From Python (through load.py, like the rest):
+
+    from load import load_embedder, load_reranker
+    embedder = load_embedder("nomic-ai/modernbert-embed-base")  # a hub id or a folder
+    queries = embedder.encode_query(["What is ModernBERT?"])  # (1, 768), the checkpoint's "query" prompt
+    documents = embedder.encode_document(["An encoder.", "A city."])  # (2, 768)
+    embedder.similarity(queries, documents)  # (1, 2): cosine, unless the checkpoint says otherwise
+    reranker = load_reranker("Alibaba-NLP/gte-reranker-modernbert-base")
+    reranker.rank("What is ModernBERT?", ["An encoder.", "A city."])  # [{"corpus_id": 0, "score": ...}, ...]
+
+How it runs fast: all texts are tokenized first, sorted by length and cut into batches by a token budget,
+and each batch runs packed: the texts back to back as input_ids (1, T) with their boundaries in cu_seqlens, so
+no padding is ever computed (Sentence Transformers pads each batch of 32 texts to its longest). The rows come
+back in input order. Unlike fill-mask, this path truncates, as Sentence Transformers does: a text longer than
+max_seq_length tokens loses its end.
+
+The command line, through load.py:
+
+    python load.py embed --model M [--prompt-name query] [--input FILE|-] [--output FILE.safetensors|.npy] [TEXT ...]
+    python load.py rerank --model M --query Q DOC [DOC ...]
+
+Depends on what load.py depends on (and tqdm, for the progress bar); never on transformers or
+sentence-transformers, which the tests compare against.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown
+from modernbert import ModernBertForSequenceClassification, ModernBertModel
+
+# Sentence Transformers' pooling modes, in the order its older config keys concatenate them.
+LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+POOLING_MODES = tuple(LEGACY_POOLING_KEYS.values())
+MODULES = ("Transformer", "Pooling", "Dense", "Normalize")  # the module types read here (from modules.json)
+SIMILARITIES = {  # as sentence_transformers.util computes them: a (N, D), b (M, D) -> (N, M)
+    "cosine": lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T,
+    "dot": lambda a, b: a @ b.T,
+    "euclidean": lambda a, b: -torch.cdist(a, b, p=2.0),
+    "manhattan": lambda a, b: -torch.cdist(a, b, p=1.0),
+}
+NO_LIMIT = int(1e30)  # transformers' model_max_length when tokenizer_config.json gives none
+BATCH_TOKENS = 16384  # the default token budget of one packed batch
+
+# ----------------------------------------------------------------------------------------------------
+# Reading Sentence Transformers' files
+
+
+def read_modules(folder, model_type):
+    """modules.json as [(type, path)], each type one of MODULES, checked against what the checkpoint is
+    (config_sentence_transformers.json's model_type: "SentenceTransformer" when not written, or
+    "CrossEncoder"). [] when the folder has no modules.json: a plain transformers checkpoint, whatever
+    else it has, as Sentence Transformers reads it."""
+    entries = read_json_list(folder, "modules.json")
+    written = read_json(folder, "config_sentence_transformers.json").get("model_type", "SentenceTransformer")
+    if entries and written != model_type:
+        use = {"SentenceTransformer": "load_embedder", "CrossEncoder": "load_reranker"}.get(written)
+        hint = f": load it with {use}" if use else ", which this loader does not run"
+        raise ValueError(f"{folder!r} holds a {written} (config_sentence_transformers.json){hint}.")
+    modules = []
+    for entry in entries:
+        kind = entry["type"].rsplit(".", 1)[-1]
+        if not entry["type"].startswith("sentence_transformers.") or kind not in MODULES:
+            raise ValueError(
+                f"modules.json in {folder!r}: module {entry.get('name')!r} has type {entry['type']!r}, which "
+                f"this loader does not run (it runs Sentence Transformers' {', '.join(MODULES)})."
+            )
+        path = os.path.normpath(entry.get("path") or ".")
+        if os.path.isabs(path) or path.startswith(".."):
+            raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
+        modules.append((kind, path))
+    if (modules and modules[0][0] != "Transformer") or any(kind == "Transformer" for kind, _ in modules[1:]):
+        raise ValueError(f"modules.json in {folder!r}: the first module, and only it, must be the Transformer.")
+    return modules
+
+
+def read_json_list(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def transformer_settings(folder, task, model_config):
+    """What Sentence Transformers' Transformer module does before the model: (max_seq_length, lowercase).
+    Its sentence_bert_config.json (either format) must be for `task`; the length is, as it computes it:
+    processor_kwargs' model_max_length, else the older files' max_seq_length, else tokenizer_config.json's
+    model_max_length capped at the model's max_position_embeddings."""
+    st = read_json(folder, "sentence_bert_config.json")
+    if st.get("transformer_task", task) != task:  # older files name no task
+        raise ValueError(
+            f"sentence_bert_config.json in {folder!r} is for the task {st['transformer_task']!r}, not {task!r}."
+        )
+    processor = st.get("processor_kwargs", st.get("tokenizer_args")) or {}
+    unsupported = {k: v for k, v in st.items() if k in ("processing_kwargs", "query_expansion") and v}
+    unsupported |= {k: v for k, v in st.items() if k in ("query_length", "document_length") and v is not None}
+    if unsupported:
+        raise ValueError(
+            f"sentence_bert_config.json in {folder!r} sets {unsupported}, which this loader does not run."
+        )
+    if "model_max_length" in processor:
+        length = processor["model_max_length"]
+    elif st.get("max_seq_length") is not None:
+        length = st["max_seq_length"]
+    else:
+        written = read_json(folder, "tokenizer_config.json").get("model_max_length", NO_LIMIT)
+        length = min(written, model_config.max_position_embeddings)
+    return int(length), bool(st.get("do_lower_case", False))
+
+
+def read_pooling(folder, dimension):
+    """1_Pooling/config.json in either format -> (modes, include_prompt). Sentence-transformers 6 writes
+    "pooling_mode" ("cls", or a list of modes to concatenate) and "embedding_dimension"; the hub's older files
+    have one boolean per mode ("pooling_mode_mean_tokens": true; none true means mean) and
+    "word_embedding_dimension"."""
+    config = read_json(folder, "config.json")
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if bad := [mode for mode in modes if mode not in POOLING_MODES]:
+        raise ValueError(
+            f"{folder}/config.json: unknown pooling mode {bad[0]!r}; Sentence Transformers has {POOLING_MODES}."
+        )
+    written = config.get("embedding_dimension", config.get("word_embedding_dimension", dimension))
+    if written != dimension:
+        raise ValueError(f"{folder}/config.json pools {written}-dimensional tokens, but the model's are {dimension}.")
+    return tuple(modes), bool(config.get("include_prompt", True))
+
+
+def torch_module(path, where):
+    """An activation named by its class path ("torch.nn.modules.activation.Tanh"), made with no arguments.
+    Only torch.nn modules: Sentence Transformers too runs nothing else without trust_remote_code."""
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if path.startswith("torch.") else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{where}: activation {path!r} is not a torch.nn module, the only kind this loader runs.")
+    return cls()
+
+
+class Dense(nn.Module):
+    """Sentence Transformers' Dense: activation(linear(x)), plus x (projected if the sizes differ) with
+    use_residual. Its weights are linear.weight, linear.bias (and residual.weight) in model.safetensors."""
+
+    def __init__(self, folder):
+        super().__init__()
+        config = read_json(folder, "config.json")
+        for key in ("module_input_name", "module_output_name"):
+            if config.get(key, "sentence_embedding") != "sentence_embedding":
+                raise ValueError(f"{folder}/config.json: a Dense on {config[key]!r} (token-level) is not supported.")
+        n_in, n_out = config["in_features"], config["out_features"]
+        self.linear = nn.Linear(n_in, n_out, bias=config.get("bias", True))
+        self.activation = torch_module(config.get("activation_function", "torch.nn.modules.activation.Tanh"), folder)
+        self.use_residual = config.get("use_residual", False)
+        if self.use_residual and n_in != n_out:
+            self.residual = nn.Linear(n_in, n_out, bias=False)
+        self.load_state_dict(read_weights(folder))  # strict: every key, every shape
+
+    def forward(self, x):
+        out = self.activation(self.linear(x))
+        if self.use_residual:
+            out = out + (self.residual(x) if hasattr(self, "residual") else x)
+        return out
+
+
+def read_weights(folder):
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder!r} has no model.safetensors (pickled weights are never opened).")
+    return load_file(path)
+
+
+class Normalize(nn.Module):
+    def __init__(self, folder):
+        super().__init__()
+        config = read_json(folder, "config.json")  # older saves write no config, or no folder at all
+        if config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+            raise ValueError(f"{folder}/config.json: a Normalize on {config['module_input_name']!r} is not supported.")
+
+    def forward(self, x):
+        return F.normalize(x, p=2, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pooling and packed batches
+
+
+def pool(hidden, cu_seqlens, modes, skip=0):
+    """Token states of N texts back to back, hidden (T, H) with boundaries cu_seqlens (N + 1,), -> one
+    vector per text (N, len(modes) * H), as Sentence Transformers' Pooling computes it on a right-padded
+    batch. skip: the prompt's leading tokens ([CLS] included) that include_prompt=False leaves out.
+
+        cls        the first token kept ([CLS]; with skip, the first after the prompt)
+        lasttoken  the last token ([SEP])
+        max        the elementwise max over the kept tokens
+        mean, mean_sqrt_len_tokens, weightedmean
+                   the sum of the kept tokens over n, over sqrt(n), or weighted by position + 1 over the weights
+    A text with no token kept (truncated inside its prompt) gets what Sentence Transformers gives it: its
+    first token for cls, -inf for max, zeros otherwise."""
+    cu = cu_seqlens.long()
+    starts, lengths = cu[:-1], cu.diff()
+    N, (T, H) = lengths.shape[0], hidden.shape
+    seq = torch.repeat_interleave(torch.arange(N, device=hidden.device), lengths, output_size=T)  # (T,)
+    position = torch.arange(T, device=hidden.device) - starts[seq]  # (T,) place inside its text
+    kept = position >= skip  # (T,)
+    any_kept = lengths > skip  # (N,)
+    x, s = hidden[kept], seq[kept]  # (T_kept, H), (T_kept,)
+    acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype  # as theirs
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(hidden[starts + torch.where(any_kept, skip, 0)])
+        elif mode == "lasttoken":
+            out.append(hidden[cu[1:] - 1] * any_kept[:, None])
+        elif mode == "max":
+            out.append(hidden.new_full((N, H), float("-inf")).scatter_reduce_(0, s[:, None].expand_as(x), x, "amax"))
+        else:
+            weight = (position[kept] + 1 if mode == "weightedmean" else torch.ones_like(s)).to(acc)  # (T_kept,)
+            sums = torch.zeros(N, H, dtype=acc, device=x.device).index_add_(0, s, x.to(acc) * weight[:, None])
+            count = torch.zeros(N, dtype=acc, device=x.device).index_add_(0, s, weight).clamp(min=1e-9)
+            out.append((sums / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)[:, None]).to(hidden.dtype))
+    return torch.cat(out, dim=-1)
+
+
+def token_batches(lengths, batch_tokens, batch_size=None):
+    """Indices of the texts, longest first, cut into batches of at most batch_tokens tokens (a longer text
+    alone) and at most batch_size texts."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current, tokens = [], [], 0
+    for i in order:
+        if current and (tokens + lengths[i] > batch_tokens or len(current) == batch_size):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    return batches + [current] if current else batches
+
+
+@torch.inference_mode()
+def run_packed(forward, encodings, device, batch_tokens, batch_size, show_progress_bar, what):
+    """forward(input_ids (1, T), cu_seqlens (N + 1,)) -> (N, ...) on each packed batch; the rows, in input order."""
+    lengths = [len(e.ids) for e in encodings]
+    batches = token_batches(lengths, batch_tokens, batch_size)
+    if show_progress_bar is None:  # on long inputs, in a terminal
+        show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
+    progress = None
+    if show_progress_bar:
+        from tqdm import tqdm  # comes with huggingface_hub
+
+        progress = tqdm(total=len(encodings), desc=what, unit=" texts", file=sys.stderr)
+    rows, order = [], []
+    for batch in batches:
+        ids = torch.tensor([t for i in batch for t in encodings[i].ids], device=device)[None]  # (1, T)
+        cu = F.pad(torch.tensor([lengths[i] for i in batch], device=device).cumsum(0), (1, 0)).to(torch.int32)
+        rows.append(forward(ids, cu))
+        order += batch
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    return torch.cat(rows)[torch.tensor(order).argsort().to(device)]
+
+
+def checkpoint_tokenizer(folder, max_seq_length, lowercase):
+    """load.py's tokenizer of the folder, truncating as Sentence Transformers does (longest_first: a pair
+    loses tokens from its longer text first) and padding nothing."""
+    tokenizer = load_tokenizer(folder)
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_seq_length, strategy="longest_first")
+    if lowercase:  # do_lower_case: a Lowercase normalizer first, as Sentence Transformers adds it
+        from tokenizers import normalizers
+
+        rest = [tokenizer.normalizer] if tokenizer.normalizer is not None else []
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
+    return tokenizer
+
+
+class Pipeline:
+    """What Embedder and Reranker share: the tokenizer, which truncates at max_seq_length, and the prompts."""
+
+    @property
+    def max_seq_length(self):
+        """Tokens kept of a text (a pair, for a reranker), special tokens included; settable."""
+        return self.tokenizer.truncation["max_length"]
+
+    @max_seq_length.setter
+    def max_seq_length(self, value):
+        self.tokenizer.enable_truncation(value, strategy="longest_first")
+
+    def resolve_prompt(self, prompt, prompt_name):
+        """As Sentence Transformers resolves it: an explicit prompt wins, then prompt_name (a key of
+        config_sentence_transformers.json's prompts), then default_prompt_name."""
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"No prompt named {prompt_name!r}: this checkpoint's prompts are {self.prompts}.")
+            return self.prompts[prompt_name]
+        if prompt is None and self.default_prompt_name is not None:
+            return self.prompts.get(self.default_prompt_name)
+        return prompt
+
+    def read_prompts(self, config, defaults):
+        self.prompts = {**defaults, **{k: v for k, v in config.get("prompts", {}).items() if v is not None}}
+        self.default_prompt_name = config.get("default_prompt_name")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(
+                f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts {self.prompts}."
+            )
+
+
+def texts_list(texts, what="texts"):
+    """A list of str; a single str is one text. Anything else is a TypeError naming it."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what} must be strings; item {i} is a {type(text).__name__}.")
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class Embedder(Pipeline):
+    """A ModernBERT encoder with Sentence Transformers' modules: Pooling, then Dense and Normalize as the
+    checkpoint has them. Make it with load.load_embedder (or Embedder.load)."""
+
+    @classmethod
+    def load(cls, name_or_folder, device=None, dtype=None, revision=None):
+        """A folder or hub id with Sentence Transformers' files, in either format; without them (a plain
+        transformers checkpoint) tokens are pooled as config.json's classifier_pooling says ("cls" or
+        "mean"), and a warning says so."""
+        folder = resolve(name_or_folder, revision)
+        modules = read_modules(folder, "SentenceTransformer")
+        kinds = [kind for kind, _ in modules]
+        if kinds and (kinds[1:2] != ["Pooling"] or not set(kinds[2:]) <= {"Dense", "Normalize"}):
+            raise ValueError(
+                f"modules.json in {folder!r} has {kinds}: an embedder here is a Transformer, a "
+                "Pooling, then any Dense and Normalize modules."
+            )
+        config = read_json(folder, "config_sentence_transformers.json")
+        root = os.path.join(folder, modules[0][1]) if modules else folder
+        model = ModernBertModel.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+        self = cls()
+        self.model, self.folder = model, folder
+        max_seq_length, lowercase = transformer_settings(root, "feature-extraction", model.config)
+        self.tokenizer = checkpoint_tokenizer(root, max_seq_length, lowercase)
+        self.special_ids = {self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens_map.values()}
+        if modules:
+            self.modes, self.include_prompt = read_pooling(
+                os.path.join(folder, modules[1][1]), model.config.hidden_size
+            )
+        else:
+            self.modes, self.include_prompt = (model.config.classifier_pooling,), True
+            warnings.warn(
+                f"{folder!r} has no Sentence Transformers files (modules.json): its tokens are pooled as "
+                f"config.json's classifier_pooling says ({model.config.classifier_pooling!r}), with no prompt and "
+                "no normalisation.",
+                stacklevel=3,
+            )
+        after = [
+            {"Dense": Dense, "Normalize": Normalize}[kind](os.path.join(folder, path)) for kind, path in modules[2:]
+        ]
+        self.modules = nn.Sequential(*after)
+        self.modules.to(device=model.device, dtype=model.dtype)
+        self.read_prompts(config, {"query": "", "document": ""})  # Sentence Transformers' default prompts
+        self.similarity_fn_name = config.get("similarity_fn_name") or "cosine"
+        if self.similarity_fn_name not in SIMILARITIES:
+            raise ValueError(f"similarity_fn_name {self.similarity_fn_name!r} is not one of {sorted(SIMILARITIES)}.")
+        self.truncate_dim = config.get("truncate_dim")
+        return self
+
+    def encode(
+        self,
+        texts,
+        prompt_name=None,
+        prompt=None,
+        batch_size=None,
+        normalize_embeddings=None,
+        show_progress_bar=None,
+        batch_tokens=BATCH_TOKENS,
+    ):
+        """One embedding per text: a tensor (N, dim), or (dim,) for a single str, as Sentence Transformers'
+        encode computes it (its convert_to_tensor=True). The prompt (see resolve_prompt) goes before every
+        text. Texts longer than max_seq_length tokens are truncated. Batches hold at most batch_tokens tokens
+        (and at most batch_size texts, if given); normalize_embeddings=True L2-normalises the rows (the
+        checkpoint's own Normalize module, if it has one, always runs)."""
+        single = isinstance(texts, str)
+        texts = texts_list(texts)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        skip = 0
+        if prompt:
+            if not self.include_prompt:  # the prompt's tokens but a trailing [SEP] are left out of the pooling
+                ids = self.tokenizer.encode(prompt).ids
+                skip = len(ids) - (ids[-1] in self.special_ids)
+            texts = [prompt + text for text in texts]
+        if not texts:
+            return torch.empty(0, self.dimension, device=self.model.device, dtype=self.model.dtype)
+
+        def forward(input_ids, cu_seqlens):
+            hidden, _, _ = self.model.encode(input_ids, cu_seqlens=cu_seqlens)
+            return self.modules(pool(hidden, cu_seqlens, self.modes, skip))
+
+        encodings = self.tokenizer.encode_batch(texts)
+        out = run_packed(
+            forward, encodings, self.model.device, batch_tokens, batch_size, show_progress_bar, "Embedding"
+        )
+        if self.truncate_dim is not None:
+            out = out[:, : self.truncate_dim]
+        if normalize_embeddings:
+            out = F.normalize(out, p=2, dim=-1)
+        return out[0] if single else out
+
+    def encode_query(self, texts, prompt_name=None, prompt=None, **kwargs):
+        """encode with the checkpoint's "query" prompt (empty if it has none), unless a prompt is given."""
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(texts, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, texts, prompt_name=None, prompt=None, **kwargs):
+        """encode with the checkpoint's "document" prompt, else its "passage" or "corpus" one: the first of
+        them it has (every checkpoint has "document", empty if it wrote none, as in Sentence Transformers)."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((name for name in ("document", "passage", "corpus") if name in self.prompts), None)
+        return self.encode(texts, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def similarity(self, a, b):
+        """(N, M) scores of every row of a against every row of b (1-D inputs count as one row), with the
+        checkpoint's similarity_fn_name: cosine (the default), dot, or euclidean / manhattan (negative
+        distances), as Sentence Transformers computes them."""
+        a, b = (torch.atleast_2d(torch.as_tensor(x)) for x in (a, b))
+        a, b = (x.float() if torch.finfo(x.dtype).bits < 32 else x for x in (a, b))  # as theirs: no fp16 ties
+        return SIMILARITIES[self.similarity_fn_name](a, b)
+
+    @property
+    def dimension(self):
+        """The length of one embedding."""
+        dim = len(self.modes) * self.model.config.hidden_size
+        dim = next((m.linear.out_features for m in reversed(self.modules) if isinstance(m, Dense)), dim)
+        return dim if self.truncate_dim is None else min(dim, self.truncate_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rerankers
+
+
+class Reranker(Pipeline):
+    """A ModernBERT sequence classifier scoring (query, document) pairs, as Sentence Transformers'
+    CrossEncoder does. Make it with load.load_reranker (or Reranker.load)."""
+
+    @classmethod
+    def load(cls, name_or_folder, device=None, dtype=None, revision=None):
+        """A folder or hub id holding a ModernBertForSequenceClassification checkpoint (a classifier head
+        included), with or without Sentence Transformers' files."""
+        folder = resolve(name_or_folder, revision)
+        modules = read_modules(folder, "CrossEncoder")
+        if [kind for kind, _ in modules] not in ([], ["Transformer"]):
+            raise ValueError(f"modules.json in {folder!r}: a reranker here is a Transformer module alone.")
+        root = os.path.join(folder, modules[0][1]) if modules else folder
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing classifier is an error below, not a warning
+            model = ModernBertForSequenceClassification.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+        if model.load_report["initialised"]:
+            raise ValueError(
+                f"{folder!r} is not a reranker: its weights have no classifier head "
+                f"({', '.join(model.load_report['initialised'])}). Use a sequence-classification checkpoint."
+            )
+        self = cls()
+        self.model, self.folder = model, folder
+        max_seq_length, lowercase = transformer_settings(root, "sequence-classification", model.config)
+        self.tokenizer = checkpoint_tokenizer(root, max_seq_length, lowercase)
+        config = read_json(folder, "config_sentence_transformers.json") if modules else {}
+        self.read_prompts(config, {})
+        self.activation_fn = self.read_activation(config, read_json(root, "config.json"), model.config.num_labels)
+        return self
+
+    @staticmethod
+    def read_activation(st_config, config, num_labels):
+        """CrossEncoder's activation, from the first place that names one: config_sentence_transformers.json's
+        activation_fn (read only with a modules.json, as CrossEncoder does), config.json's
+        sentence_transformers.activation_fn, or its older sbert_ce_default_activation_function; else Sigmoid
+        for one label, Identity for more."""
+        written = st_config.get("activation_fn")
+        written = written or (config.get("sentence_transformers") or {}).get("activation_fn")
+        written = written or config.get("sbert_ce_default_activation_function")
+        if written:
+            return torch_module(written, "the reranker's activation_fn")
+        return nn.Sigmoid() if num_labels == 1 else nn.Identity()
+
+    @property
+    def num_labels(self):
+        return self.model.config.num_labels
+
+    def predict(
+        self, pairs, batch_size=None, prompt_name=None, prompt=None, show_progress_bar=None, batch_tokens=BATCH_TOKENS
+    ):
+        """Scores of (query, document) pairs, after the checkpoint's activation (sigmoid for one label when
+        it names none): a tensor (N,) for one label, (N, num_labels) for more; a 0-d tensor for a single pair.
+        Each pair is tokenized as one sequence, [CLS] query [SEP] document [SEP] (the tokenizer's own
+        template), and truncated to max_seq_length tokens by cutting the longer text first."""
+        pairs = pairs if isinstance(pairs, (list, tuple)) else list(pairs)
+        single = len(pairs) == 2 and all(isinstance(p, str) for p in pairs)  # one pair, as CrossEncoder reads it
+        pairs = [pairs] if single else list(pairs)
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise TypeError(f"pairs must be (query, document) pairs of strings; item {i} is {pair!r}.")
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if not pairs:
+            return torch.empty(0, device=self.model.device)
+        encodings = self.tokenizer.encode_batch([((prompt or "") + a, b) for a, b in pairs])
+
+        def forward(input_ids, cu_seqlens):
+            logits = self.model(input_ids, cu_seqlens=cu_seqlens).logits.float()  # (N, num_labels), fp32 as theirs
+            scores = self.activation_fn(logits)
+            return scores.squeeze(-1) if self.num_labels == 1 else scores
+
+        out = run_packed(forward, encodings, self.model.device, batch_tokens, batch_size, show_progress_bar, "Scoring")
+        return out[0] if single else out
+
+    def rank(self, query, documents, top_k=None, return_documents=False, **kwargs):
+        """The documents best first, as CrossEncoder.rank: [{"corpus_id": index in documents, "score": ...}],
+        with "text" too if return_documents; top_k keeps the first k. Needs a one-label reranker."""
+        if self.num_labels != 1:
+            raise ValueError(f"rank needs a reranker with one label; this one has {self.num_labels}: use predict.")
+        documents = texts_list(documents, "documents")
+        scores = self.predict([(query, d) for d in documents], **kwargs).tolist()
+        results = [
+            {"corpus_id": i, "score": s} | ({"text": documents[i]} if return_documents else {})
+            for i, s in enumerate(scores)
+        ]
+        return sorted(results, key=lambda r: r["score"], reverse=True)[:top_k]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: `python load.py embed ...` and `python load.py rerank ...`
+
+
+def common_arguments(parser):
+    parser.add_argument("--model", required=True, help="hub id or local checkpoint folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+
+
+def parse_embed(argv):
+    parser = argparse.ArgumentParser(
+        prog="load.py embed",
+        description="One sentence embedding per text, as Sentence Transformers computes it. Texts come from the "
+        "arguments, or one per line from --input (a file, or - for standard input; the default).",
+    )
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (instead of --input)")
+    common_arguments(parser)
+    parser.add_argument("--prompt-name", default=None, help="a prompt of the checkpoint, e.g. query or document")
+    parser.add_argument("--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE.safetensors|FILE.npy",
+        help="write the (N, dim) float32 embeddings there (safetensors: under the key 'embeddings'); "
+        "default: print one JSON list per text on standard output",
+    )
+    return parser.parse_args(argv)
+
+
+def read_texts(args):
+    """The texts to embed: the arguments, or the lines of --input (- or none: standard input)."""
+    if args.texts and args.input is not None:
+        raise ValueError("Give the texts as arguments or with --input, not both.")
+    if args.texts:
+        return args.texts
+    if args.input in (None, "-"):
+        return sys.stdin.read().splitlines()
+    with open(args.input, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def write_embeddings(embeddings, path):
+    embeddings = embeddings.float().cpu().contiguous()
+    if path.endswith(".npy"):
+        import numpy
+
+        numpy.save(path, embeddings.numpy())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": embeddings}, path)
+
+
+def embed_command(argv):
+    args = parse_embed(argv)
+    if args.output is not None and not args.output.endswith((".safetensors", ".npy")):
+        raise ValueError(f"--output {args.output!r}: name a .safetensors or a .npy file.")
+    texts = read_texts(args)
+    embedder = Embedder.load(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
+    embeddings = embedder.encode(texts, prompt_name=args.prompt_name)
+    if args.output is None:
+        for row in embeddings.float().tolist():
+            print(json.dumps(row))
+    else:
+        write_embeddings(embeddings, args.output)
+        print(f"{args.output}: {len(texts)} embeddings of {embedder.dimension} float32 values")
+
+
+def rerank_command(argv):
+    parser = argparse.ArgumentParser(
+        prog="load.py rerank", description="The documents ranked by a reranker's score for the query, best first."
+    )
+    parser.add_argument("documents", nargs="+", metavar="DOC", help="the documents to rank")
+    parser.add_argument("--query", required=True, help="the query")
+    parser.add_argument("--top-k", type=int, default=None, help="print only the best k (default: all)")
+    common_arguments(parser)
+    args = parser.parse_args(argv)
+    reranker = Reranker.load(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
+    for r in reranker.rank(args.query, args.documents, top_k=args.top_k):
+        print(f"{r['score']:.4f}  {r['corpus_id']}  {shown(args.documents[r['corpus_id']])}")
+
+
+def main(argv):
+    """`embed ...` or `rerank ...`: 0, or 2 with a one-line message on any error the user can fix."""
+    command = {"embed": embed_command, "rerank": rerank_command}[argv[0]]
+    try:
+        command(argv[1:])
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

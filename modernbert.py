@@ -144,10 +144,10 @@ def rotate_half(x):
 
 def apply_rope(x, cos, sin):
     """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 and returned in x's
-    dtype. addcmul fuses the multiply-add: one fewer temporary the size of x."""
+    dtype. addcmul fuses the multiply-add: one fewer temporary the size of x. A bf16 x needs no fp32 copy of
+    its own: the fp32 tables make each product fp32 (type promotion), and rotate_half only moves and negates."""
     cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
-    xf = x.float()
-    return torch.addcmul(xf * cos, rotate_half(xf), sin).to(x.dtype)
+    return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -150,17 +150,6 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)
 
 
-def apply_rope_in_chunks(x, cos, sin, chunk=256):
-    """apply_rope, `chunk` tokens at a time: the same numbers, for a CPU in eager mode. Over the whole stream
-    each of RoPE's fp32 temporaries is 25 MB at 4096 tokens and spills out of the caches; 256 tokens' worth
-    stay in them. In ModernBERT-base forwards on one core of the AMD EPYC this project runs on, RoPE took
-    9 instead of 50 ms a layer at 4096 tokens in bf16 (15% of the forward), 19 instead of 138 at 8192."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = apply_rope(x[i : i + chunk], cos[i : i + chunk], sin[i : i + chunk])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # GeGLU feed-forward
 
@@ -536,10 +525,8 @@ class ModernBertAttention(nn.Module):
         # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
         # Position enters only here: rotating q and k makes q . k depend on their distance alone.
-        # Both are rotated in one call, so a compiled layer does it in one fp32 pass (in eager mode on a CPU,
-        # in chunks of tokens that stay in the caches).
-        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        q, k = (apply_rope_in_chunks if eager_cpu else apply_rope)(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
+        # Both are rotated in one call: apply_rope, in cache-sized chunks on a CPU (see apply_rope_fast).
+        q, k = apply_rope_fast(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
         out = kernel(q, k, qkv[:, 2], packing, self.half_window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
@@ -982,7 +969,7 @@ def traced_padded(attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Finding kernels: varlen flash (the flash_attn package, or torch's own) and compiled FlexAttention.
+# Finding kernels: varlen flash (the flash_attn package, or torch's own) and compiled FlexAttention; RoPE on a CPU.
 
 try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve
     from torch.nn.attention.varlen import varlen_attn
@@ -1029,6 +1016,20 @@ def flex_attention_kernel():
 @functools.cache
 def compiled_flex_attention(flex):
     return torch.compile(flex, dynamic=True)
+
+
+def apply_rope_fast(x, cos, sin, chunk=256):
+    """apply_rope, the same numbers; in eager mode on a CPU `chunk` tokens at a time. Over the whole stream
+    each of RoPE's fp32 temporaries is 25 MB at 4096 tokens and spills out of the caches; 256 tokens' worth
+    stay in them. In ModernBERT-base forwards on one core of the AMD EPYC this project runs on, RoPE took
+    9 instead of 50 ms a layer at 4096 tokens in bf16 (15% of the forward), 19 instead of 138 at 8192.
+    Compiled, or on a GPU, one pass: a compiled layer fuses it into one kernel anyway."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return apply_rope(x, cos, sin)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for i in range(0, x.shape[0], chunk):
+        out[i : i + chunk] = apply_rope(x[i : i + chunk], cos[i : i + chunk], sin[i : i + chunk])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -621,6 +621,20 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     assert not ((bf16_tables.float() - exact).abs() <= ulp).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_chunks_equals_rope_in_one_pass(dtype):
+    """apply_rope_fast, what eager forwards on a CPU run, gives apply_rope's numbers and gradients: q and k
+    as the attention layer passes them (strided inside Wqkv's output), two full chunks and a short one."""
+    T = 600
+    qkv = torch.randn(T, 3, 4, 64, dtype=dtype, requires_grad=True)  # (T, 3, H, D)
+    cos, sin = mb.rope_tables(160000.0, 64, torch.arange(T) % 300)  # positions restart, as in a packed stream
+    whole = mb.apply_rope(qkv[:, :2], cos, sin)
+    chunked = mb.apply_rope_fast(qkv[:, :2], cos, sin, chunk=256)
+    assert chunked.dtype == dtype and torch.equal(chunked, whole)
+    grads = [torch.autograd.grad(out.float().square().sum(), qkv)[0] for out in (whole, chunked)]
+    assert torch.equal(*grads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the problem, or the right answer; never a NaN or a silent wrong result
 

@@ -143,9 +143,8 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 and returned in x's
-    dtype. addcmul fuses the multiply-add: one fewer temporary the size of x. A bf16 x needs no fp32 copy of
-    its own: the fp32 tables make each product fp32 (type promotion), and rotate_half only moves and negates."""
+    """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), in fp32 (the fp32 tables promote every product:
+    no fp32 copy of x is needed) and returned in x's dtype. addcmul fuses the multiply-add: one temporary fewer."""
     cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
     return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)
 
@@ -307,9 +306,8 @@ def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
     if half_window is not None:
         return local_block_attention(q, k, v, packing, half_window, dropout_p)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding: 1.7x faster than
-        # the masked grid on 16 sequences of ~240 tokens (bench.py --kernels), and a Python loop costs nothing
-        # there. On a GPU it would be N launches and a sync.
+        # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding (1.7x the masked
+        # grid at bench.py's workload a), and a Python loop costs nothing there. On a GPU: N launches and a sync.
         return sdpa_per_sequence(q, k, v, packing, dropout_p)
     return sdpa_on_grid(q, k, v, packing, dropout_p)
 
@@ -317,13 +315,10 @@ def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
 def sdpa_per_sequence(q, k, v, packing, dropout_p=0.0):
     """Global attention as one unmasked SDPA call per sequence of the stream (every token real)."""
     out, bounds = torch.empty_like(q), packing.cu_seqlens.tolist()
-    half = q.dtype in (torch.float16, torch.bfloat16)
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D is fused
-        if half:  # the CPU kernel reads strided bf16 heads slowly. Copied head-major, the attention of a global
-            # layer at 8192 tokens took 2.74 s instead of 3.46 on one core (the same at 512). fp32 heads stay
-            # strided: the copy cost them 17% at 512 tokens.
-            qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
+        if q.dtype != torch.float32:  # a CPU reads strided half-precision heads slowly: head-major, 8192 tokens
+            qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()  # took 2.74 s, not 3.46 (fp32: 17% slower)
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
     return out
 
@@ -524,9 +519,8 @@ class ModernBertAttention(nn.Module):
     def forward(self, x, rope, packing, kernel):  # x: (T, hidden)
         # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
-        # Position enters only here: rotating q and k makes q . k depend on their distance alone.
-        # Both are rotated in one call: apply_rope, in cache-sized chunks on a CPU (see apply_rope_fast).
-        q, k = apply_rope_fast(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
+        # Position enters only here: rotating q and k (in one call) makes q . k depend on their distance alone.
+        q, k = apply_rope_fast(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each; apply_rope, in chunks on a CPU
         out = kernel(q, k, qkv[:, 2], packing, self.half_window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 

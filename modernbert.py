@@ -1014,9 +1014,9 @@ def compiled_flex_attention(flex):
 
 def apply_rope_fast(x, cos, sin, chunk=256):
     """apply_rope, the same numbers; in eager mode on a CPU `chunk` tokens at a time. Over the whole stream
-    each of RoPE's fp32 temporaries is 25 MB at 4096 tokens and spills out of the caches; 256 tokens' worth
-    stay in them. On one core of the AMD EPYC this project runs on, ModernBERT-base's q and k in bf16 took
-    8-9 ms instead of 21-52 in one pass at 4096 tokens, 16-19 instead of 96-113 at 8192 (repeated runs).
+    each of RoPE's fp32 temporaries is 25 MB of fresh memory at 4096 tokens, out of the caches; 256 tokens'
+    worth are reused and stay in them. On one core of the AMD EPYC this project runs on, ModernBERT-base's
+    q and k in bf16 took 8-9 ms instead of 21-52 in one pass at 4096 tokens, 16-19 instead of 96-113 at 8192.
     Compiled, or on a GPU, one pass: a compiled layer fuses it into one kernel anyway."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return apply_rope(x, cos, sin)

@@ -82,7 +82,7 @@ def read_modules(folder, model_type):
     (config_sentence_transformers.json's model_type: "SentenceTransformer" when not written, or
     "CrossEncoder"). [] when the folder has no modules.json: a plain transformers checkpoint, whatever
     else it has, as Sentence Transformers reads it."""
-    entries = read_json_list(folder, "modules.json")
+    entries = read_json(folder, "modules.json")  # {} when there is none
     written = read_json(folder, "config_sentence_transformers.json").get("model_type", "SentenceTransformer")
     if entries and written != model_type:
         use = {"SentenceTransformer": "load_embedder", "CrossEncoder": "load_reranker"}.get(written)
@@ -103,14 +103,6 @@ def read_modules(folder, model_type):
     if (modules and modules[0][0] != "Transformer") or any(kind == "Transformer" for kind, _ in modules[1:]):
         raise ValueError(f"modules.json in {folder!r}: the first module, and only it, must be the Transformer.")
     return modules
-
-
-def read_json_list(folder, name):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
 
 
 def transformer_settings(folder, task, model_config):
@@ -219,9 +211,9 @@ class Normalize(nn.Module):
 # Pooling and packed batches
 
 
-def pool(hidden, cu_seqlens, modes, skip=0):
-    """Token states of N texts back to back, hidden (T, H) with boundaries cu_seqlens (N + 1,), -> one
-    vector per text (N, len(modes) * H), as Sentence Transformers' Pooling computes it on a right-padded
+def pool(hidden, packing, modes, skip=0):
+    """Token states of N texts back to back, hidden (T, H) laid out as `packing` (the model's Packing) says,
+    -> one vector per text (N, len(modes) * H), as Sentence Transformers' Pooling computes it on a right-padded
     batch. skip: the prompt's leading tokens ([CLS] included) that include_prompt=False leaves out.
 
         cls        the first token kept ([CLS]; with skip, the first after the prompt)
@@ -231,11 +223,10 @@ def pool(hidden, cu_seqlens, modes, skip=0):
                    the sum of the kept tokens over n, over sqrt(n), or weighted by position + 1 over the weights
     A text with no token kept (truncated inside its prompt) gets what Sentence Transformers gives it: its
     first token for cls, -inf for max, zeros otherwise."""
-    cu = cu_seqlens.long()
+    cu = packing.cu_seqlens.long()
     starts, lengths = cu[:-1], cu.diff()
-    N, (T, H) = lengths.shape[0], hidden.shape
-    seq = torch.repeat_interleave(torch.arange(N, device=hidden.device), lengths, output_size=T)  # (T,)
-    position = torch.arange(T, device=hidden.device) - starts[seq]  # (T,) place inside its text
+    N, H = lengths.shape[0], hidden.shape[1]
+    seq, position = packing.seq_ids, packing.positions  # (T,) each token's text and its place inside it
     kept = position >= skip  # (T,)
     any_kept = lengths > skip  # (N,)
     x, s = hidden[kept], seq[kept]  # (T_kept, H), (T_kept,)
@@ -431,8 +422,8 @@ class Embedder(Pipeline):
             return torch.empty(0, self.dimension, device=self.model.device, dtype=self.model.dtype)
 
         def forward(input_ids, cu_seqlens):
-            hidden, _, _ = self.model.encode(input_ids, cu_seqlens=cu_seqlens)
-            return self.modules(pool(hidden, cu_seqlens, self.modes, skip))
+            hidden, packing, _ = self.model.encode(input_ids, cu_seqlens=cu_seqlens)
+            return self.modules(pool(hidden, packing, self.modes, skip))
 
         encodings = self.tokenizer.encode_batch(texts)
         out = run_packed(

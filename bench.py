@@ -110,15 +110,20 @@ def fast_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None)
         return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
 
 
+def random_init():
+    """Seed 0, and fast_trunc_normal_ in place of the trunc_normal_ that torch and transformers' init call."""
+    torch.manual_seed(0)
+    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
+        fast_trunc_normal_
+    )
+
+
 def build_models(which, dtype, device, ours_impl, compiled=False):
     """Random ModernBERT-base MLM models: theirs (sdpa) and/or ours with theirs' weights copied in. With
     compiled, also ours_compiled (a copy of ours, .compile()d: each encoder layer, dynamic shapes) and
     theirs_compiled (torch.compile of theirs' encoder, default options; it shares theirs' weights).
     torch.compile is lazy: the first call of each compiles."""
-    torch.manual_seed(0)
-    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
-        fast_trunc_normal_
-    )
+    random_init()
     models = {}
     if which in ("both", "theirs"):
         models["theirs"] = transformers.ModernBertForMaskedLM._from_config(
@@ -524,16 +529,18 @@ def run_workload(variants, w, device, args, deadline=None):
         f"  {device.type} {w}: {len(lengths)} seqs, {sum(lengths)} real tokens, padded to {ids.shape[1]}",
         file=sys.stderr,
     )
-    fns = {f"{d} {name}": fn for d, _, _, models in variants for name, fn in forward_fns(models, w, ids, mask).items()}
+    per_dtype = {d: forward_fns(models, w, ids, mask) for d, _, _, models in variants}
+    fns = {f"{d} {name}": fn for d, own in per_dtype.items() for name, fn in own.items()}  # "bf16 ours", ...
     warmup = device.type == "cuda" or any(k.endswith("ours_compiled") for k in fns)
     results = time_interleaved(fns, args.repeats, device, warmup, deadline)
+    flops = model_flops(lengths, int((ids == MASK_ID).sum()) if w == "e" else 0)
     rows = []
     for dname, impl, label, _ in variants:
         # this dtype's share of the results, keyed by variant name again
         secs, outs, first_secs = (
             {k.split(" ", 1)[1]: v for k, v in r.items() if k.startswith(f"{dname} ")} for r in results
         )
-        own_fns = {k.split(" ", 1)[1]: fn for k, fn in fns.items() if k.startswith(f"{dname} ")}
+        own_fns = per_dtype[dname]
         diffs = max_diffs(outs)
         if diffs:
             print(
@@ -554,7 +561,6 @@ def run_workload(variants, w, device, args, deadline=None):
         del outs
         failures = {k: v for k, v in secs.items() if isinstance(v, str)}
         mem = {} if args.no_memory else measure_memory(own_fns, failures, w, dname, device, args.batch_size, impl)
-        flops = model_flops(lengths, int((ids == MASK_ID).sum()) if w == "e" else 0)
         row = dict(w=w, label=label, device=device.type, tok=sum(lengths), secs=secs, first=compiled_first)
         rows.append(row | dict(flops=flops, mem=mem, diff=diffs.get("ours")))
     return rows
@@ -699,11 +705,13 @@ def layer_kernels(packing, device, window):
     g = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(T, H, D, device=device, generator=g, dtype=dtype) for _ in range(3))
-    masks = {w: mb.flex_block_mask(packing, w) for w in (None, window)}
+
+    def block_masks():  # one per layer type, as a forward builds them
+        return {w: mb.flex_block_mask(packing, w) for w in (None, window)}
+
+    masks = block_masks()
     fns = {
-        ("both", "flex block masks (once a forward)"): lambda: [
-            mb.flex_block_mask(packing, w) for w in (None, window)
-        ],
+        ("both", "flex block masks (once a forward)"): block_masks,
         ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
         ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
         ("global", "sdpa masked grid"): lambda: mb.sdpa_on_grid(q, k, v, dataclasses.replace(packing, uniform=False)),
@@ -727,7 +735,7 @@ def kernel_table(args, device):
     shape (ModernBERT-base heads, bf16 on CUDA, fp32 on CPU), best of --repeats after an untimed round that
     compiles flex. Which kernel `attention_kernels` picks for each layer type rests on this table."""
     cfg = mb.ModernBertConfig()
-    window = cfg.local_attention // 2
+    window = cfg.half_window
     print(f"Machine: {machine_line()}")
     print(f"Command: python bench.py {' '.join(sys.argv[1:])}\n")
     print(md_header(["workload", "real tokens", "layer", "kernel", "ms", "vs fastest of its layer type"], left=4))
@@ -793,10 +801,7 @@ def bench_embeddings(args, device):
         raise SystemExit(f"--embeddings needs the ModernBERT tokenizer: no {tokenizer_json} (MODERNBERT_SHARED_DATA)")
     texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts)
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
-            fast_trunc_normal_
-        )
+        random_init()
         transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(folder)
         for name in load.TOKENIZER_FILES:
             shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(folder, name))

@@ -1337,7 +1337,6 @@ def current_umask():
 
 
 # ----------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------
 # Input checks: a clear error for every malformed input, in one place so the forward path reads as the
 # idea. Checks that read values (not only shapes) sync with the GPU, and a traced graph (torch.compile,
 # torch.export) cannot raise on data, so they run only in eager mode: check inputs eagerly before compiling.

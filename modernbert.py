@@ -1012,6 +1012,18 @@ def compiled_flex_attention(flex):
     return torch.compile(flex, dynamic=True)
 
 
+def flex_on_cpu_fallback(q, k, v, packing, half_window):
+    """What torch 2.13's flex cannot do on a CPU: run inside a traced graph (its C++ template compiles flex
+    alone, but not inside a compiled layer or model: sdpa serves there, as attention_kernels' table says),
+    and backward (an error that says what to do)."""
+    if torch.compiler.is_compiling():
+        return sdpa_attention(q, k, v, packing, half_window)
+    raise RuntimeError(
+        "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
+        "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
+    )
+
+
 def apply_rope_fast(x, cos, sin, chunk=256):
     """apply_rope, the same numbers; in eager mode on a CPU `chunk` tokens at a time. Over the whole stream
     each of RoPE's fp32 temporaries is 25 MB of fresh memory at 4096 tokens, out of the caches; 256 tokens'
@@ -1028,18 +1040,6 @@ def apply_rope_fast(x, cos, sin, chunk=256):
 
 # ----------------------------------------------------------------------------------------------------
 # Compiling, gradient checkpointing, weight init roles
-
-
-def flex_on_cpu_fallback(q, k, v, packing, half_window):
-    """What torch 2.13's flex cannot do on a CPU: run inside a traced graph (its C++ template compiles flex
-    alone, but not inside a compiled layer or model: sdpa serves there, as attention_kernels' table says),
-    and backward (an error that says what to do)."""
-    if torch.compiler.is_compiling():
-        return sdpa_attention(q, k, v, packing, half_window)
-    raise RuntimeError(
-        "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
-        "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
-    )
 
 
 def compile_layers(model, **kwargs):

@@ -1159,6 +1159,9 @@ def checkpoint_folder(
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
         return path
+    if os.path.isfile(path):  # model.safetensors, say: the checkpoint is the folder that holds it
+        folder = os.path.dirname(path) or "."
+        raise NotADirectoryError(f"{path!r} is a file: pass the checkpoint's folder, {folder!r}.")
     # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
     # release picks. huggingface_hub reads them once, when first imported.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")

@@ -1251,8 +1251,13 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"No checkpoint at {folder!r}: it has no config.json.")
-    with open(config_path) as f:
-        d = json.load(f)
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(
+                f"{config_path} is not valid JSON ({e}): fix it, or fetch the checkpoint again."
+            ) from None
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})

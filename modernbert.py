@@ -1292,9 +1292,12 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     initialised = model.state_dict()
     to_load.update({k: initialised[k] for k in report["initialised"]})
     model.load_state_dict(to_load, strict=True)
-    if report["dropped"] or report["initialised"]:
-        dropped, fresh = report["dropped"] or "nothing", report["initialised"] or "nothing"
-        warnings.warn(f"{cls.__name__} from {folder}: dropped {dropped}; initialised fresh {fresh}.", stacklevel=3)
+    changed = {"dropped": report["dropped"], "initialised fresh": report["initialised"]}
+    if said := "; ".join(f"{what} {keys}" for what, keys in changed.items() if keys):
+        frame, stacklevel = inspect.currentframe(), 1  # point at the user's line: the first one outside this file
+        while frame is not None and frame.f_globals is globals():
+            frame, stacklevel = frame.f_back, stacklevel + 1
+        warnings.warn(f"{cls.__name__} from {folder}: {said}.", stacklevel=stacklevel)
     model.load_report = report
     return model.to(device=device, dtype=dtype).eval()
 

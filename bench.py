@@ -758,7 +758,7 @@ def kernel_table(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# --embeddings: load.load_embedder's encode (texts sorted by length, packed batches by token budget) against
+# --embeddings: embed.load_embedder's encode (texts sorted by length, packed batches by token budget) against
 # sentence-transformers' SentenceTransformer.encode with its defaults (batches of 32 texts, padded), on the
 # same random weights and the same texts, checked to agree before timing.
 
@@ -808,11 +808,14 @@ def bench_embeddings(args, device):
         modules = [Transformer(folder), Pooling(ETTIN_32M["hidden_size"], "mean"), Normalize()]
         SentenceTransformer(modules=modules, device=device.type).save(folder, create_model_card=False)
         theirs = SentenceTransformer(folder, device=device.type)  # as users load it
-        ours = load.load_embedder(folder, device=device)
+        ours = embed.load_embedder(folder, device=device)
         tokens = [len(e.ids) for e in ours.tokenizer.encode_batch(texts)]
         n, total = len(texts), sum(tokens)
         print(f"  {n} texts, {total} tokens (mean {total / n:.0f}, longest {max(tokens)})", file=sys.stderr)
-        fns = {"ours": lambda: ours.encode(texts), "theirs": lambda: torch.from_numpy(theirs.encode(texts))}
+        fns = {
+            "ours": lambda: torch.from_numpy(ours.encode(texts)),
+            "theirs": lambda: torch.from_numpy(theirs.encode(texts)),
+        }
         secs, outs, _ = time_interleaved(fns, args.repeats, device, warmup=device.type == "cuda")
     diff = (outs["ours"].float().cpu() - outs["theirs"].float()).abs().max().item()
     assert diff < 1e-4, f"ours and SentenceTransformer.encode differ by {diff:.2e}"  # fp32, unit vectors

@@ -1,14 +1,12 @@
 """Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in masked tokens.
 
 The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line. Sentence embeddings and
-rerankers live beside it in embed.py (load_embedder, load_reranker below, and the embed / rerank commands).
+rerankers live in embed.py, which builds on this file (load_embedder, load_reranker, `python embed.py embed`).
 
     python load.py                                       # the default demo sentence
     python load.py "The capital of France is [MASK]."
     python load.py --model ./my-checkpoint --top-k 3 "One [MASK] text." "Two [MASK] in [MASK] text."
     python load.py --model ./an-mmbert-checkpoint "The capital of France is <mask>."   # its own mask token
-    python load.py embed --model nomic-ai/modernbert-embed-base --prompt-name query "What is ModernBERT?"
-    python load.py rerank --model Alibaba-NLP/gte-reranker-modernbert-base --query "Q?" "doc one" "doc two"
 
 From Python, e.g. a notebook:
 
@@ -43,6 +41,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 from tokenizers import Tokenizer
@@ -104,7 +103,8 @@ def load_model(
     cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
     if cls is None:
         raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
-    return cls.from_pretrained(
+    return with_warnings_at_caller(
+        cls.from_pretrained,
         name_or_folder,
         revision,
         attn_implementation=attn_implementation,
@@ -112,6 +112,17 @@ def load_model(
         device=device,
         **config_overrides,
     )
+
+
+def with_warnings_at_caller(load, *args, **kwargs):
+    """load(*args, **kwargs), the warnings it gives (what the loader dropped or initialised fresh) issued again
+    at the line that called our caller (load_model, embed.load_embedder): the user's line, not one of ours."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # catch every one; the user's own filters judge them below
+        out = load(*args, **kwargs)
+    for w in caught:
+        warnings.warn(w.message, stacklevel=3)  # 1: here, 2: load_model or load_embedder, 3: its caller
+    return out
 
 
 def resolve(name_or_folder, revision=None):
@@ -222,21 +233,6 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
     }
 
 
-def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
-    """Sentence embeddings as Sentence Transformers computes them: embed.Embedder (encode, encode_query,
-    encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files."""
-    import embed  # embed.py imports this file
-
-    return embed.Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
-
-
-def load_reranker(name_or_folder, device=None, dtype=None, revision=None):
-    """Reranker scores as Sentence Transformers' CrossEncoder computes them: embed.Reranker (predict, rank)."""
-    import embed
-
-    return embed.Reranker.load(name_or_folder, device=device, dtype=dtype, revision=revision)
-
-
 def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
     """model.save_pretrained(folder), plus the tokenizer files of `tokenizer_from` (a folder or hub id),
     so that `folder` is a whole checkpoint for load.py and for transformers."""
@@ -339,7 +335,7 @@ def format_results(texts, results, mask):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Fill in masked tokens with ModernBERT: the top-k tokens for every mask of every text. "
-        "Also: `load.py embed --help` (sentence embeddings), `load.py rerank --help` (reranker scores)."
+        "Sentence embeddings and reranker scores: `python embed.py --help`."
     )
     parser.add_argument(
         "texts",
@@ -374,13 +370,13 @@ def pick_device(name):
 
 def main(argv=None):
     """Prints the predictions; exits with status 2 and a one-line message on any error the user can
-    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU.
-    `load.py embed ...` and `load.py rerank ...` are the commands of embed.py."""
+    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("embed", "rerank"):
-        import embed
-
-        return embed.main(argv)
+    if argv and argv[0] in ("embed", "rerank"):  # where these commands were before embed.py had its own
+        print(
+            f"error: `load.py {argv[0]}` is now `python embed.py {argv[0]}`, with the same arguments.", file=sys.stderr
+        )
+        return 2
     args = parse_args(argv)
     try:
         device = pick_device(args.device)

@@ -65,6 +65,8 @@ EMBEDDER_FILES = ("modules.json", "*/config.json", "sentence_bert_config.json", 
 HUB_FILES = (*CHECKPOINT_FILES, *TOKENIZER_FILES, *EMBEDDER_FILES)  # what a hub id fetches for load.py
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 DEMO_TEXT = "Plants create {mask} through a process known as photosynthesis."  # with the model's mask token
+CONTEXT_TOKENS = 10  # the command line shows a filled mask with this many tokens on either side
+SHOWN_CHARACTERS = 80  # and a long text's first characters
 # The special tokens read from a checkpoint (tokenizer_config.json's keys; config.json has them + "_id").
 SPECIAL_TOKENS = ("mask_token", "pad_token", "cls_token", "sep_token", "bos_token", "eos_token", "unk_token")
 
@@ -144,7 +146,11 @@ def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
     pad token and never truncates. `tokenizer.special_tokens_map` holds the checkpoint's special tokens
     ({"mask_token": "[MASK]", "pad_token": "[PAD]", ...}, as transformers names them)."""
     folder = resolve(name_or_folder, revision)
-    tokenizer = Tokenizer.from_file(tokenizer_json(folder))
+    path = tokenizer_json(folder)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # what `tokenizers` raises for a file it cannot parse
+        raise ValueError(f"Could not read {path} ({e}): fix it, or fetch the checkpoint again.") from None
     tokenizer.special_tokens_map, tokenizer.special_tokens_read = read_special_tokens(folder, tokenizer)
     tokenizer.no_truncation()
     pad = tokenizer.special_tokens_map.get("pad_token")
@@ -181,8 +187,11 @@ def read_json(folder, name):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{path} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
 
 
 def tokenizer_json(folder):
@@ -319,17 +328,34 @@ def shown(s, strip=False):
     return t if t and t.isprintable() else repr(s)
 
 
-def format_results(texts, results, mask):
+def format_results(tokenizer, texts, results):
+    """fill_mask's results as lines for a terminal: each text (its beginning, if long), then for each of its
+    masks the top-k tokens, each shown in place among its neighbours (see in_context), not in the whole
+    `sequence`, which is the whole text: 41 KB a line for 8,190 tokens."""
+    mask = mask_token(tokenizer)
     lines = []
     for text, masks in zip(texts, results):
-        lines += ["", text] if lines else [text]
-        for m, predictions in enumerate(masks):
+        header = (
+            text if len(text) <= 2 * SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)"
+        )
+        lines += ["", header] if lines else [header]
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        positions = [i for i, t in enumerate(ids) if t == tokenizer.token_to_id(mask)]
+        for m, (position, predictions) in enumerate(zip(positions, masks)):
             lines.append(f"  {mask} {m + 1} of {len(masks)}:")
             width = max(len(shown(p["token_str"], strip=True)) for p in predictions)
             for p in predictions:
-                token = shown(p["token_str"], strip=True)
-                lines.append(f"    {p['score']:.4f}  {token:<{width}}  (id {p['token']:>5})  {shown(p['sequence'])}")
+                token, context = shown(p["token_str"], strip=True), in_context(tokenizer, ids, position, p["token"])
+                lines.append(f"    {p['score']:.4f}  {token:<{width}}  (id {p['token']:>5})  {shown(context)}")
     return "\n".join(lines)
+
+
+def in_context(tokenizer, ids, position, token):
+    """The text around ids[position] with `token` in its place: CONTEXT_TOKENS tokens on either side, and "..."
+    where the text goes on."""
+    start, end = max(position - CONTEXT_TOKENS, 0), position + 1 + CONTEXT_TOKENS
+    around = tokenizer.decode(ids[start:position] + [token] + ids[position + 1 : end], skip_special_tokens=False)
+    return "..." * (start > 0) + around + "..." * (end < len(ids))
 
 
 def parse_args(argv=None):
@@ -390,7 +416,7 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_results(texts, results, mask))
+    print(format_results(tokenizer, texts, results))
     return 0
 
 

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -2175,6 +2176,8 @@ PREDICTION = re.compile(
 
 
 def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
+    """Short texts fit the window around each mask: each line shows fill_mask's `sequence`, without the
+    [CLS] / [SEP] that the pipeline keeps in it when a text has several masks."""
     texts = TEXTS[:2]
     rc, out, err, _ = run_cli("--model", demo_checkpoint, "--top-k", 3, *texts)
     assert rc == 0, err
@@ -2193,7 +2196,7 @@ def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
                     round(p["score"], 4),
                     shown(p["token_str"], strip=True),
                     p["token"],
-                    shown(p["sequence"]),
+                    shown(p["sequence"].removeprefix("[CLS]").removesuffix("[SEP]")),
                 ), line
     assert next(lines, None) is None
 
@@ -2242,6 +2245,111 @@ def test_cli_unreachable_hub_is_a_clear_message(tmp_path, env, name):
         and "pass its folder" in err
     ), err
     assert seconds < 60, f"took {seconds:.0f} s to give up"
+
+
+def test_cli_shows_each_prediction_among_its_neighbours(demo_checkpoint, demo, capsys):
+    """A long text: each prediction line shows the filled token among 10 tokens on either side, "..." where the
+    text goes on, and the text itself only by its beginning (the pipeline's `sequence` is the whole text)."""
+    import load
+
+    text = "word " * 200 + "a [MASK] here" + " more words" * 100  # 504 tokens with [CLS] and [SEP]
+    assert load.main(["--model", str(demo_checkpoint), "--top-k", "2", text]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [text[:80] + f"... ({len(text):,} characters)", "  [MASK] 1 of 1:"] and len(lines) == 4
+    for line, p in zip(lines[2:], fill_mask(*demo, text, top_k=2)[0][0]):
+        context = PREDICTION.match(line).group(4)
+        assert context == "..." + " word" * 9 + f" a{p['token_str']} here" + " more words" * 4 + " more...", line
+
+
+def test_a_checkpoint_file_given_for_its_folder_names_the_folder(demo_checkpoint, capsys):
+    import load
+
+    weights = demo_checkpoint / "model.safetensors"
+    message = f"{str(weights)!r} is a file: pass the checkpoint's folder, {str(demo_checkpoint)!r}."
+    with pytest.raises(NotADirectoryError) as e:
+        mb.ModernBertForMaskedLM.from_pretrained(weights)
+    assert str(e.value) == message
+    assert load.main(["--model", str(weights), "A [MASK]."]) == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_file_that_is_not_json_is_named(demo_checkpoint, tmp_path, capsys):
+    """A broken config.json (or tokenizer file) is an error naming the file, from Python and at the command line."""
+    import load
+
+    folder = shutil.copytree(demo_checkpoint, tmp_path / "broken")
+    config = folder / "config.json"
+    config.write_text('{\n  "hidden_size": 64,\n}\n')  # a trailing comma
+    message = rf"{re.escape(str(config))} is not valid JSON \(Expecting property name .*\): fix it, or fetch the"
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        mb.ModernBertForMaskedLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        load_tokenizer(folder)  # reads config.json's special token ids
+    assert load.main(["--model", str(folder), "A [MASK]."]) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"^error: {message}", err) and len(err.splitlines()) == 1, err
+    shutil.copyfile(demo_checkpoint / "config.json", config)
+    (folder / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^Could not read {re.escape(str(folder / 'tokenizer.json'))} \(.+\)"):
+        load_tokenizer(folder)
+
+
+def test_the_loaders_warning_says_what_changed_at_the_callers_line(demo_checkpoint):
+    """An encoder from a masked-LM folder: the warning names what was dropped (no "initialised fresh nothing")
+    and points at the line that asked for the model, through every door, not at a line of our files."""
+    from embed import load_embedder
+
+    doors = {
+        "from_pretrained": lambda: mb.ModernBertModel.from_pretrained(demo_checkpoint),
+        "load_model": lambda: load_model(demo_checkpoint, task=mb.ModernBertModel),
+        "load_embedder": lambda: load_embedder(demo_checkpoint),  # + the warning that it has no pooling files
+    }
+    for door, load in doors.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        (report,) = [w for w in caught if "ModernBertModel from" in str(w.message)]
+        assert str(report.message).endswith(": dropped ['decoder.bias', 'head.dense.weight', 'head.norm.weight']."), (
+            door,
+            str(report.message),
+        )
+        assert {w.filename for w in caught} == {__file__}, (door, [(w.filename, w.lineno) for w in caught])
+    with pytest.warns(UserWarning, match=r"dropped \['decoder.bias'\]; initialised fresh \['classifier.weight'"):
+        load_model(demo_checkpoint, task="sequence-classification")
+
+
+@needs_tokenizer
+def test_readme_install_and_python_recipes(demo_checkpoint, tmp_path, monkeypatch, capsys):
+    """README's recipes in "Install, and the demo" and "Using it from Python", run as written, offline, with a
+    local folder in place of each hub id as README says: the tokenizer's folder for the tiny checkpoint (whose
+    demo prints lines shaped as README shows them), the small demo checkpoint for the rest. The loader's
+    warnings point at the recipes' own lines."""
+    import load
+
+    readme = Path(HERE, "README.md").read_text()
+    install = readme.split("## Install, and the demo")[1].split("\n## ")[0]
+    (recipe,) = re.findall(r"```python\n(.*?)```", install, flags=re.S)
+    printed = re.search(r"```\n(Plants create .*?)```", install, flags=re.S).group(1)  # the demo's output
+    recipe = recipe.replace('"answerdotai/ModernBERT-base"', repr(str(TOKENIZER_DIR)))
+    exec(recipe.replace('"/tmp/tiny"', repr(str(tmp_path / "tiny"))), {})
+    assert load.main(["--model", str(tmp_path / "tiny"), "--top-k", "3"]) == 0
+    lines, shown_lines = capsys.readouterr().out.splitlines(), printed.splitlines()
+    assert lines[:2] == shown_lines[:2] and len(lines) == len(shown_lines) == 5
+    assert all(
+        PREDICTION.match(line).group(4).endswith(" through a process known as photosynthesis.") for line in lines[2:]
+    )
+
+    python = readme.split("## Using it from Python")[1].split("\n## ")[0]
+    snippets = re.findall(r"```python\n(.*?)```", python, flags=re.S)
+    assert len(snippets) == 2, "loading, fill-mask and encoding; fine-tuning a classifier"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"data": [(["I loved it", "I hated it"], torch.tensor([1, 0]))] * 2}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for snippet in snippets:
+            exec(snippet.replace('"answerdotai/ModernBERT-base"', repr(str(demo_checkpoint))), namespace)
+    assert namespace["hidden"].shape == (*namespace["batch"]["input_ids"].shape, TINY["hidden_size"])
+    assert (tmp_path / "my-classifier" / "model.safetensors").is_file()
+    assert [w.filename for w in caught] == ["<string>"] * 2, [(w.filename, str(w.message)) for w in caught]
 
 
 def test_a_name_that_is_neither_folder_nor_cached_says_both(tmp_path, monkeypatch):

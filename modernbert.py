@@ -1212,8 +1212,11 @@ def read_safetensors(folder):
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        with open(index, encoding="utf-8") as f:
+            try:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+                raise ValueError(f"{index} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     elif any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(folder)):

@@ -330,17 +330,16 @@ def shown(s, strip=False):
 
 def format_results(tokenizer, texts, results):
     """fill_mask's results as lines for a terminal: each text (its beginning, if long), then for each of its
-    masks the top-k tokens, each shown in place among its neighbours (see in_context), not in the whole
-    `sequence`, which is the whole text: 41 KB a line for 8,190 tokens."""
+    masks the top-k tokens, each shown in place among its neighbours (in_context), not in the pipeline's
+    `sequence`: that is the whole text, kilobytes on every line for a long one."""
     mask = mask_token(tokenizer)
-    lines = []
+    mask_id, lines = tokenizer.token_to_id(mask), []
     for text, masks in zip(texts, results):
-        header = (
-            text if len(text) <= 2 * SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)"
-        )
+        long = len(text) > 2 * SHOWN_CHARACTERS
+        header = f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)" if long else text
         lines += ["", header] if lines else [header]
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        positions = [i for i, t in enumerate(ids) if t == tokenizer.token_to_id(mask)]
+        positions = [i for i, t in enumerate(ids) if t == mask_id]
         for m, (position, predictions) in enumerate(zip(positions, masks)):
             lines.append(f"  {mask} {m + 1} of {len(masks)}:")
             width = max(len(shown(p["token_str"], strip=True)) for p in predictions)

@@ -2288,6 +2288,10 @@ def test_a_file_that_is_not_json_is_named(demo_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.match(rf"^error: {message}", err) and len(err.splitlines()) == 1, err
     shutil.copyfile(demo_checkpoint / "config.json", config)
+    index = folder / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model.safetensors",}}')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(index))} is not valid JSON \(Expecting property name"):
+        mb.ModernBertForMaskedLM.from_pretrained(folder)
     (folder / "tokenizer.json").write_text("{")
     with pytest.raises(ValueError, match=rf"^Could not read {re.escape(str(folder / 'tokenizer.json'))} \(.+\)"):
         load_tokenizer(folder)

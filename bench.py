@@ -414,7 +414,7 @@ def parse_args(argv=None):
         "(f runs on CUDA only: asked for on CPU, it is skipped with a note)",
     )
     p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts (default 3)")
     p.add_argument(
         "--batch",
         type=int,
@@ -440,7 +440,12 @@ def parse_args(argv=None):
         help="start no new workload or variant after this many seconds; print the finished rows",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--embeddings", action="store_true", help="only the sentence-embedding comparison (see above)")
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="instead of the models: sentence embeddings, embed.load_embedder's encode against sentence-transformers' "
+        "SentenceTransformer.encode on a random ettin-encoder-32m-sized model (--texts, --repeats, --device)",
+    )
     p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
     p.add_argument(
         "--kernels",
@@ -452,7 +457,9 @@ def parse_args(argv=None):
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
-        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
+        "--attn",
+        choices=[a for a in mb.ATTN_IMPLEMENTATIONS if a],
+        help="our attention kernel (default: chosen from device and dtype, as the model chooses it)",
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1945,6 +1945,11 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
         with pytest.raises(SystemExit) as e:
             parsed(*argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert parsed("--attn", "flex_attention")[0].attn == "flex_attention"
+    with pytest.raises(SystemExit):
+        parsed("--help")
+    usage = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    assert "see above" not in usage and "the best counts (default 3)" in usage, usage
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2322,10 +2322,10 @@ def test_the_loaders_warning_says_what_changed_at_the_callers_line(demo_checkpoi
         "load_model": lambda: load_model(demo_checkpoint, task=mb.ModernBertModel),
         "load_embedder": lambda: load_embedder(demo_checkpoint),  # + the warning that it has no pooling files
     }
-    for door, load in doors.items():
+    for door, call in doors.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            load()
+            call()
         (report,) = [w for w in caught if "ModernBertModel from" in str(w.message)]
         assert str(report.message).endswith(": dropped ['decoder.bias', 'head.dense.weight', 'head.norm.weight']."), (
             door,
@@ -2347,6 +2347,7 @@ def test_readme_install_and_python_recipes(demo_checkpoint, tmp_path, monkeypatc
     readme = Path(HERE, "README.md").read_text()
     install = readme.split("## Install, and the demo")[1].split("\n## ")[0]
     (recipe,) = re.findall(r"```python\n(.*?)```", install, flags=re.S)
+    assert '(`"../shared/data/modernbert-base"`) in place of the hub id' in install, "README says how, offline"
     printed = re.search(r"```\n(Plants create .*?)```", install, flags=re.S).group(1)  # the demo's output
     recipe = recipe.replace('"answerdotai/ModernBERT-base"', repr(str(TOKENIZER_DIR)))
     exec(recipe.replace('"/tmp/tiny"', repr(str(tmp_path / "tiny"))), {})

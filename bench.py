@@ -32,7 +32,6 @@ error prints them too, before its traceback and exit status 1.
 
 import argparse
 import copy
-import dataclasses
 import functools
 import gc
 import json
@@ -714,11 +713,11 @@ def layer_kernels(packing, device, window):
         ("both", "flex block masks (once a forward)"): block_masks,
         ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
         ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
-        ("global", "sdpa masked grid"): lambda: mb.sdpa_on_grid(q, k, v, dataclasses.replace(packing, uniform=False)),
+        ("global", "sdpa masked grid"): lambda: mb.sdpa_attention(q, k, v, packing, None),
         ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
     }
-    if packing.uniform:
-        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_on_grid(q, k, v, packing)
+    if packing.equal_lengths:
+        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_equal_lengths(q, k, v, packing)
     if device.type == "cpu":
         fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
     try:

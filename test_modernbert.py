@@ -180,12 +180,9 @@ def test_matches_official_golden_files(case, impl, flash_standin):
         compare_case(model, inputs, expected, 0.03, f"{case}/{impl}", relative=True)
     else:
         compare_case(model, inputs, expected, FP32_TOL, f"{case}/{impl}")
-    if impl == "flash_attention_2":  # local layers get the window; global ones run flash unless all lengths are equal
+    if impl == "flash_attention_2":  # local layers get the window, global ones none (fp32: flash on all layers)
         window = model.config.local_attention // 2
-        uniform = bool((inputs["attention_mask"] == 1).all())
-        assert set(flash_standin) == {(window, window)} | (set() if uniform else {(-1, -1)}), (
-            "flash path must get the window on local layers only"
-        )
+        assert set(flash_standin) == {(window, window), (-1, -1)}, "flash must get the window on local layers only"
 
 
 def test_golden_files_cover_both_config_formats_and_poolings():
@@ -489,7 +486,7 @@ def random_packed(lengths, heads=3, dim=16, seed=0, dtype=torch.float32):
     T = sum(lengths)
     q, k, v = (torch.randn(T, heads, dim, generator=g).to(dtype) for _ in range(3))
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    return q, k, v, mb.Packing.from_cu_seqlens(cu, None, T)
+    return q, k, v, mb.packing_from_cu_seqlens(cu, None, T)
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 16, 64])
@@ -523,10 +520,10 @@ def flex_layouts():
     mask = torch.ones(3, 300, dtype=torch.long)
     mask[0, 250:], mask[1, :40], mask[2, 100:120] = 0, 0, 0
     return {
-        "one token": mb.Packing.from_cu_seqlens(torch.tensor([0, 1]), None, 1),
-        "ragged": mb.Packing.from_cu_seqlens(torch.tensor([0, 5, 128, 135, 136, 256, 265, 331, 531]), None, 531),
-        "empty sequence": mb.Packing.from_cu_seqlens(torch.tensor([0, 300, 300, 317]), None, 317),
-        "traced grid": mb.traced_padded(mask),
+        "one token": mb.packing_from_cu_seqlens(torch.tensor([0, 1]), None, 1),
+        "ragged": mb.packing_from_cu_seqlens(torch.tensor([0, 5, 128, 135, 136, 256, 265, 331, 531]), None, 531),
+        "empty sequence": mb.packing_from_cu_seqlens(torch.tensor([0, 300, 300, 317]), None, 317),
+        "traced grid": mb.pack_for_tracing(mask),
     }
 
 
@@ -549,7 +546,7 @@ def test_flex_block_mask_visits_every_tile_the_rule_needs(layout, window):
     q, k, v = (torch.randn(T, 2, 8) for _ in range(3))
     with torch.no_grad():  # real queries: what padding queries get is never used (repad zeroes it)
         out, ref = (
-            kernel(q, k, v, packing, window)[packing.real] for kernel in (mb.flex_attention, mb.eager_attention)
+            kernel(q, k, v, packing, window)[packing.is_real] for kernel in (mb.flex_attention, mb.eager_attention)
         )
     assert_close(out, ref, 1e-5, f"flex on {layout}")
 
@@ -619,20 +616,6 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     assert ours.dtype == torch.bfloat16 and ((ours.float() - exact).abs() <= ulp).all()
     bf16_tables = mb.apply_rope(x, cos.bfloat16().float(), sin.bfloat16().float())
     assert not ((bf16_tables.float() - exact).abs() <= ulp).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_in_chunks_equals_rope_in_one_pass(dtype):
-    """apply_rope_fast, what eager forwards on a CPU run, gives apply_rope's numbers and gradients: q and k
-    as the attention layer passes them (strided inside Wqkv's output), two full chunks and a short one."""
-    T = 600
-    qkv = torch.randn(T, 3, 4, 64, dtype=dtype, requires_grad=True)  # (T, 3, H, D)
-    cos, sin = mb.rope_tables(160000.0, 64, torch.arange(T) % 300)  # positions restart, as in a packed stream
-    whole = mb.apply_rope(qkv[:, :2], cos, sin)
-    chunked = mb.apply_rope_fast(qkv[:, :2], cos, sin, chunk=256)
-    assert chunked.dtype == dtype and torch.equal(chunked, whole)
-    grads = [torch.autograd.grad(out.float().square().sum(), qkv)[0] for out in (whole, chunked)]
-    assert torch.equal(*grads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -798,11 +781,14 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     def kernels(name, device, dtype, packing=ragged):
         return set(mb.attention_kernels(name, device, dtype, packing, 4).values())
 
-    assert kernels(None, cpu, torch.float32) == kernels(None, cpu, torch.bfloat16) == {mb.sdpa_attention}
+    for dtype in (torch.float32, torch.bfloat16):  # a CPU: sdpa, global layers one call per sequence
+        chosen = mb.attention_kernels(None, cpu, dtype, ragged, 4)
+        assert chosen == {"full_attention": mb.sdpa_per_sequence, "sliding_attention": mb.sdpa_attention}
+    assert mb.attention_kernels(None, cpu, torch.float32, uniform, 4)["full_attention"] is mb.sdpa_equal_lengths
     assert kernels("eager", cpu, torch.float32) == {mb.eager_attention}
     (flex,) = kernels("flex_attention", cpu, torch.float32)  # one block mask per layer type, shared by its layers
     assert flex.func is mb.flex_attention and set(flex.keywords["block_masks"]) == {None, 4}
-    traced = mb.traced_padded(torch.tensor([[1, 1, 0], [0, 1, 1]]))  # varlen flash cannot serve it
+    traced = mb.pack_for_tracing(torch.tensor([[1, 1, 0], [0, 1, 1]]))  # varlen flash cannot serve it
     for name in (None, "flash_attention_2"):
         assert set(mb.attention_kernels(name, gpu, torch.bfloat16, traced, 4).values()) == {mb.sdpa_attention}
     with pytest.raises(RuntimeError, match="no attention dropout"):
@@ -823,10 +809,15 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     if has_kernel:  # torch 2.13 (CI's) has varlen_attn with the window: a bf16 model on a GPU picks flash
         chosen = mb.attention_kernels(None, gpu, torch.bfloat16, ragged, 4)
         assert chosen["full_attention"].func is chosen["sliding_attention"].func is mb.flash_attention
+        chosen = mb.attention_kernels(None, gpu, torch.bfloat16, uniform, 4)  # equal lengths: one dense SDPA call
+        assert (
+            chosen["full_attention"] is mb.sdpa_equal_lengths
+            and chosen["sliding_attention"].func is mb.flash_attention
+        )
         chosen = mb.attention_kernels(
-            None, gpu, torch.bfloat16, uniform, 4
-        )  # equal lengths: dense SDPA on global layers
-        assert chosen["full_attention"] is mb.sdpa_attention and chosen["sliding_attention"].func is mb.flash_attention
+            "flash_attention_2", gpu, torch.float32, uniform, 4
+        )  # fp32: flash's bf16 all through
+        assert chosen["full_attention"].func is chosen["sliding_attention"].func is mb.flash_attention
     # On a GPU without flash-attn and with a torch whose varlen_attn lacks window_size: a clear error
     # (asked for) or sdpa (chosen), never "the import worked".
     import builtins
@@ -1126,7 +1117,7 @@ def test_random_sweep_against_official(seed, flash_standin):
     m = mask.bool()
     packing = mb.Packing.from_mask(mask)
     assert torch.equal(
-        packing.repad(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
+        packing.to_input_grid(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
     )  # pad(unpad(x)) == x on real tokens
     assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(
         lengths
@@ -1219,11 +1210,8 @@ def test_collator_packing_fails_when_the_sequences_are_not_kept_apart(small, mon
     """The wrong variant for the test above: one sequence of the whole stream (what the official sdpa path
     computes from the collator's input) must not pass it."""
     packed, padded = packed_and_padded(small["ModernBertModel"].config, "ModernBertModel")
-    monkeypatch.setattr(
-        mb.Packing,
-        "from_cu_seqlens",
-        classmethod(lambda cls, cu, m, total: mb.Packing.from_mask(torch.ones(1, total, dtype=torch.long))),
-    )
+    one_stream = lambda cu, m, total: mb.Packing.from_mask(torch.ones(1, total, dtype=torch.long))  # noqa: E731
+    monkeypatch.setattr(mb, "packing_from_cu_seqlens", one_stream)
     with torch.no_grad():
         a, b = small["ModernBertModel"](**packed), small["ModernBertModel"](**padded)
     with pytest.raises(AssertionError, match="max diff"):
@@ -1428,7 +1416,7 @@ print(peak)
 
 
 def test_compiled_padded_forward_never_builds_s_by_s_scores():
-    """torch.compile(model) on a padded batch traces the no-unpadding path (traced_padded): its kernels
+    """torch.compile(model) on a padded batch traces the no-unpadding path (pack_for_tracing): its kernels
     must not build (B, H, S, S) scores. Peak memory above the compiled call's start, 1 x 4096 tokens with 4 heads:
     far below one S x S fp32 matrix of one head (64 MiB), where the eager reference's scores and probabilities
     for 4 heads (512 MiB) show that the measurement sees them. Each in a fresh process (the peak is per process)."""

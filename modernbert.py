@@ -291,10 +291,9 @@ def eager_attention(q, k, v, packing, half_window, dropout_p=0.0):
 
 
 def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
-    """torch's scaled_dot_product_attention, never with an (S, S) mask, which would be materialised, save
-    nothing from the window and keep SDPA off its fused kernels. Local layers: blocked sliding-window attention
-    over the packed stream, O(T * window) however long the sequences. Global layers: one call on the padded
-    (N, S) grid, with a key mask that hides the padding."""
+    """torch's scaled_dot_product_attention, never with an (S, S) mask (materialised, it saves nothing from the
+    window and keeps SDPA off its fused kernels). Local layers: blocked sliding-window attention, O(T * window).
+    Global layers: one call on the padded (N, S) grid, a key mask hiding the padding."""
     if half_window is not None:
         return local_block_attention(q, k, v, packing, half_window, dropout_p)
     N, S = packing.num_seqs, packing.max_seqlen
@@ -335,9 +334,8 @@ def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
 
 
 def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
-    """FlashAttention-2 varlen on the packed stream: no padding, no mask, and on local layers the kernel
-    skips the key blocks outside the window. It takes fp16/bf16 only; fp32 inputs are cast to bf16 and
-    back, as the official code does. `varlen`: the kernel (find_flash_kernel)."""
+    """FlashAttention-2 varlen on the packed stream: no padding, no mask, the key blocks outside the window skipped.
+    fp16/bf16 only: fp32 inputs are cast to bf16 and back, as the official code does."""
     varlen = varlen or find_flash_kernel(q.device)
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
@@ -349,15 +347,16 @@ def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
 
 
 def attention_kernels(name, device, dtype, packing, half_window):
-    """The one place kernels are chosen, once a forward: {layer type: kernel}. None picks flash_attention_2
-    on a GPU in half precision where a varlen flash kernel is installed, sdpa otherwise; a name given is
-    used, or refused saying what is missing. `faster_kernels` (below the banner) then swaps in, for this
-    batch, a kernel that computes the same rule faster, FlexAttention, or what tracing needs."""
+    """The one place kernels are chosen, once a forward: {layer type: kernel}. None picks flash_attention_2 on a
+    GPU in half precision where a varlen flash kernel is installed, sdpa otherwise. `faster_kernels` (below the
+    banner) may swap in a kernel that computes the same rule faster for this batch, or what tracing needs."""
     check_attn_implementation(name)
     if name is None:
         half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         name = "flash_attention_2" if half and has_flash_kernel(device) else "sdpa"
-    return faster_kernels(name, device, dtype, packing, half_window)
+    kernels = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
+    kernel = kernels.get(name, flex_attention)  # FlexAttention lives below the banner with its block masks
+    return faster_kernels(name, dict.fromkeys(LAYER_TYPES, kernel), device, dtype, packing, half_window)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,9 +424,8 @@ class ModernBertEncoderLayer(nn.Module):
 
 @torch.no_grad()
 def trunc_normal_(weight, std, cutoff):
-    """Fill `weight` from a normal of spread `std` cut at +-cutoff, as the official init does: draw normals,
-    then redraw only those that fall outside, until none does (torch's trunc_normal_, the same distribution,
-    transforms every value through erfinv: several times slower)."""
+    """A normal of spread `std` cut at +-cutoff, as the official init: draw normals, then redraw only those outside
+    the cutoff until none is (torch's trunc_normal_, the same distribution, runs erfinv on every value: slower)."""
     flat = weight.view(-1).normal_(0.0, std)
     redraw = (flat.abs() > cutoff).nonzero().squeeze(1)
     while redraw.numel():
@@ -459,9 +457,8 @@ class ModernBertPreTrainedModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, only=None):
-        """The official init: truncated normals scaled by each weight's role, zero biases, LayerNorm weights 1.
-        Called once, by the class the user builds (its parts are built with init=False). `only`: the names of
-        the modules to initialise (the loader's fresh heads)."""
+        """The official init, once, by the class the user builds (its parts are built with init=False): truncated
+        normals scaled by each weight's role, zero biases, LayerNorm weights 1. `only`: the loader's fresh heads."""
         c = self.config
         if self.device.type == "meta":  # load_checkpoint's build: shapes only, nothing to fill
             return
@@ -485,9 +482,7 @@ class ModernBertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **kw):
-        """An official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) loaded into this
-        class, strictly: see `load_pretrained`. `kw`: config fields to override (num_labels=3), and the
-        transformers spellings that mean one thing here (device_map, torch_dtype, cache_dir, ...)."""
+        """An official checkpoint (a folder, or a hub id fetched into the Hugging Face cache), loaded strictly."""
         return load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kw)
 
     def save_pretrained(self, folder):  # config.json + model.safetensors in the official format, atomically
@@ -621,44 +616,6 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         return model_output(return_dict, packing, states, loss=loss, logits=logits)
 
 
-def sequence_classification_loss(logits, labels, config):
-    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
-    check_sequence_labels(labels, logits.shape[0])
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels)
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
-    if problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    raise ValueError(f"problem_type {problem!r} is unknown")
-
-
-def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
-    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
-    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
-    check_answer_positions(start_positions, end_positions)
-    B, S = packing.input_shape
-    real = packing.attention_mask()  # (B, S)
-    losses = []
-    ends = {"start_positions": (start_logits, start_positions), "end_positions": (end_logits, end_positions)}
-    for name, (logits, positions) in ends.items():
-        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
-        check_labels(positions, (B,), name)
-        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
-        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
-    return (losses[0] + losses[1]) / 2
-
-
 class ModernBertWithClassifier(ModernBertPreTrainedModel):
     """What the four classifying heads share: backbone -> head -> dropout -> classifier (with bias)."""
 
@@ -728,15 +685,14 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
 
 
 # ----------------------------------------------------------------------------------------------------
-# PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs in
-# transformers' shape, config files, the door from a forward's inputs (the collator's keys, the traced path),
-# finding kernels, compiling and checkpointing, the hub, loading and saving, and the input checks.
+# PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs and losses
+# as transformers has them, config files, the door from a forward's inputs, faster kernels, compiling, the hub,
+# loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):
-    """What every model returns, as transformers' ModelOutput does: a dict of the fields that are set, in
-    the official order, read by attribute (`out.logits`, None when not set), key (`out["loss"]`) or
-    position (`out[0]` is the first field set; `out.to_tuple()`)."""
+    """What every model returns, as transformers' ModelOutput: a dict of the fields set, in the official order, read by
+    attribute (`out.logits`, None when not set), key (`out["loss"]`) or position (`out[0]`, `out.to_tuple()`)."""
 
     FIELDS = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state", "hidden_states")
 
@@ -766,11 +722,54 @@ torch.utils._pytree.register_pytree_node(
 
 
 def model_output(return_dict, packing, states, **values):
-    """A forward's result: the per-layer states, if kept, back on the input's grid, all in a ModernBertOutput,
-    or its tuple with return_dict=False (as transformers)."""
+    """A ModernBertOutput, the per-layer states (if kept) back on the input grid; its tuple if return_dict=False."""
     hidden_states = None if states is None else tuple(packing.to_input_grid(h) for h in states)
     out = ModernBertOutput(**values, hidden_states=hidden_states)
     return out.to_tuple() if return_dict is False else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses, as transformers computes them (its problem_type convention), but for padding in question answering.
+
+
+def sequence_classification_loss(logits, labels, config):
+    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows for {logits.shape[0]} sequences.")
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"problem_type {problem!r} is unknown")
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
+    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
+    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
+    if (start_positions is None) != (end_positions is None):
+        raise ValueError("Pass both start_positions and end_positions, or neither.")
+    B, S = packing.input_shape
+    real = packing.attention_mask()  # (B, S)
+    losses = []
+    ends = {"start_positions": (start_logits, start_positions), "end_positions": (end_logits, end_positions)}
+    for name, (logits, positions) in ends.items():
+        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
+        check_labels(positions, (B,), name)
+        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
+        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
+    return (losses[0] + losses[1]) / 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -821,9 +820,8 @@ PACKED_INPUTS = (*BOUNDARY_KEYS, "position_ids", "max_length_q", "max_length_k",
 
 
 def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
-    """The one door from a forward's inputs to a Packing, after `check_inputs`: a padded batch with its
-    attention_mask, or packed input (B = 1) with cu_seqlens, or with the keys of transformers'
-    DataCollatorWithFlattening (position_ids alone, or with cu_seq_lens_q/k and max_length_q/k)."""
+    """The one door from a forward's inputs to a Packing, after `check_inputs`: a padded batch and its mask, or
+    packed input (B = 1) with cu_seqlens or the keys of transformers' DataCollatorWithFlattening."""
     tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
     check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
     packed = {k: v for k, v in packed.items() if v is not None}
@@ -860,19 +858,16 @@ def position_starts(positions, total):
 
 
 def token_labels(labels, packing, ignore_index=-100):
-    """Token labels on the input's grid (B, S) -> the packed stream's (T,). A label on a padded position is an
-    error: it has no output."""
+    """Labels (B, S) -> (T,), the packed stream's. A label on a padded position is an error: it has no output."""
     if not torch.compiler.is_compiling():
         check_token_labels(labels, packing, ignore_index)
     return unpad(labels, packing.indices).masked_fill(~packing.is_real, ignore_index)
 
 
 def pack_for_tracing(attention_mask):
-    """The Packing for torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
-    data-dependent size. Instead each row's real tokens move, in order, to its front (left padding and holes
-    close up), and every slot of the (B, S) grid stays a token, one row one sequence: padding rides along at
-    the end of each row, hidden from attention as a key (`is_real`). The same numbers as unpadding, with the
-    padding computed too."""
+    """The Packing for torch.compile and torch.export of a padded batch, where `nonzero` (unpadding) cannot run: each
+    row's real tokens move, in order, to its front, and every slot of the (B, S) grid stays a token, one row one
+    sequence; the padding rides along at the end of each row, hidden from attention as a key (`is_real`)."""
     B, S = attention_mask.shape
     real = attention_mask.bool()
     slots = torch.arange(S, device=real.device)
@@ -888,29 +883,25 @@ def pack_for_tracing(attention_mask):
 # Faster kernels: the same attention rule, computed the way this batch, device or tracer runs it best.
 
 
-def faster_kernels(name, device, dtype, packing, half_window):
-    """attention_kernels' choice, as it runs on this batch: {layer type: kernel}. Each swap says why."""
+def faster_kernels(name, kernels, device, dtype, packing, half_window):
+    """attention_kernels' choice as it runs on this batch: each swap computes the same rule, and says why."""
     if packing.keeps_padding and torch.compiler.is_exporting():
         # torch.export (ONNX's too) would fix the count of blocks that blocked and flex attention cut the stream into
         return dict.fromkeys(LAYER_TYPES, eager_attention)
     if packing.keeps_padding and name == "flash_attention_2":  # varlen flash needs the padding removed
-        name = "sdpa"
-    if name == "eager":
-        return dict.fromkeys(LAYER_TYPES, eager_attention)
+        return dict.fromkeys(LAYER_TYPES, sdpa_attention)
     if name == "flex_attention":  # the block masks, built once a forward and shared by the layers of a type
         masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
         return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
-    local = sdpa_attention
-    if name == "flash_attention_2":
-        local = functools.partial(flash_attention, varlen=find_flash_kernel(device))  # raises with what is missing
-    full = local
+    if name == "flash_attention_2":  # the kernel found once a forward, or an error saying what to install
+        kernels = dict.fromkeys(LAYER_TYPES, functools.partial(flash_attention, varlen=find_flash_kernel(device)))
     # Equal lengths: the stream already is the (N, S) grid, and one dense call needs no mask (on a GPU cuDNN's
     # dense kernel then beats varlen flash). Not for a forced flash on fp32, which must stay in flash's bf16.
-    if packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
-        full = sdpa_equal_lengths
+    if name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
+        kernels["full_attention"] = sdpa_equal_lengths
     elif name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
-        full = sdpa_per_sequence
-    return {"full_attention": full, "sliding_attention": local}
+        kernels["full_attention"] = sdpa_per_sequence
+    return kernels
 
 
 def sdpa_equal_lengths(q, k, v, packing, half_window=None, dropout_p=0.0):
@@ -939,13 +930,17 @@ FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
 
 
 def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
-    """torch's FlexAttention: the attention rule written once as a Python function (the block mask's
-    mask_mod), which torch.compile turns into one fused kernel (Triton on a GPU, C++ on a CPU) that skips every
-    128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, built by `faster_kernels`."""
+    """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
+    every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `faster_kernels`."""
     if dropout_p:
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
-        return flex_on_cpu_fallback(q, k, v, packing, half_window)
+    if q.device.type == "cpu" and torch.compiler.is_compiling():  # its C++ template compiles flex alone, not in a
+        return sdpa_attention(q, k, v, packing, half_window)  # compiled layer or model: sdpa serves there
+    if q.device.type == "cpu" and q.requires_grad:
+        raise RuntimeError(
+            "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
+            "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
+        )
     if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
         return q
     block_mask = (block_masks or {}).get(half_window)
@@ -953,16 +948,14 @@ def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=Non
         block_mask = flex_block_mask(packing, half_window)
     # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views.
     q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
-    out = flex_attention_kernel()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
+    out = compiled_flex()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
     return out[0].transpose(0, 1)
 
 
 def flex_block_mask(packing, half_window):
-    """The rule, for FlexAttention: query q sees key k of the stream iff both are in the same sequence, k is
-    a real token, and on local layers |position(q) - position(k)| <= half_window. `mask_mod` decides each
-    pair; the tiles to visit, those that can hold an allowed pair, come from the layout: torch's
-    create_block_mask would evaluate the rule on all T x T pairs, but the keys a tile of queries may see are
-    one contiguous run of the stream, found by binary search."""
+    """The rule as FlexAttention's block mask: `mask_mod` decides each (query, key) pair of the stream; the tiles to
+    visit come from the layout, not from evaluating the rule on all T x T pairs as torch's create_block_mask does:
+    the keys a tile of queries may see are one contiguous run of the stream, found by binary search."""
     from torch.nn.attention.flex_attention import BlockMask
 
     seq, pos, real = packing.seq_ids, packing.positions, packing.is_real
@@ -987,28 +980,17 @@ def flex_block_mask(packing, half_window):
     return BlockMask.from_kv_blocks(count, tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
 
 
-def flex_attention_kernel():
-    """torch's flex_attention, compiled once per process for every shape. Run uncompiled, it is a reference that
-    builds the whole score matrix; inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
+def compiled_flex():
+    """torch's flex_attention, compiled once a process for every shape (uncompiled, it is a reference that builds
+    every score); inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(flex_attention)
+    return flex_attention if torch.compiler.is_compiling() else compile_once(flex_attention)
 
 
 @functools.cache
-def compiled_flex_attention(flex):
-    return torch.compile(flex, dynamic=True)
-
-
-def flex_on_cpu_fallback(q, k, v, packing, half_window):
-    """What flex cannot do on a CPU: run inside a traced graph (its C++ template compiles flex alone, but not
-    inside a compiled layer or model: sdpa serves there), and backward (an error that says what to do)."""
-    if torch.compiler.is_compiling():
-        return sdpa_attention(q, k, v, packing, half_window)
-    raise RuntimeError(
-        "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
-        "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
-    )
+def compile_once(fn):
+    return torch.compile(fn, dynamic=True)
 
 
 try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve
@@ -1057,10 +1039,8 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale
 
 
 def compile_layers(model, **kwargs):
-    """model.compile(), the fast configuration: each encoder layer compiled once for every batch shape
-    (dynamic=True), so Inductor fuses the elementwise work around the matmuls and attention (RoPE, GeGLU, the
-    norms, residual adds and casts). Packing and the kernel choice stay eager, so unpadding keeps working and
-    no layer waits on the host. The first forward pays for compiling; no later batch shape compiles again."""
+    """model.compile(): each encoder layer compiled once for every batch shape, so Inductor fuses the elementwise
+    work (RoPE, GeGLU, norms, residuals); packing and the kernel choice stay eager, so unpadding keeps working."""
     for module in model.modules():
         if isinstance(module, ModernBertEncoderLayer):
             module.compile(dynamic=True, **kwargs)
@@ -1068,10 +1048,8 @@ def compile_layers(model, **kwargs):
 
 
 def set_checkpointing(model, options, every_n_layers=1, offload=False):
-    """gradient_checkpointing_enable (options: a dict) / _disable (None): recompute each layer's activations
-    in the backward pass instead of keeping them, so long inputs fit in much less memory for about one more
-    forward of compute. (transformers.Trainer passes every_n_layers and offload; only their defaults, every
-    layer and no offloading, are supported.)"""
+    """gradient_checkpointing_enable (options: a dict) / _disable (None): recompute each layer's activations in the
+    backward pass instead of keeping them. transformers.Trainer's every_n_layers and offload: their defaults only."""
     if every_n_layers != 1 or offload:
         raise ValueError("Gradient checkpointing here covers every layer and keeps activations on the device.")
     for module in model.modules():
@@ -1346,6 +1324,7 @@ def current_umask():
 
 
 def check_config(c):
+    check_attn_implementation(c.attn_implementation)
     problems = []
     if c.hidden_size % c.num_attention_heads:
         problems.append(f"hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}")
@@ -1362,21 +1341,15 @@ def check_config(c):
         problems.append(f"layer_types must list {c.num_hidden_layers} of {LAYER_TYPES}, got {c.layer_types}")
     if c.classifier_pooling not in ("cls", "mean"):
         problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
-    if c.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        problems.append(unknown_attn_implementation(c.attn_implementation))
     if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
         problems.append("sizes must be positive")
     if problems:
         raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
 
 
-def unknown_attn_implementation(name):
-    return f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}"
-
-
 def check_attn_implementation(name):  # at each forward too: the name can change after the config is made
     if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(unknown_attn_implementation(name))
+        raise ValueError(f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}")
 
 
 def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=True):
@@ -1431,8 +1404,7 @@ def check_length(config, longest):  # after packing, which knows the longest seq
 
 
 def check_packed(packed, attention_mask, B, S, read_values):
-    """Packed input: (1, T), no attention_mask, and every spelling of its boundaries it is given agreeing
-    with the others."""
+    """Packed input: (1, T), no attention_mask, and every spelling of its boundaries agreeing with the others."""
     if attention_mask is not None or B != 1:
         raise ValueError(
             f"Packed input ({', '.join(packed)}) is input_ids of shape (1, T) with no attention_mask: the "
@@ -1474,19 +1446,9 @@ def check_packed(packed, attention_mask, B, S, read_values):
             raise ValueError("seq_idx does not number the packed sequences 0, 1, 2, ... as their boundaries say.")
 
 
-def check_sequence_labels(labels, sequences):
-    if labels.shape[0] != sequences:
-        raise ValueError(f"labels has {labels.shape[0]} rows for {sequences} sequences.")
-
-
 def check_question_answering_labels(config):
     if config.num_labels != 2:
         raise ValueError(f"Question answering needs num_labels = 2 (start, end), the config has {config.num_labels}.")
-
-
-def check_answer_positions(start_positions, end_positions):
-    if (start_positions is None) != (end_positions is None):
-        raise ValueError("Pass both start_positions and end_positions, or neither.")
 
 
 def check_labels(labels, shape, name="labels"):

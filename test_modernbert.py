@@ -1023,6 +1023,26 @@ def test_device_map_names_one_device(monkeypatch):
     assert mb.single_device("auto") == torch.device("cuda"), "auto is the GPU where there is one"
 
 
+def test_device_map_auto_on_the_torch_releases_before_2_7(checkpoint, monkeypatch):
+    """requirements.txt allows torch 2.4: torch.accelerator came in 2.6, and its current_accelerator took
+    check_available in 2.7 (2.6's takes no argument, and raises where there is no accelerator)."""
+    folder, _, _ = checkpoint
+
+    def torch_2_6_current_accelerator():
+        raise RuntimeError("There is no available accelerator")
+
+    for release in ("2.4", "2.6"):
+        with monkeypatch.context() as m:
+            if release == "2.4":
+                m.delattr(torch, "accelerator")
+            else:
+                m.setattr(torch.accelerator, "current_accelerator", torch_2_6_current_accelerator)
+            model = mb.ModernBertForMaskedLM.from_pretrained(folder, device_map="auto")
+            assert model.device == torch.device("cpu"), f"torch {release}: no GPU here, so the CPU"
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            assert mb.single_device("auto") == torch.device("cuda"), f"torch {release}: the GPU where there is one"
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -1079,6 +1099,22 @@ def test_download_options_reach_the_hub_client(checkpoint, monkeypatch, tmp_path
         mb.ModernBertConfig.from_pretrained(folder, hiden_size=1)
     mb.ModernBertForMaskedLM.from_pretrained(folder, **options)  # a folder needs no download: nothing to apply
     assert len(asked) == 3
+
+
+def test_hub_timeouts_go_to_the_hub_client_not_to_the_environment(checkpoint, monkeypatch):
+    """huggingface_hub reads HF_HUB_* variables once, when imported: set later they do nothing but reach every
+    other library of the process. The timeout goes to the call instead."""
+    import huggingface_hub
+
+    folder, _, _ = checkpoint
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(folder))
+    environment = dict(os.environ)
+    mb.ModernBertForMaskedLM.from_pretrained("nobody/tiny")
+    assert dict(os.environ) == environment
+    assert asked[0]["etag_timeout"] == 10
 
 
 @needs_transformers
@@ -1854,6 +1890,47 @@ def test_a_failed_save_leaves_nothing_behind_and_keeps_the_old_checkpoint(small,
     torch.testing.assert_close(
         mb.ModernBertForMaskedLM.from_pretrained(tmp_path / "old").state_dict(), model.state_dict(), rtol=0, atol=0
     )
+
+
+def test_saving_over_a_sharded_checkpoint_replaces_it_whole(small, tmp_path, monkeypatch):
+    """No old shard stays beside the new model.safetensors, other files stay, and the old index goes only once the
+    new weights are in place: a save that dies moving them in leaves the old checkpoint, whole."""
+    from safetensors.torch import load_file, save_file
+
+    old, folder = small["ModernBertForMaskedLM"], tmp_path / "ckpt"
+    old.save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, folder / file)
+    weight_map = {k: file for file, keys in parts.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "tokenizer.json").write_text("{}")
+    torch.manual_seed(1)
+    new = mb.ModernBertForMaskedLM(old.config).eval()
+
+    def loads_as(model):
+        loaded = mb.ModernBertForMaskedLM.from_pretrained(folder).state_dict()
+        torch.testing.assert_close(loaded, model.state_dict(), rtol=0, atol=0)
+
+    real_replace = os.replace
+
+    def dies_moving_the_weights_in(src, dst):
+        if os.path.basename(dst) == "model.safetensors":
+            raise OSError("Input/output error")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dies_moving_the_weights_in)
+        with pytest.raises(OSError, match="Input/output error"):
+            new.save_pretrained(folder)
+    loads_as(old)
+    new.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    loads_as(new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no staging folder left behind"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])

@@ -3518,14 +3518,23 @@ def test_gradient_checkpointing_lowers_peak_gpu_memory():
 @PHASE_2
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("cls_name", ["ModernBertForTokenClassification", "ModernBertForMaskedLM"])
-def test_labels_on_the_cpu_for_a_model_on_the_gpu(cls_name):
-    """Token labels may come on the CPU (a DataLoader's): the loss is the one with the labels on the GPU."""
-    model = edge_model(cls_name).cuda()
-    mask = torch.tensor([[1] * 12, [1] * 7 + [0] * 5])
-    ids = torch.randint(1, 64, mask.shape).masked_fill(mask == 0, 0)
-    labels = torch.randint(0, 2, mask.shape).masked_fill(mask == 0, -100)
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_labels_on_the_cpu_for_a_model_on_the_gpu(case):
+    """Labels may come on the CPU (a DataLoader's) for a model on the GPU: every head's loss is the one it gives
+    with the labels on the GPU. (Token labels: the padding check moved the mask to the labels' device, and the
+    labels were then indexed with the GPU's token indices.)"""
+    cls_name, config, labels = LOSS_CASES[case]
+    model = edge_model(cls_name, **config).cuda()
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 12) if case == "multiple_choice" else (2, 12)
+    ids, on_cpu = torch.randint(1, 64, shape, generator=g).cuda(), labels(g)
+    if cls_name in ("ModernBertForMaskedLM", "ModernBertForTokenClassification"):  # the second row right-padded
+        mask = torch.ones(shape, dtype=torch.long)
+        mask[1, 7:] = 0
+        on_cpu["labels"] = on_cpu["labels"].masked_fill(mask == 0, -100)
+        on_cpu["attention_mask"] = mask
+    on_gpu = {k: v.cuda() for k, v in on_cpu.items()}
     with torch.no_grad():
-        on_gpu = model(ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
-        on_cpu = model(ids.cuda(), attention_mask=mask.cuda(), labels=labels).loss
-    assert on_cpu.device.type == "cuda" and torch.equal(on_cpu, on_gpu)
+        expected = model(ids, **on_gpu).loss
+        loss = model(ids, **{**on_cpu, "attention_mask": on_gpu.get("attention_mask")}).loss
+    assert loss.device == expected.device and torch.equal(loss, expected), case

@@ -20,6 +20,7 @@ Reading order: config -> RoPE, GeGLU, packing, attention -> encoder layer -> mod
 Below the "Plumbing" banner (outputs, files, the hub, faster kernels, tracing, checks) a first reading may stop.
 """
 
+import fnmatch
 import functools
 import inspect
 import json
@@ -1112,7 +1113,7 @@ def single_device(device_map):
     if isinstance(device_map, dict) and list(device_map) == [""]:
         device_map = device_map[""]
     if device_map == "auto":
-        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+        return available_accelerator() or torch.device("cpu")
     if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
@@ -1124,6 +1125,18 @@ def single_device(device_map):
         f"device_map={device_map!r} does not name one device. This loader puts the whole model on one device: "
         'pass device_map="auto" (the GPU if there is one), "cuda", "cuda:1", "cpu", a torch.device, or device=.'
     )
+
+
+def available_accelerator():
+    """The accelerator torch can use here, or None. torch.accelerator says so from torch 2.7 (check_available); the
+    releases before, which requirements.txt allows, are asked for a CUDA (or ROCm) GPU and Apple's MPS directly:
+    2.4 and 2.5 have no torch.accelerator, and 2.6's current_accelerator() takes no argument."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
+        return accelerator.current_accelerator(check_available=True)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps") if torch.backends.mps.is_available() else None
 
 
 def checkpoint_folder(
@@ -1140,10 +1153,6 @@ def checkpoint_folder(
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
         return path
-    # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
-    # release picks. huggingface_hub reads them once, when first imported.
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -1157,6 +1166,10 @@ def checkpoint_folder(
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            # Seconds to wait for the hub's answer about each file: the library's default today, pinned so a stalled
+            # network fails fast whatever a later release picks. (huggingface_hub reads HF_HUB_ETAG_TIMEOUT and
+            # HF_HUB_DOWNLOAD_TIMEOUT once, when imported: a user sets them before Python starts, not a library.)
+            etag_timeout=10,
         )
     except HFValidationError:
         raise FileNotFoundError(
@@ -1297,12 +1310,34 @@ def save_checkpoint(model, folder):
         if not os.path.exists(folder):
             os.replace(staging, folder)  # one rename: the folder appears whole or not at all
             return
+        # Over an older checkpoint: one atomic rename or removal at a time, in an order that leaves a folder that
+        # loads wherever a crash stops it. The new weights land while an older index still wins over them (the old
+        # checkpoint, whole); the index goes (the new weights with the old config.json until the next rename, the
+        # one step no order avoids, as over a model.safetensors); the new config.json; last the old shards, which
+        # nothing reads any more. Other files (a tokenizer's) stay.
+        shards = shard_files(folder)
+        os.replace(os.path.join(staging, "model.safetensors"), os.path.join(folder, "model.safetensors"))
         if os.path.exists(index := os.path.join(folder, "model.safetensors.index.json")):
-            os.remove(index)  # an older sharded save: its index would win over the new model.safetensors
-        for name in ("model.safetensors", "config.json"):  # each replace is atomic; the weights go first
-            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            os.remove(index)
+        os.replace(os.path.join(staging, "config.json"), os.path.join(folder, "config.json"))
+        for name in shards:
+            os.remove(os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def shard_files(folder):
+    """The weight files of a sharded checkpoint in `folder`: those its index names, and any a save stopped by a
+    crash left behind without one (found by transformers' names for them, model-00001-of-00003.safetensors)."""
+    names = set(fnmatch.filter(os.listdir(folder), "model-*-of-*.safetensors"))
+    try:
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            names |= {name for name in json.load(f)["weight_map"].values() if isinstance(name, str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or one that does not parse: the shards found by name
+    # Files in this folder only, and never the new weights: an index may name anything.
+    inside = (n for n in names if n == os.path.basename(n) and n != "model.safetensors")
+    return sorted(n for n in inside if os.path.isfile(os.path.join(folder, n)))
 
 
 def current_umask():

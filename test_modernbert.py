@@ -3075,7 +3075,6 @@ def test_every_head_loss_is_fp32_in_a_bf16_model(case):
     assert out.loss.dtype == torch.float32, f"{case}: loss in {out.loss.dtype}"
 
 
-@PHASE_2
 def test_forced_flash_precision_does_not_depend_on_the_batch(flash_standin):
     """flash_attention_2 forced on an fp32 model: every global layer ran in fp32 when all lengths were equal and
     in bf16 (the flash kernel's precision) when they were ragged. The same sequence must come out as precise in

@@ -28,11 +28,13 @@ error prints them too, before its traceback and exit status 1.
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
     python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
+    python bench.py --build                          # seconds to build ModernBERT-base for masked LM from a config
+    python bench.py --device cpu --busy-core ...     # any of the above with one core held by a busy loop
 """
 
 import argparse
+import contextlib
 import copy
-import dataclasses
 import functools
 import gc
 import json
@@ -454,6 +456,14 @@ def parse_args(argv=None):
         "shape (--workloads, --repeats, the device's batch sizes)",
     )
     p.add_argument(
+        "--build",
+        action="store_true",
+        help="instead of the forwards: seconds to build ModernBERT-base for masked LM from a config, ours vs theirs",
+    )
+    p.add_argument(
+        "--busy-core", action="store_true", help="hold one core with a busy loop while timing (a shared machine)"
+    )
+    p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
@@ -721,11 +731,11 @@ def layer_kernels(packing, device, window):
         ("both", "flex block masks (once a forward)"): block_masks,
         ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
         ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
-        ("global", "sdpa masked grid"): lambda: mb.sdpa_on_grid(q, k, v, dataclasses.replace(packing, uniform=False)),
+        ("global", "sdpa masked grid"): lambda: mb.sdpa_attention(q, k, v, packing, None),
         ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
     }
-    if packing.uniform:
-        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_on_grid(q, k, v, packing)
+    if packing.equal_lengths:
+        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_equal_lengths(q, k, v, packing)
     if device.type == "cpu":
         fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
     try:
@@ -762,6 +772,48 @@ def kernel_table(args, device):
             vs = "" if isinstance(t, str) or layer == "both" else f"{t / fastest[layer]:.2f}x"
             print(md_row([w, int(mask.sum()), layer, name, fmt(t, ".2f"), vs]))
         free_memory(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --build: seconds to build ModernBERT-base for masked LM from a config, as training from scratch starts, ours
+# against transformers' (both initialise every weight with the official truncated normal), interleaved.
+
+
+def build_table(args):
+    builders = {
+        "ours": lambda: mb.ModernBertForMaskedLM(mb.ModernBertConfig()),
+        "theirs": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig()),
+    }
+    best = dict.fromkeys(builders, float("inf"))
+    for r in range(args.repeats):
+        for name in list(builders) if r % 2 == 0 else list(builders)[::-1]:
+            gc.collect()
+            t = time.perf_counter()
+            model = builders[name]()
+            secs = time.perf_counter() - t
+            best[name] = min(best[name], secs)
+            del model
+            print(f"    {name:6s} round {r}: {secs:6.2f}s", file=sys.stderr)
+    print(f"Machine: {machine_line()}")
+    print(f"Command: python bench.py {' '.join(sys.argv[1:])}\n")
+    print(md_header(["built from a config", "ours s", "theirs s", "ours / theirs (time)"]))
+    row = ["ModernBertForMaskedLM, ModernBERT-base", fmt(best["ours"], ".2f"), fmt(best["theirs"], ".2f")]
+    print(md_row(row + [f"**{best['ours'] / best['theirs']:.2f}**"]))
+
+
+@contextlib.contextmanager
+def busy_core(on):
+    """--busy-core: one process spinning on a core while the benchmark times, as when a machine is shared."""
+    if not on:
+        yield
+        return
+    note("one core is held by a busy loop while timing (--busy-core)")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -847,6 +899,15 @@ def main():
     args, device = parse_args()
     if args.child:
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
+        return
+    with busy_core(args.busy_core):
+        run_mode(args, device, start)
+
+
+def run_mode(args, device, start):
+    """The mode the flags ask for: --build, --kernels, --embeddings, or the forwards (the default)."""
+    if args.build:
+        build_table(args)
         return
     if args.kernels:
         kernel_table(args, device)

@@ -37,7 +37,6 @@ Depends on torch, tokenizers, huggingface_hub (only for hub ids) and modernbert.
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -56,6 +55,7 @@ from modernbert import (
     ModernBertForTokenClassification,
     ModernBertPreTrainedModel,
     checkpoint_folder,
+    read_json_file,
     unpad,
 )
 
@@ -185,13 +185,7 @@ def read_special_tokens(folder, tokenizer):
 def read_json(folder, name):
     """A JSON file of a checkpoint folder as a dict; {} when the folder has no such file."""
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ValueError(f"{path} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
+    return read_json_file(path) if os.path.isfile(path) else {}
 
 
 def tokenizer_json(folder):

@@ -120,8 +120,9 @@ class ModernBertConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_folder, revision=None, **download):  # a checkpoint's config.json
-        with open(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json")) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(
+            read_json_file(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json"))
+        )
 
     def to_dict(self):  # config.json in the official format
         return config_to_dict(self)
@@ -1067,24 +1068,20 @@ DOWNLOAD_OPTIONS = ("cache_dir", "local_files_only", "token")  # checkpoint_fold
 
 
 def load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kwargs):
-    """from_pretrained: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight an
-    error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported in
-    `model.load_report` and a warning. Every keyword is read or refused (`loading_arguments`) before anything
-    is downloaded."""
+    """from_pretrained: every keyword read or refused before anything is downloaded, then `load_checkpoint`."""
     device, dtype, download, config = loading_arguments(device, dtype, kwargs)
     folder = checkpoint_folder(name_or_folder, revision, **download)
     return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
 
 
 def loading_arguments(device, dtype, kwargs):
-    """from_pretrained's keywords, checked before anything is downloaded: transformers' spellings are read
-    where they mean one thing here (torch_dtype, a device_map naming one device, the download options), the
-    rest must be config fields. Returns (device, dtype, download options, config overrides)."""
+    """from_pretrained's keywords: transformers' spellings where they mean one thing here (torch_dtype, a device_map
+    naming one device, the download options), the rest config fields. -> (device, dtype, download, overrides)."""
     kwargs = dict(kwargs)
     if (torch_dtype := kwargs.pop("torch_dtype", None)) is not None:
         if dtype is not None:
             raise TypeError(f"Pass dtype or torch_dtype (its old name), not both: got {dtype} and {torch_dtype}.")
-        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=3)
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=users_line())
         dtype = torch_dtype
     if isinstance(dtype, str):  # "bfloat16", as transformers takes it
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -1106,10 +1103,8 @@ def loading_arguments(device, dtype, kwargs):
 
 
 def single_device(device_map):
-    """A transformers device_map that puts the whole model on one device: "auto" (the accelerator if there
-    is one, else the CPU: what transformers does with one GPU), a device ("cuda:1", "cpu", torch.device),
-    an int (that CUDA GPU), or {"": device}. This loader has no dispatching: maps over several devices,
-    and transformers' spreading strategies ("balanced", "sequential"), are an error."""
+    """A device_map that puts the whole model on one device: "auto" (the accelerator if there is one, else the CPU),
+    "cuda:1", "cpu", a torch.device, an int (that GPU), or {"": device}. There is no dispatching over devices."""
     if isinstance(device_map, dict) and list(device_map) == [""]:
         device_map = device_map[""]
     if device_map == "auto":
@@ -1128,9 +1123,8 @@ def single_device(device_map):
 
 
 def available_accelerator():
-    """The accelerator torch can use here, or None. torch.accelerator says so from torch 2.7 (check_available); the
-    releases before, which requirements.txt allows, are asked for a CUDA (or ROCm) GPU and Apple's MPS directly:
-    2.4 and 2.5 have no torch.accelerator, and 2.6's current_accelerator() takes no argument."""
+    """The accelerator torch can use here, or None: torch.accelerator says so from torch 2.7 (check_available); the
+    releases requirements.txt allows before it are asked for a CUDA (or ROCm) GPU and Apple's MPS directly."""
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
         return accelerator.current_accelerator(check_available=True)
@@ -1142,12 +1136,9 @@ def available_accelerator():
 def checkpoint_folder(
     name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None, files=CHECKPOINT_FILES
 ):
-    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the snapshot of that
-    hub id in the Hugging Face cache (shared with transformers), downloaded if needed: the `files` patterns
-    (load.py adds the tokenizer's). The download options are huggingface_hub's (and transformers'): another
-    cache folder, the cache only (as HF_HUB_OFFLINE=1 does), a login token. A folder needs no download, so
-    they do not apply to it; a revision names another version, so with a folder it is an error. Failures are
-    one-line FileNotFoundError / OSError / ValueError."""
+    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else that hub id's snapshot in the
+    Hugging Face cache (shared with transformers), downloaded if needed: the `files` patterns (load.py adds the
+    tokenizer's). The download options are huggingface_hub's; a revision with a folder is an error."""
     path = os.path.expanduser(str(name_or_folder))
     if os.path.isdir(path):
         if revision is not None:
@@ -1161,19 +1152,9 @@ def checkpoint_folder(
 
     repo = str(name_or_folder)
     no_folder = "no such folder" + ("" if os.path.isabs(path) else f" here ({os.path.abspath(path)})")  # a typo?
-    try:
-        return snapshot_download(
-            repo,
-            revision=revision,
-            allow_patterns=list(files),
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            # Seconds to wait for the hub's answer about each file: the library's default today, pinned so a stalled
-            # network fails fast whatever a later release picks. (huggingface_hub reads HF_HUB_ETAG_TIMEOUT and
-            # HF_HUB_DOWNLOAD_TIMEOUT once, when imported: a user sets them before Python starts, not a library.)
-            etag_timeout=10,
-        )
+    options = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    try:  # etag_timeout: the library's default today, pinned so a stalled network fails fast whatever it becomes
+        return snapshot_download(repo, allow_patterns=list(files), etag_timeout=10, **options)
     except HFValidationError:
         raise FileNotFoundError(
             f"No checkpoint at {repo!r}: {no_folder}, and not a valid hub id (like 'answerdotai/ModernBERT-base'). "
@@ -1199,6 +1180,15 @@ def checkpoint_folder(
         ) from None
 
 
+def read_json_file(path):
+    """A checkpoint's JSON file; one that does not parse is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
+
+
 def read_safetensors(folder):
     """All tensors of a checkpoint folder, safetensors only: a pickle can run code, so none is opened."""
     from safetensors import SafetensorError
@@ -1206,11 +1196,7 @@ def read_safetensors(folder):
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            try:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                raise ValueError(f"{index} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
+        files = sorted(set(read_json_file(index)["weight_map"].values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     elif any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(folder)):
@@ -1237,24 +1223,19 @@ BACKBONE_PARTS = ("embeddings", "layers", "final_norm")
 
 
 def checkpoint_key(key, prefix):
-    """A checkpoint key -> this class's key. Task checkpoints keep the backbone under "model.", bare
-    backbones have no prefix; either way it lands under `prefix` ("model." in task classes, "" in
-    ModernBertModel). Head keys (head., decoder., classifier.) keep their names."""
+    """A checkpoint key -> this class's: the backbone (under "model." in task checkpoints, bare in backbones) lands
+    under `prefix` ("model." in task classes, "" in ModernBertModel); head keys keep their names."""
     base = key[len("model.") :] if key.startswith("model.") else key
     return prefix + base if base.split(".")[0] in BACKBONE_PARTS else key
 
 
 def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=None, **config_overrides):
+    """A checkpoint folder into `cls`, strictly: every shape checked, a missing backbone weight an error; what was
+    dropped (another task's head) or initialised fresh (a new classifier) is in `model.load_report` and a warning."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"No checkpoint at {folder!r}: it has no config.json.")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ValueError(
-                f"{config_path} is not valid JSON ({e}): fix it, or fetch the checkpoint again."
-            ) from None
+    d = read_json_file(config_path)
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
@@ -1291,26 +1272,30 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     model.load_state_dict(to_load, strict=True)
     changed = {"dropped": report["dropped"], "initialised fresh": report["initialised"]}
     if said := "; ".join(f"{what} {keys}" for what, keys in changed.items() if keys):
-        frame, stacklevel = inspect.currentframe(), 1  # point at the user's line: the first one outside this file
-        while frame is not None and frame.f_globals is globals():
-            frame, stacklevel = frame.f_back, stacklevel + 1
-        warnings.warn(f"{cls.__name__} from {folder}: {said}.", stacklevel=stacklevel)
+        warnings.warn(f"{cls.__name__} from {folder}: {said}.", stacklevel=users_line())
     model.load_report = report
     return model.to(device=device, dtype=dtype).eval()
 
 
+def users_line():
+    """warnings.warn's stacklevel for the first caller outside this file, so a warning points at the user's line."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and frame.f_globals is globals():
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def save_checkpoint(model, folder):
-    """Writes into a temporary folder beside `folder`, then moves the files into place: a save that fails
-    halfway leaves nothing that looks like a checkpoint, and an earlier checkpoint there untouched."""
+    """Writes into a temporary folder beside `folder`, then moves the files into place: a save that fails halfway
+    leaves nothing that looks like a checkpoint, and an earlier checkpoint there untouched."""
     from safetensors.torch import save_file
 
     folder = os.path.abspath(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
     try:
-        # mkdtemp makes the folder private (0700), and safetensors 0.8 its files (safetensors issue #782): a
-        # checkpoint gets the modes any new folder and file get under the umask (0755 and 0644 under umask
-        # 022, as os.makedirs and open give them), so others on a shared server can read it.
+        # mkdtemp makes the folder private (0700), and safetensors its files: a checkpoint gets the modes any new
+        # folder and file get under the umask, so others on a shared server can read it.
         umask = current_umask()
         os.chmod(staging, 0o777 & ~umask)
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -1324,11 +1309,8 @@ def save_checkpoint(model, folder):
         if not os.path.exists(folder):
             os.replace(staging, folder)  # one rename: the folder appears whole or not at all
             return
-        # Over an older checkpoint: one atomic rename or removal at a time, in an order that leaves a folder that
-        # loads wherever a crash stops it. The new weights land while an older index still wins over them (the old
-        # checkpoint, whole); the index goes (the new weights with the old config.json until the next rename, the
-        # one step no order avoids, as over a model.safetensors); the new config.json; last the old shards, which
-        # nothing reads any more. Other files (a tokenizer's) stay.
+        # Over an older checkpoint, one atomic step at a time, each leaving a folder that loads: the new weights
+        # (an older index still wins over them), the index goes, the new config.json, last the old shards.
         shards = shard_files(folder)
         os.replace(os.path.join(staging, "model.safetensors"), os.path.join(folder, "model.safetensors"))
         if os.path.exists(index := os.path.join(folder, "model.safetensors.index.json")):
@@ -1341,22 +1323,21 @@ def save_checkpoint(model, folder):
 
 
 def shard_files(folder):
-    """The weight files of a sharded checkpoint in `folder`: those its index names, and any a save stopped by a
-    crash left behind without one (found by transformers' names for them, model-00001-of-00003.safetensors)."""
+    """A sharded checkpoint's weight files in `folder`: those its index names, and any that a crashed save left
+    without one (by transformers' names for them, model-00001-of-00003.safetensors)."""
     names = set(fnmatch.filter(os.listdir(folder), "model-*-of-*.safetensors"))
     try:
-        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
-            names |= {name for name in json.load(f)["weight_map"].values() if isinstance(name, str)}
+        names |= set(read_json_file(os.path.join(folder, "model.safetensors.index.json"))["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no index, or one that does not parse: the shards found by name
     # Files in this folder only, and never the new weights: an index may name anything.
-    inside = (n for n in names if n == os.path.basename(n) and n != "model.safetensors")
+    inside = (n for n in names if isinstance(n, str) and n == os.path.basename(n) and n != "model.safetensors")
     return sorted(n for n in inside if os.path.isfile(os.path.join(folder, n)))
 
 
 def current_umask():
-    """The process's umask, read from /proc where Linux shows it: setting it to read it (os.umask) changes it
-    for every thread for a moment."""
+    """The process's umask, from /proc where Linux shows it: os.umask, which sets it to read it, changes it for every
+    thread for a moment."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))

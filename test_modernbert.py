@@ -1000,8 +1000,9 @@ def test_loader_sets_dtype_and_attention(checkpoint):
 def test_from_pretrained_reads_transformers_spellings(checkpoint, kwargs, device, dtype):
     folder, _, _ = checkpoint
     if "torch_dtype" in kwargs:
-        with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated! Use `dtype` instead!"):
+        with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated! Use `dtype` instead!") as caught:
             model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
+        assert {w.filename for w in caught} == {__file__}  # the warning points at the caller's line
     else:
         model = mb.ModernBertForMaskedLM.from_pretrained(folder, **kwargs)
     assert (model.device.type, model.dtype) == (device, dtype)

@@ -739,9 +739,8 @@ def model_output(return_dict, packing, states, **values):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses, as transformers computes them (its problem_type convention), but in fp32 from the logits in every head
-# (transformers keeps these two in the model's dtype), and for padding in question answering. Labels may come on
-# another device than the model's (a DataLoader's CPU tensors): they move to the logits'.
+# Losses, as transformers computes them (its problem_type convention), but in fp32 in every head (transformers keeps
+# these two in the model's dtype) and for padding in question answering. Labels move to the logits' device.
 
 
 def sequence_classification_loss(logits, labels, config):
@@ -789,9 +788,8 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
 
 
 def config_from_dict(cls, d):
-    """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`, a
-    `rope_scaling` that transformers merges into both layer types) or v5 (`layer_types`, `rope_parameters`). Other
-    keys are ignored."""
+    """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`, `rope_scaling`
+    into both layer types, as transformers reads it) or v5 (`layer_types`, `rope_parameters`). Others are ignored."""
     kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
     if d.get("rope_scaling"):
         rope = kwargs.get("rope_parameters") or {}
@@ -848,7 +846,7 @@ def normalize_rope(config):
             rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
         if (theta := rope.pop("rope_theta", None)) is not None:
             if getattr(config, name) not in (theta, defaults[name]):
-                raise ValueError(f"{name}={getattr(config, name)} and rope_parameters[{t!r}]['rope_theta']={theta}")
+                raise ValueError(f"{name} and rope_parameters[{t!r}]['rope_theta'] disagree: pass one")
             setattr(config, name, theta)
         config.rope_parameters[t] = rope
 
@@ -1008,8 +1006,7 @@ FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
 def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
     """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
     every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `faster_kernels`."""
-    # On a CPU, torch 2.13's flex compiles alone (not inside a compiled layer or model) and has no backward pass:
-    # there sdpa, the same rule, serves traced graphs and autograd (eval mode too, where the weights need grad).
+    # On a CPU torch 2.13's flex has no backward pass and compiles only alone: sdpa (the same rule) serves there.
     if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
         return sdpa_attention(q, k, v, packing, half_window, dropout_p)
     if dropout_p:
@@ -1455,8 +1452,7 @@ def check_config(c):
     for t, rope in c.rope_parameters.items():
         where, kind = f"rope_parameters[{t!r}]", rope["rope_type"]
         if kind not in SUPPORTED_ROPE_TYPES:
-            supported = ", ".join(SUPPORTED_ROPE_TYPES)
-            problems.append(f"{where}: rope_type {kind!r} is not computed here; supported: {supported} (32K: yarn)")
+            problems.append(f"{where}: rope_type {kind!r} is not computed here; use {', '.join(SUPPORTED_ROPE_TYPES)}")
         elif kind != "default" and "factor" not in rope:
             problems.append(f"{where}: rope_type {kind!r} needs a factor")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:

@@ -510,8 +510,7 @@ def test_kernels_agree(lengths, window, flash_standin):
         f"flash window={window}",
     )
     assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
-    with torch.no_grad():  # torch 2.13's flex has no backward pass on a CPU
-        assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")
+    assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")  # (q: no grad)
 
 
 def flex_layouts():
@@ -3261,6 +3260,17 @@ def test_rope_parameters_not_computed_here_are_refused_naming_what_is(rope, mess
     d = {**EDGE, "local_attention": 8, "pad_token_id": 0, "rope_parameters": {"full_attention": rope}}
     with pytest.raises(ValueError, match=message):
         mb.ModernBertConfig.from_dict(d)
+
+
+def test_each_rope_base_has_one_place():
+    """An entry's rope_theta sets its field; the two given differently are an error, not one silently dropped; and
+    rope_parameters not keyed by layer type (the flat spelling of other models) is an error, not plain RoPE."""
+    config = mb.ModernBertConfig(rope_parameters={"full_attention": {"rope_theta": 5.0}})
+    assert config.global_rope_theta == 5.0 and config.to_dict()["rope_parameters"]["full_attention"]["rope_theta"] == 5
+    with pytest.raises(ValueError, match="global_rope_theta and .* disagree"):
+        mb.ModernBertConfig(global_rope_theta=7.0, rope_parameters={"full_attention": {"rope_theta": 5.0}})
+    with pytest.raises(ValueError, match="layer types"):
+        mb.ModernBertConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0})
 
 
 def test_dynamic_rope_stops_at_max_position_embeddings():

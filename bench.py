@@ -417,7 +417,7 @@ def parse_args(argv=None):
         "(f runs on CUDA only: asked for on CPU, it is skipped with a note)",
     )
     p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts (default 3)")
     p.add_argument(
         "--batch",
         type=int,
@@ -443,7 +443,12 @@ def parse_args(argv=None):
         help="start no new workload or variant after this many seconds; print the finished rows",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--embeddings", action="store_true", help="only the sentence-embedding comparison (see above)")
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="instead of the models: sentence embeddings, embed.load_embedder's encode against sentence-transformers' "
+        "SentenceTransformer.encode on a random ettin-encoder-32m-sized model (--texts, --repeats, --device)",
+    )
     p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
     p.add_argument(
         "--kernels",
@@ -471,7 +476,9 @@ def parse_args(argv=None):
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
-        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
+        "--attn",
+        choices=[a for a in mb.ATTN_IMPLEMENTATIONS if a],
+        help="our attention kernel (default: chosen from device and dtype, as the model chooses it)",
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -913,7 +920,7 @@ def long_context_table(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# --embeddings: load.load_embedder's encode (texts sorted by length, packed batches by token budget) against
+# --embeddings: embed.load_embedder's encode (texts sorted by length, packed batches by token budget) against
 # sentence-transformers' SentenceTransformer.encode with its defaults (batches of 32 texts, padded), on the
 # same random weights and the same texts, checked to agree before timing.
 
@@ -963,11 +970,14 @@ def bench_embeddings(args, device):
         modules = [Transformer(folder), Pooling(ETTIN_32M["hidden_size"], "mean"), Normalize()]
         SentenceTransformer(modules=modules, device=device.type).save(folder, create_model_card=False)
         theirs = SentenceTransformer(folder, device=device.type)  # as users load it
-        ours = load.load_embedder(folder, device=device)
+        ours = embed.load_embedder(folder, device=device)
         tokens = [len(e.ids) for e in ours.tokenizer.encode_batch(texts)]
         n, total = len(texts), sum(tokens)
         print(f"  {n} texts, {total} tokens (mean {total / n:.0f}, longest {max(tokens)})", file=sys.stderr)
-        fns = {"ours": lambda: ours.encode(texts), "theirs": lambda: torch.from_numpy(theirs.encode(texts))}
+        fns = {
+            "ours": lambda: torch.from_numpy(ours.encode(texts)),
+            "theirs": lambda: torch.from_numpy(theirs.encode(texts)),
+        }
         secs, outs, _ = time_interleaved(fns, args.repeats, device, warmup=device.type == "cuda")
     diff = (outs["ours"].float().cpu() - outs["theirs"].float()).abs().max().item()
     assert diff < 1e-4, f"ours and SentenceTransformer.encode differ by {diff:.2e}"  # fp32, unit vectors

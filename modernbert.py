@@ -1222,6 +1222,9 @@ def checkpoint_folder(
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
         return path
+    if os.path.isfile(path):  # model.safetensors, say: the checkpoint is the folder that holds it
+        folder = os.path.dirname(path) or "."
+        raise NotADirectoryError(f"{path!r} is a file: pass the checkpoint's folder, {folder!r}.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -1272,8 +1275,11 @@ def read_safetensors(folder):
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        with open(index, encoding="utf-8") as f:
+            try:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+                raise ValueError(f"{index} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     elif any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(folder)):
@@ -1311,8 +1317,13 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"No checkpoint at {folder!r}: it has no config.json.")
-    with open(config_path) as f:
-        d = json.load(f)
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(
+                f"{config_path} is not valid JSON ({e}): fix it, or fetch the checkpoint again."
+            ) from None
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
@@ -1347,9 +1358,12 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     initialised = model.state_dict()
     to_load.update({k: initialised[k] for k in report["initialised"]})
     model.load_state_dict(to_load, strict=True)
-    if report["dropped"] or report["initialised"]:
-        dropped, fresh = report["dropped"] or "nothing", report["initialised"] or "nothing"
-        warnings.warn(f"{cls.__name__} from {folder}: dropped {dropped}; initialised fresh {fresh}.", stacklevel=3)
+    changed = {"dropped": report["dropped"], "initialised fresh": report["initialised"]}
+    if said := "; ".join(f"{what} {keys}" for what, keys in changed.items() if keys):
+        frame, stacklevel = inspect.currentframe(), 1  # point at the user's line: the first one outside this file
+        while frame is not None and frame.f_globals is globals():
+            frame, stacklevel = frame.f_back, stacklevel + 1
+        warnings.warn(f"{cls.__name__} from {folder}: {said}.", stacklevel=stacklevel)
     model.load_report = report
     return model.to(device=device, dtype=dtype).eval()
 

@@ -2010,6 +2010,11 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
             parsed(*argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
     assert parsed("--attn", "flex_attention")[0].attn == "flex_attention"
+    args, device, err = parsed("--long-context", cuda=True)  # memory as the CPU's RSS: fp32 unless asked
+    assert (device, args.dtypes, args.context_lengths) == ("cpu", "fp32", "8192,16384,32768"), err
+    with pytest.raises(SystemExit):
+        parsed("--long-context", "--device", "cuda", cuda=True)
+    assert "--long-context measures a CPU forward's memory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parsed("--help")
     usage = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
@@ -3517,6 +3522,17 @@ def test_each_rope_base_has_one_place():
         mb.ModernBertConfig(global_rope_theta=7.0, rope_parameters={"full_attention": {"rope_theta": 5.0}})
     with pytest.raises(ValueError, match="layer types"):
         mb.ModernBertConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0})
+
+
+@needs_transformers  # (bench.py imports it)
+def test_readme_32k_config_is_the_one_benchmarked():
+    """README's 32K snippet, run as written, makes the config whose numbers README shows (bench.py --long-context)."""
+    import bench
+
+    section = Path(HERE, "README.md").read_text().split("## RoPE scaling (long context)")[1].split("\n## ")[0]
+    namespace = {"modernbert": mb}
+    exec(section.split("```python\n")[1].split("```")[0], namespace)
+    assert namespace["config"] == mb.ModernBertConfig(**bench.LONG_CONTEXT)
 
 
 def test_dynamic_rope_stops_at_max_position_embeddings():

@@ -282,6 +282,12 @@ def proc_status_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def reset_peak_rss():
+    """VmHWM (the peak RSS) := the current RSS, so that what came before does not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def cuda_peak_mb(fn):
     """CUDA memory one call of fn allocates at its peak above what was allocated before it, in MB."""
     gc.collect()
@@ -309,8 +315,7 @@ def child_peak_mb(args):
     if device.type == "cuda":
         return cuda_peak_mb(fn)
     base = proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS: model construction peaks do not count
+    reset_peak_rss()  # model construction peaks do not count
     with torch.inference_mode():
         fn()
     return (proc_status_kb("VmHWM") - base) / 1024
@@ -840,11 +845,6 @@ LONG_CONTEXT = dict(
     max_position_embeddings=32768,
     rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}},
 )
-
-
-def reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := the current RSS
 
 
 def long_context_child(spec):

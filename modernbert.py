@@ -18,7 +18,7 @@ purpose, each pinned by a test (padding never reaches an output, a loss or `cls`
 names, attribute names and `state_dict` keys are the official ones, so checkpoints load both ways.
 
 Reading order: config -> RoPE, GeGLU, packing, attention -> encoder layer -> model -> heads.
-Below the "Plumbing" banner (outputs, files, the hub, faster kernels, tracing, checks) a first reading may stop.
+Below the "Plumbing" banner (outputs, files, RoPE scaling, kernels, tracing, the hub, checks) a first reading may stop.
 """
 
 import fnmatch
@@ -696,8 +696,8 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
 
 # ----------------------------------------------------------------------------------------------------
 # PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs and losses
-# as transformers has them, config files, the door from a forward's inputs, faster kernels, compiling, the hub,
-# loading and saving, and the input checks.
+# as transformers has them, config files, RoPE scaling for long context, the door from a forward's inputs, faster
+# kernels, compiling, the hub, loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):

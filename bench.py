@@ -29,6 +29,7 @@ error prints them too, before its traceback and exit status 1.
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
     python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
     python bench.py --build                          # seconds to build ModernBERT-base for masked LM from a config
+    python bench.py --long-context                   # the 32K config: one 32,768-token forward's memory and time
     python bench.py --device cpu --busy-core ...     # any of the above with one core held by a busy loop
 """
 
@@ -281,6 +282,12 @@ def proc_status_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def reset_peak_rss():
+    """VmHWM (the peak RSS) := the current RSS, so that what came before does not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def cuda_peak_mb(fn):
     """CUDA memory one call of fn allocates at its peak above what was allocated before it, in MB."""
     gc.collect()
@@ -308,8 +315,7 @@ def child_peak_mb(args):
     if device.type == "cuda":
         return cuda_peak_mb(fn)
     base = proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS: model construction peaks do not count
+    reset_peak_rss()  # model construction peaks do not count
     with torch.inference_mode():
         fn()
     return (proc_status_kb("VmHWM") - base) / 1024
@@ -464,6 +470,14 @@ def parse_args(argv=None):
         "--busy-core", action="store_true", help="hold one core with a busy loop while timing (a shared machine)"
     )
     p.add_argument(
+        "--long-context",
+        action="store_true",
+        help="instead of the forwards: the 32K config (YaRN on global layers), one sequence per length "
+        "(--context-lengths), peak memory and seconds of one forward on the CPU (--dtypes, default fp32)",
+    )
+    p.add_argument("--context-lengths", default="8192,16384,32768", help="--long-context: the sequence lengths")
+    p.add_argument("--long-context-child", help=argparse.SUPPRESS)
+    p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
@@ -473,8 +487,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:  # the parent passes --device, --workloads, --dtypes and --batch explicitly
+    if args.child or args.long_context_child:  # the parent passes --device, --workloads, --dtypes and --batch
         return args, None
+    if args.long_context:  # a CPU measurement (RSS) of one sequence: fp32 unless asked, no workloads
+        if args.device == "cuda":
+            p.error("--long-context measures a CPU forward's memory: use --device cpu (or auto)")
+        args.device, args.dtypes = "cpu", args.dtypes or "fp32"
     try:
         device = pick_device(args.device)
         apply_device_defaults(args, device)
@@ -817,6 +835,91 @@ def busy_core(on):
 
 
 # ----------------------------------------------------------------------------------------------------
+# --long-context: the family's 32K setting (issue 23): max_position_embeddings 32768 and YaRN on the global layers
+# (factor 4 over the original 8192), ModernBERT-base dimensions, random weights, the encoder (ModernBertModel: an MLM
+# decoder over 32,768 tokens would be a 6.6 GB logits tensor of its own), one sequence, on the CPU with our default
+# kernels. Local layers: blocked attention, memory O(S * window). Global layers: one unmasked fused SDPA call, which
+# works in tiles and never holds the S x S scores (4 GiB per head in fp32 at 32K), but computes all S^2 of them.
+
+LONG_CONTEXT = dict(
+    max_position_embeddings=32768,
+    rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}},
+)
+
+
+def long_context_child(spec):
+    """Child mode ("dtype:length"): one forward over one sequence. Returns seconds (the whole forward, and its
+    global and local layers), the peak memory above the weights and input, the most one global or local layer
+    adds to what was live before it, and the process's peak RSS, in MB."""
+    dtype, length = spec.split(":")
+    torch.manual_seed(0)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**LONG_CONTEXT)).to(DTYPES[dtype]).eval()
+    ids = torch.randint(0, 50000, (1, int(length)))
+    stats = {"global_s": 0.0, "local_s": 0.0, "global_mb": 0.0, "local_mb": 0.0, "peak_kb": 0}
+
+    def peak_since_reset(since_kb=None):  # VmHWM, kept for the whole forward's peak; MB above since_kb
+        hwm = proc_status_kb("VmHWM")
+        stats["peak_kb"] = max(stats["peak_kb"], hwm)
+        return None if since_kb is None else (hwm - since_kb) / 1024
+
+    def before(layer, args):
+        peak_since_reset()
+        reset_peak_rss()
+        layer.started = proc_status_kb("VmRSS"), time.perf_counter()
+
+    def after(layer, args, out):
+        kind = "local" if layer.attn.half_window else "global"
+        rss, t = layer.started
+        stats[f"{kind}_s"] += time.perf_counter() - t
+        stats[f"{kind}_mb"] = max(stats[f"{kind}_mb"], peak_since_reset(rss))
+
+    with torch.inference_mode():
+        model(ids[:, :256])  # warm-up: first-call costs (thread pools, kernels) are not the length's
+    for layer in model.layers:
+        layer.register_forward_pre_hook(before)
+        layer.register_forward_hook(after)
+    gc.collect()
+    base = proc_status_kb("VmRSS")
+    reset_peak_rss()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(ids)
+    seconds = time.perf_counter() - t
+    peak_since_reset()
+    return {"seconds": seconds, "peak_mb": (stats.pop("peak_kb") - base) / 1024, "rss_mb": base / 1024, **stats}
+
+
+def long_context_table(args):
+    """--long-context: each length (--context-lengths) and dtype in a fresh child process, one forward each."""
+    config = mb.ModernBertConfig(**LONG_CONTEXT)
+    globals_ = sum(map(config.is_global, range(config.num_hidden_layers)))
+    load = os.getloadavg()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for length in args.context_lengths.split(","):
+            cmd = [sys.executable, __file__, "--long-context-child", f"{dtype}:{int(length)}"]
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS is live
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(f"--long-context {dtype} {length} failed:\n{res.stderr}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"    {dtype} {length}: {r}", file=sys.stderr)
+            rows.append([f"{int(length):,}", dtype, fmt(r["seconds"], ".1f"), fmt(r["global_s"], ".1f")])
+            rows[-1] += [fmt(r["local_s"], ".1f"), fmt(r["peak_mb"], ",.0f"), fmt(r["global_mb"], ",.0f")]
+            rows[-1] += [fmt(r["local_mb"], ",.0f"), fmt(r["rss_mb"] + r["peak_mb"], ",.0f")]
+    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  ")
+    print(f"Date: {time.strftime('%Y-%m-%d')}; load average (1, 5, 15 min) before: {load}, after: {os.getloadavg()}\n")
+    print(
+        f"ModernBertModel, ModernBERT-base dimensions ({globals_} global, {config.num_hidden_layers - globals_} local "
+        f"layers), {LONG_CONTEXT}, one sequence, one forward in a fresh process each, inference mode.\n"
+    )
+    columns = ["tokens", "dtype", "forward s", "global layers s", "local layers s", "peak MB above weights + input"]
+    print(md_header(columns + ["most one global layer adds, MB", "most one local layer adds, MB", "process peak MB"]))
+    for row in rows:
+        print(md_row(row))
+
+
+# ----------------------------------------------------------------------------------------------------
 # --embeddings: embed.load_embedder's encode (texts sorted by length, packed batches by token budget) against
 # sentence-transformers' SentenceTransformer.encode with its defaults (batches of 32 texts, padded), on the
 # same random weights and the same texts, checked to agree before timing.
@@ -900,12 +1003,15 @@ def main():
     if args.child:
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
         return
+    if args.long_context_child:
+        print(json.dumps(long_context_child(args.long_context_child)))
+        return
     with busy_core(args.busy_core):
         run_mode(args, device, start)
 
 
 def run_mode(args, device, start):
-    """The mode the flags ask for: --build, --kernels, --embeddings, or the forwards (the default)."""
+    """The mode the flags ask for: --build, --kernels, --embeddings, --long-context, or the forwards (the default)."""
     if args.build:
         build_table(args)
         return
@@ -914,6 +1020,9 @@ def run_mode(args, device, start):
         return
     if args.embeddings:
         bench_embeddings(args, device)
+        return
+    if args.long_context:
+        long_context_table(args)
         return
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None

@@ -13,11 +13,12 @@ encoder rebuilt with what decoders learned since 2018. What makes it different f
   padding, and attention runs on the packed stream with sequence boundaries (`cu_seqlens`).
 
 Every number this file computes is checked against the official implementation (Hugging Face
-`transformers`, `models/modernbert`) in test_modernbert.py. Class names, attribute names and
-`state_dict` keys are the official ones, so checkpoints load both ways.
+`transformers`, `models/modernbert`) in test_modernbert.py, but for the differences README.md lists as made on
+purpose, each pinned by a test (padding never reaches an output, a loss or `cls` pooling; losses are fp32). Class
+names, attribute names and `state_dict` keys are the official ones, so checkpoints load both ways.
 
 Reading order: config -> RoPE, GeGLU, packing, attention -> encoder layer -> model -> heads.
-Below the "Plumbing" banner (outputs, files, the hub, faster kernels, tracing, checks) a first reading may stop.
+Below the "Plumbing" banner (outputs, files, RoPE scaling, kernels, tracing, the hub, checks) a first reading may stop.
 """
 
 import fnmatch
@@ -60,13 +61,14 @@ class ModernBertConfig:
     max_position_embeddings: int = 8192
     norm_eps: float = 1e-5
     norm_bias: bool = False  # every LayerNorm is bias-free
-    pad_token_id: int = 50283
+    pad_token_id: int | None = 50283  # None: no padding row in the embeddings
     bos_token_id: int = 50281
     eos_token_id: int = 50282
     cls_token_id: int = 50281
     sep_token_id: int = 50282
     global_rope_theta: float = 160000.0
     local_rope_theta: float = 10000.0
+    rope_parameters: dict | None = None  # RoPE scaling per layer type (long context: "RoPE scaling", below the banner)
     local_attention: int = 128  # total width: query i sees key j iff |i - j| <= 64, the half-window
     global_attn_every_n_layers: int = 3  # layer i is global iff i % 3 == 0: G L L G L L ...
     layer_types: list | None = None  # v5 spelling of the pattern; derived from the line above if None
@@ -92,13 +94,20 @@ class ModernBertConfig:
     attn_implementation: str | None = None  # one of ATTN_IMPLEMENTATIONS; None picks (see attention_kernels)
 
     def __post_init__(self):
-        if self.layer_types is None:  # v4 configs: the pattern from global_attn_every_n_layers
-            every = self.global_attn_every_n_layers
+        every = self.global_attn_every_n_layers
+        if self.layer_types is None and every >= 1:  # v4 configs: the pattern from global_attn_every_n_layers
             self.layer_types = [
                 "full_attention" if i % every == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
             ]
         agree_labels(self)  # num_labels, id2label and label2id tell one story, as in transformers
+        normalize_rope(self)
         check_config(self)
+
+    def __setattr__(self, name, value):  # config.num_labels = 3 after it is made, as in transformers: new labels
+        relabel = name == "num_labels" and self.id2label is not None and len(self.id2label) != value
+        super().__setattr__(name, value)
+        if relabel:
+            agree_labels(self, fresh=True)
 
     @property
     def head_dim(self):
@@ -132,13 +141,13 @@ class ModernBertConfig:
 # RoPE with two bases. Rotation "rotate_half" (NeoX): the first and second halves of each head pair up.
 
 
-def rope_tables(theta, head_dim, positions):
-    """cos, sin of shape (T, D) for integer positions (T,), always in fp32 (bf16 tables lose the
-    phase at positions of a few hundred and beyond)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+def rope_tables(inv_freq, attention_factor, positions):
+    """cos, sin of shape (T, D) for integer positions (T,), always in fp32 (bf16 tables lose the phase at positions
+    of a few hundred and beyond). inv_freq (D/2,): 1 / theta^(2i/D), from `rope_frequencies` (below the banner, with
+    the long-context scalings and their attention_factor, which scales both tables: 1 for plain RoPE)."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-    return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def rotate_half(x):
@@ -379,7 +388,7 @@ class ModernBertEmbeddings(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        pad_id = config.pad_token_id if 0 <= config.pad_token_id < config.vocab_size else None
+        pad_id = config.pad_token_id if config.pad_token_id in range(config.vocab_size) else None
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad_id)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.drop = nn.Dropout(config.embedding_dropout)
@@ -541,7 +550,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
         x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
         # Chosen per forward, so config.attn_implementation can change between calls.
         kernels = attention_kernels(c.attn_implementation, x.device, x.dtype, packing, c.half_window)
-        ropes = {t: rope_tables(c.rope_theta(t), c.head_dim, packing.positions) for t in LAYER_TYPES}
+        ropes = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}
         states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
         for layer, layer_type in zip(self.layers, c.layer_types):
             args = (x, ropes[layer_type], packing, kernels[layer_type])
@@ -682,14 +691,14 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
         ids, mask, embeds = (flat(t) for t in (input_ids, attention_mask, inputs.get("inputs_embeds")))
         hidden, packing, states = self.model.encode(ids, mask, embeds, inputs.get("output_hidden_states", False))
         logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
-        loss = None if labels is None else F.cross_entropy(logits.view(B, C), labels)
+        loss = None if labels is None else F.cross_entropy(logits.view(B, C).float(), labels.to(logits.device))
         return model_output(return_dict, packing, states, loss=loss, logits=logits.view(B, C))
 
 
 # ----------------------------------------------------------------------------------------------------
 # PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs and losses
-# as transformers has them, config files, the door from a forward's inputs, faster kernels, compiling, the hub,
-# loading and saving, and the input checks.
+# as transformers has them, config files, RoPE scaling for long context, the door from a forward's inputs, faster
+# kernels, compiling, the hub, loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):
@@ -731,14 +740,15 @@ def model_output(return_dict, packing, states, **values):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses, as transformers computes them (its problem_type convention), but for padding in question answering.
+# Losses, as transformers computes them (its problem_type convention), but in fp32 in every head (transformers keeps
+# these two in the model's dtype) and for padding in question answering. Labels move to the logits' device.
 
 
 def sequence_classification_loss(logits, labels, config):
     """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} rows for {logits.shape[0]} sequences.")
-    problem = config.problem_type
+    logits, labels, problem = logits.float(), labels.to(logits.device), config.problem_type
     if problem is None:
         if config.num_labels == 1:
             problem = "regression"
@@ -770,7 +780,7 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
         positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
         check_labels(positions, (B,), name)
         logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
-        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
+        losses.append(F.cross_entropy(logits, positions.to(logits.device).clamp(0, S), ignore_index=S))
     return (losses[0] + losses[1]) / 2
 
 
@@ -779,23 +789,22 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
 
 
 def config_from_dict(cls, d):
-    """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`) or v5
-    (`layer_types`, `rope_parameters`). Other keys are ignored."""
+    """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`, `rope_scaling`
+    into both layer types, as transformers reads it) or v5 (`layer_types`, `rope_parameters`). Others are ignored."""
     kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
-    for layer_type, name in ROPE_THETA_FIELDS.items():
-        rope = (d.get("rope_parameters") or {}).get(layer_type)
-        if rope:
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"rope_type {rope['rope_type']!r} for {layer_type} is not supported: only plain RoPE")
-            kwargs[name] = rope["rope_theta"]
+    if d.get("rope_scaling"):
+        rope = kwargs.get("rope_parameters") or {}
+        kwargs["rope_parameters"] = {t: {**(rope.get(t) or {}), **d["rope_scaling"]} for t in LAYER_TYPES}
     if kwargs.get("id2label"):
         kwargs.pop("num_labels", None)  # the label map decides
     return cls(**kwargs)
 
 
-def agree_labels(config):
+def agree_labels(config, fresh=False):
     """The label fields of a config: id2label decides (its JSON keys are strings), num_labels and label2id follow;
-    without one, LABEL_0, LABEL_1, ... for num_labels."""
+    without one (or `fresh`: a new num_labels), LABEL_0, LABEL_1, ... for num_labels."""
+    if fresh:
+        config.id2label = config.label2id = None
     if config.id2label is None:
         config.id2label = {i: f"LABEL_{i}" for i in range(config.num_labels)}
     config.id2label = {int(k): v for k, v in config.id2label.items()}
@@ -808,10 +817,73 @@ def config_to_dict(config):
     """config.json in the official format, written in both spellings so transformers 4 and 5 read it."""
     d = asdict(config)
     d.pop("attn_implementation")
-    d["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": config.rope_theta(t)} for t in LAYER_TYPES}
+    d["rope_parameters"] = {t: {**config.rope_parameters[t], "rope_theta": config.rope_theta(t)} for t in LAYER_TYPES}
     d["id2label"] = {str(k): v for k, v in config.id2label.items()}
     d["model_type"] = "modernbert"
     return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE scaling. Long-context checkpoints stretch RoPE past the length it was trained at, per layer type
+# (config.rope_parameters, as transformers names them): "linear" slows every frequency by `factor`; "yarn" (the
+# family's 32K checkpoints) slows only the dimensions that turn less than once within the original length, and
+# sharpens attention; "dynamic" changes nothing up to max_position_embeddings, and longer is refused here as for
+# every type (transformers rescales it by the padded batch's width there). Bitwise transformers' numbers.
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+
+def normalize_rope(config):
+    """config.rope_parameters as transformers completes them, one entry per layer type (none: plain RoPE); each
+    entry's rope_theta moves to its field (global_rope_theta, local_rope_theta), the one place a base lives."""
+    given, defaults = config.rope_parameters or {}, {f.name: f.default for f in fields(config)}
+    if unknown := sorted(set(given) - set(LAYER_TYPES)):
+        raise ValueError(f"rope_parameters has {unknown}: its keys are the layer types {LAYER_TYPES}")
+    config.rope_parameters = {}
+    for t, name in ROPE_THETA_FIELDS.items():
+        rope = dict(given.get(t) or {})
+        rope.setdefault("rope_type", rope.get("type", "default"))  # the legacy key stays, as in transformers
+        if rope["rope_type"] == "yarn":
+            rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        if (theta := rope.pop("rope_theta", None)) is not None:
+            if getattr(config, name) not in (theta, defaults[name]):
+                raise ValueError(f"{name} and rope_parameters[{t!r}]['rope_theta'] disagree: pass one")
+            setattr(config, name, theta)
+        config.rope_parameters[t] = rope
+
+
+def rope_frequencies(config, layer_type):
+    """One layer type's inv_freq (D/2,) in fp32, and the factor that scales cos and sin (YaRN's; 1 otherwise)."""
+    rope, theta, dim = config.rope_parameters[layer_type], config.rope_theta(layer_type), config.head_dim
+    if rope["rope_type"] == "yarn":
+        return yarn_frequencies(rope, theta, dim, config.max_position_embeddings)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    return (inv_freq / rope["factor"] if rope["rope_type"] == "linear" else inv_freq), 1.0
+
+
+def yarn_frequencies(rope, theta, dim, max_position_embeddings):
+    """YaRN (Peng et al., 2023): the dimensions that turn many times within the original length keep their
+    frequency, those that turn less than once are slowed by `factor` (as linear), a linear ramp between; cos and
+    sin are scaled by the attention factor, so the scores by its square. transformers' operations, in its order."""
+    original = rope["original_max_position_embeddings"]
+    factor = rope["factor"] if rope["factor"] is not None else max_position_embeddings / original
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention_factor, m, m_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention_factor is None:
+        attention_factor = float(mscale(m) / mscale(m_all)) if m and m_all else mscale()
+
+    def dimension(rotations):  # the dimension that turns `rotations` times over the original length
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dimension(rope.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(dimension(rope.get("beta_slow") or 1)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high + 0.001 * (low == high)) - low)).clamp(0, 1)
+    kept = 1 - ramp  # 1: the frequency kept (fast dimensions); 0: divided by factor (slow ones)
+    frequencies = theta ** (torch.arange(0, dim, 2).float() / dim)
+    return 1.0 / (factor * frequencies) * (1 - kept) + 1.0 / frequencies * kept, attention_factor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -860,7 +932,8 @@ def position_starts(positions, total):
 
 
 def token_labels(labels, packing, ignore_index=-100):
-    """Labels (B, S) -> (T,), the packed stream's. A label on a padded position is an error: it has no output."""
+    """Labels (B, S) -> (T,), the packed stream's, on its device. A label on a padded position is an error."""
+    labels = labels.to(packing.indices.device)
     if not torch.compiler.is_compiling():
         check_token_labels(labels, packing, ignore_index)
     return unpad(labels, packing.indices).masked_fill(~packing.is_real, ignore_index)
@@ -934,15 +1007,11 @@ FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
 def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
     """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
     every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `faster_kernels`."""
+    # On a CPU torch 2.13's flex has no backward pass and compiles only alone: sdpa (the same rule) serves there.
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
+        return sdpa_attention(q, k, v, packing, half_window, dropout_p)
     if dropout_p:
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
-    if q.device.type == "cpu" and torch.compiler.is_compiling():  # its C++ template compiles flex alone, not in a
-        return sdpa_attention(q, k, v, packing, half_window)  # compiled layer or model: sdpa serves there
-    if q.device.type == "cpu" and q.requires_grad:
-        raise RuntimeError(
-            "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
-            "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
-        )
     if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
         return q
     block_mask = (block_masks or {}).get(half_window)
@@ -1367,12 +1436,24 @@ def check_config(c):
     for name in ("hidden_activation", "classifier_activation"):
         if getattr(c, name) not in ACTIVATIONS:
             problems.append(f"{name} {getattr(c, name)!r} is not one of {sorted(ACTIVATIONS)}")
-    if len(c.layer_types) != c.num_hidden_layers or set(c.layer_types) - set(LAYER_TYPES):
+    if c.layer_types is None:
+        problems.append(f"global_attn_every_n_layers {c.global_attn_every_n_layers} must be >= 1, or pass layer_types")
+    elif len(c.layer_types) != c.num_hidden_layers or set(c.layer_types) - set(LAYER_TYPES):
         problems.append(f"layer_types must list {c.num_hidden_layers} of {LAYER_TYPES}, got {c.layer_types}")
     if c.classifier_pooling not in ("cls", "mean"):
         problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
     if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
         problems.append("sizes must be positive")
+    for t, rope in c.rope_parameters.items():
+        where, kind = f"rope_parameters[{t!r}]", rope["rope_type"]
+        if kind not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"{where}: rope_type {kind!r} is not computed here; use {', '.join(SUPPORTED_ROPE_TYPES)}")
+        elif kind != "default" and "factor" not in rope:
+            problems.append(f"{where}: rope_type {kind!r} needs a factor")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            problems.append(f"{where}: partial_rotary_factor must be 1.0 (ModernBERT rotates whole heads)")
+        if kind == "yarn" and rope.get("truncate", True) is not True:
+            problems.append(f"{where}: truncate=False is ignored by transformers in a layer type's entry: remove it")
     if problems:
         raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
 
@@ -1488,7 +1569,7 @@ def check_labels(labels, shape, name="labels"):
 
 def check_token_labels(labels, packing, ignore_index):
     check_labels(labels, packing.input_shape)
-    if bool((labels[~packing.attention_mask().to(labels.device)] != ignore_index).any()):
+    if bool((labels[~packing.attention_mask()] != ignore_index).any()):
         raise ValueError(
             f"labels at padded positions must be {ignore_index} (ignored): those positions have no output."
         )

@@ -511,8 +511,7 @@ def test_kernels_agree(lengths, window, flash_standin):
         f"flash window={window}",
     )
     assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
-    with torch.no_grad():  # torch 2.13's flex has no backward pass on a CPU
-        assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")
+    assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")  # (q: no grad)
 
 
 def flex_layouts():
@@ -609,7 +608,7 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     The same check with bf16 cos/sin tables fails: that is the bug some ports shipped."""
     positions = torch.arange(0, 8192, 7)
     x = torch.randn(len(positions), 2, 64).bfloat16()  # (T, H, D)
-    cos, sin = mb.rope_tables(160000.0, 64, positions)
+    cos, sin = mb.rope_tables(*mb.rope_frequencies(mb.ModernBertConfig(), "full_attention"), positions)
     assert cos.dtype == sin.dtype == torch.float32
     exact = mb.apply_rope(x.float(), cos, sin)
     ulp = exact.abs().clamp(min=1e-3) * 2**-7  # one bf16 step
@@ -794,9 +793,9 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
         assert set(mb.attention_kernels(name, gpu, torch.bfloat16, traced, 4).values()) == {mb.sdpa_attention}
     with pytest.raises(RuntimeError, match="no attention dropout"):
         mb.flex_attention(*random_packed([5])[:3], ragged, None, dropout_p=0.1)
-    q, k, v, packing = random_packed([5])
-    with pytest.raises(RuntimeError, match="no backward pass on a CPU.*torch.no_grad"):
-        mb.flex_attention(q.requires_grad_(), k, v, packing, None)
+    q, k, v, packing = random_packed([5])  # flex has no backward pass on a CPU: sdpa, the same rule, serves autograd
+    out = mb.flex_attention(q.requires_grad_(), k, v, packing, None)
+    assert out.grad_fn is not None and torch.equal(out, mb.sdpa_attention(q, k, v, packing, None))
     try:
         import flash_attn  # noqa: F401
 
@@ -880,7 +879,7 @@ def test_config_reads_both_official_formats():
     )
     assert (v5.global_rope_theta, v5.local_rope_theta, v5.num_labels, v5.id2label[2]) == (5.0, 7.0, 3, "pos")
     assert not v5.is_global(0) and v5.is_global(1)
-    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+    with pytest.raises(ValueError, match="rope_type 'yarn' needs a factor"):
         mb.ModernBertConfig.from_dict(
             {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1.0}}}
         )
@@ -2012,6 +2011,11 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
             parsed(*argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
     assert parsed("--attn", "flex_attention")[0].attn == "flex_attention"
+    args, device, err = parsed("--long-context", cuda=True)  # memory as the CPU's RSS: fp32 unless asked
+    assert (device, args.dtypes, args.context_lengths) == ("cpu", "fp32", "8192,16384,32768"), err
+    with pytest.raises(SystemExit):
+        parsed("--long-context", "--device", "cuda", cuda=True)
+    assert "--long-context measures a CPU forward's memory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parsed("--help")
     usage = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
@@ -3208,14 +3212,11 @@ def test_readme_embedding_snippets(embed_backbone, reranker_checkpoints, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------
-# Correct at the edges (issue 23): what a careful reader found. Each test failed on the code before its fix;
-# the ones marked PHASE_2 still fail until phase 2 of the issue lands, and then xfail(strict) says so.
+# Correct at the edges (issue 23): what a careful reader found. Each test failed on the code before its fix.
 
-PHASE_2 = pytest.mark.xfail(strict=True, reason="issue 23: fixed in phase 2")
 EDGE = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4)
 
 
-@PHASE_2
 @needs_transformers
 def test_num_labels_set_after_the_config_is_made_saves_and_loads(tmp_path):
     """transformers' idiom, config.num_labels = 3 after the config is made: the label map follows, so the saved
@@ -3232,7 +3233,6 @@ def test_num_labels_set_after_the_config_is_made_saves_and_loads(tmp_path):
     assert theirs.config.num_labels == 3
 
 
-@PHASE_2
 @needs_transformers
 def test_no_pad_token_id_builds_and_matches_official(tmp_path):
     """transformers takes pad_token_id=None (no padding row in the embeddings); so must we, with its numbers."""
@@ -3246,7 +3246,6 @@ def test_no_pad_token_id_builds_and_matches_official(tmp_path):
     assert mb.ModernBertForMaskedLM.from_pretrained(tmp_path / "nopad").config.pad_token_id is None
 
 
-@PHASE_2
 def test_global_attention_every_zero_layers_is_a_clear_error():
     """transformers divides by it (ZeroDivisionError); a config error naming the field does better. A v5 config,
     whose layer_types say which layers are global, does not read it."""
@@ -3258,7 +3257,6 @@ def test_global_attention_every_zero_layers_is_a_clear_error():
     assert mb.ModernBertConfig(**EDGE, layer_types=pattern, global_attn_every_n_layers=0).layer_types == pattern
 
 
-@PHASE_2
 def test_flex_attention_on_a_cpu_in_eval_mode_needs_no_torch_no_grad(small):
     """model.eval(); model(x): nobody asked for a backward pass, so none must be needed."""
     model = small["ModernBertModel"]
@@ -3302,15 +3300,7 @@ LOSS_CASES = {  # name -> (class, config, inputs (B=2, S=12) -> labels, as the h
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(name, marks=PHASE_2)
-        if name in ("single_label", "multi_label", "regression", "multiple_choice")
-        else name
-        for name in LOSS_CASES
-    ],
-)
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 def test_every_head_loss_is_fp32_in_a_bf16_model(case):
     """One rule for every head: the loss is computed in fp32 from the logits, whatever the model's dtype."""
     cls_name, config, labels = LOSS_CASES[case]
@@ -3381,7 +3371,6 @@ def rope_max_diff(states, ref, mask):
     return max((a[mask.bool()] - b[mask.bool()]).abs().max().item() for a, b in zip(states, ref))
 
 
-@PHASE_2
 @needs_transformers
 @pytest.mark.parametrize("case", sorted(ROPE_CASES))
 def test_rope_scaling_matches_official_past_the_original_length(case):
@@ -3417,7 +3406,53 @@ def test_rope_scaling_matches_official_past_the_original_length(case):
         assert_close(a[mask.bool()], b[mask.bool()], FP32_TOL, f"{case} hidden_states[{i}]")
 
 
-@PHASE_2
+ROPE_FREQUENCY_CASES = {  # name -> (rope_parameters, max_position_embeddings): the 32K config, YaRN's other fields
+    "yarn_32k": (
+        {"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}},
+        32768,
+    ),
+    "yarn_attention_factor": (
+        {
+            "full_attention": {
+                "rope_type": "yarn",
+                "factor": 3.0,
+                "original_max_position_embeddings": 300,
+                "attention_factor": 1.5,
+            }
+        },
+        900,
+    ),
+    "yarn_no_original": ({"full_attention": {"rope_type": "yarn", "factor": 4.0}}, 1024),
+    "yarn_factor_none": (
+        {"sliding_attention": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 256}},
+        1024,
+    ),
+    "dynamic_odd_factor": ({"full_attention": {"rope_type": "dynamic", "factor": 1.7}}, 1000),
+}
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", sorted(ROPE_CASES) + sorted(ROPE_FREQUENCY_CASES))
+def test_rope_frequencies_are_the_official_bit_for_bit(case):
+    """Each layer type's inv_freq and attention factor: exactly what transformers' rotary embedding keeps (the
+    end-to-end test above cannot see every detail, e.g. YaRN's ramp rounded the other way at 32K)."""
+    import copy
+
+    from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryEmbedding
+
+    rope, max_positions = ROPE_FREQUENCY_CASES.get(case) or (ROPE_CASES[case], 640)
+    official = transformers.ModernBertConfig(
+        max_position_embeddings=max_positions, rope_parameters=copy.deepcopy(rope)
+    )
+    rotary = ModernBertRotaryEmbedding(official)
+    config = mb.ModernBertConfig.from_dict(official.to_dict())
+    for t in mb.LAYER_TYPES:
+        inv_freq, factor = mb.rope_frequencies(config, t)
+        expected = getattr(rotary, f"{t}_inv_freq"), getattr(rotary, f"{t}_attention_scaling")
+        off = (inv_freq - expected[0]).abs().max().item()
+        assert torch.equal(inv_freq, expected[0]) and factor == expected[1], f"{case} {t}: {off:.2g}, {factor}"
+
+
 @needs_transformers
 def test_rope_scaling_config_round_trips_in_both_formats(tmp_path):
     """A YaRN checkpoint saved here loads in transformers with the same rope_parameters and numbers; a v4 file's
@@ -3460,7 +3495,6 @@ def test_rope_scaling_config_round_trips_in_both_formats(tmp_path):
     assert mb.ModernBertConfig.from_dict(copy.deepcopy(v4)).to_dict()["rope_parameters"] == expected
 
 
-@PHASE_2
 @pytest.mark.parametrize(
     "rope, message",
     [
@@ -3480,7 +3514,28 @@ def test_rope_parameters_not_computed_here_are_refused_naming_what_is(rope, mess
         mb.ModernBertConfig.from_dict(d)
 
 
-@PHASE_2
+def test_each_rope_base_has_one_place():
+    """An entry's rope_theta sets its field; the two given differently are an error, not one silently dropped; and
+    rope_parameters not keyed by layer type (the flat spelling of other models) is an error, not plain RoPE."""
+    config = mb.ModernBertConfig(rope_parameters={"full_attention": {"rope_theta": 5.0}})
+    assert config.global_rope_theta == 5.0 and config.to_dict()["rope_parameters"]["full_attention"]["rope_theta"] == 5
+    with pytest.raises(ValueError, match="global_rope_theta and .* disagree"):
+        mb.ModernBertConfig(global_rope_theta=7.0, rope_parameters={"full_attention": {"rope_theta": 5.0}})
+    with pytest.raises(ValueError, match="layer types"):
+        mb.ModernBertConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0})
+
+
+@needs_transformers  # (bench.py imports it)
+def test_readme_32k_config_is_the_one_benchmarked():
+    """README's 32K snippet, run as written, makes the config whose numbers README shows (bench.py --long-context)."""
+    import bench
+
+    section = Path(HERE, "README.md").read_text().split("## RoPE scaling (long context)")[1].split("\n## ")[0]
+    namespace = {"modernbert": mb}
+    exec(section.split("```python\n")[1].split("```")[0], namespace)
+    assert namespace["config"] == mb.ModernBertConfig(**bench.LONG_CONTEXT)
+
+
 def test_dynamic_rope_stops_at_max_position_embeddings():
     """transformers rescales dynamic RoPE by the padded batch's width once it passes max_position_embeddings (and
     keeps the longest width seen for later batches); here a longer sequence is refused, as for every type."""
@@ -3749,7 +3804,6 @@ def test_gradient_checkpointing_lowers_peak_gpu_memory():
     assert peaks[1] < 0.7 * peaks[0], peaks
 
 
-@PHASE_2
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))

@@ -214,9 +214,9 @@ def tokenize(tokenizer, vocab, documents, max_len):
 # ----------------------------------------------------------------------------------------------------
 # 3. Packing: whole documents into batches of a token budget, best fit, with no attention across documents.
 #
-#   documents   [CLS] a a a [SEP] | [CLS] b b [SEP] | [CLS] c c c c c [SEP]        budget 16 tokens
-#   batch       [CLS] a a a [SEP] [CLS] c c c c c [SEP] [PAD] [PAD] [PAD] [PAD]    b waits for another batch
-#   cu_seqlens  0                 5                     12                   16    the padding: one more sequence
+#   documents   C a a a S | C b b b b b b b S | C c c c c c S      C = [CLS], S = [SEP], P = [PAD]
+#   batch 1     C a a a S C b b b b b b b S P P                     a budget of 16 tokens: c waits for batch 2
+#   cu_seqlens  0         5                 14  16                  the padding is one more sequence
 #
 # The model sees the batch as input_ids (1, 16) with cu_seqlens: attention stays inside each sequence, RoPE
 # positions restart at 0 in each, and the padding is a sequence of its own that no document sees.

@@ -19,6 +19,7 @@ import torch
 import load
 import modernbert as mb
 import train
+from test_modernbert import TINY as TINY_MODEL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,6 +38,9 @@ needs_optimi = pytest.mark.skipif(
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "2", "--intermediate", "96", "--vocab", "512"]
 TINY += ["--max-len", "128", "--batch-tokens", "512", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
 VOCAB = train.Vocab(size=500, mask=4, pad=3, cls=1, sep=2)
+# test_modernbert's tiny model (its +-8 window is crossed by the documents here) with weights 5x the official
+# init's spread, so that every layer moves the stream visibly
+SMALL = {**TINY_MODEL, "vocab_size": VOCAB.size, "pad_token_id": VOCAB.pad, "initializer_range": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +168,7 @@ def test_a_packed_batch_keeps_documents_apart():
     assert b.cu_seqlens.diff().tolist() == lengths + [128] * (padding // 128) + [padding % 128] * (padding % 128 > 0)
     assert b.real.sum() == sum(lengths) and (b.input_ids[~b.real] == VOCAB.pad).all()
     torch.manual_seed(0)
-    config = mb.ModernBertConfig(
-        vocab_size=VOCAB.size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        local_attention=16,
-        max_position_embeddings=512,
-        pad_token_id=VOCAB.pad,
-        initializer_range=0.1,
-    )  # fmt: skip  (weights 5x the official init's, so that attention moves the stream visibly)
+    config = mb.ModernBertConfig(**SMALL)
     model = mb.ModernBertForMaskedLM(config).eval()
     with torch.no_grad():
         packed = model(b.input_ids, cu_seqlens=b.cu_seqlens).logits[0]
@@ -255,16 +249,14 @@ def test_stableadamw_matches_optimi():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    config = mb.ModernBertConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                 num_attention_heads=2)  # fmt: skip
-    model = mb.ModernBertForMaskedLM(config)
+    model = mb.ModernBertForMaskedLM(mb.ModernBertConfig(**SMALL))
     decay, no_decay = train.param_groups(model, 3e-4)
     assert decay["weight_decay"] == 3e-4 and no_decay["weight_decay"] == 0.0
     assert "model.embeddings.tok_embeddings.weight" in decay["names"]  # tied to the decoder: listed once
     assert "decoder.weight" not in decay["names"] + no_decay["names"]
     assert "decoder.bias" in no_decay["names"] and "model.final_norm.weight" in no_decay["names"]
-    assert all(n.endswith(("Wqkv.weight", "Wo.weight", "Wi.weight", "dense.weight", "tok_embeddings.weight"))
-               for n in decay["names"])  # fmt: skip
+    matrices = ("Wqkv.weight", "Wo.weight", "Wi.weight", "dense.weight", "tok_embeddings.weight")
+    assert all(n.endswith(matrices) for n in decay["names"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -289,11 +281,12 @@ def test_warmup_stable_decay_schedule():
 def as_padded_rows(input_ids, cu_seqlens, labels, pad_id):
     """A packed batch as run_mlm.py would feed it: one row per sequence, right-padded, with an attention mask."""
     lengths = cu_seqlens.diff().tolist()
-    rows = [torch.nn.functional.pad(x, (0, max(lengths) - len(x)), value=v)
-            for t, v in ((input_ids[0], pad_id), (labels[0], train.IGNORE)) for x in t.split(lengths)]  # fmt: skip
-    n = len(lengths)
+
+    def rows(t, fill):
+        return torch.nn.utils.rnn.pad_sequence(t[0].split(lengths), batch_first=True, padding_value=fill)
+
     mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
-    return torch.stack(rows[:n]), mask.long(), torch.stack(rows[n:])
+    return rows(input_ids, pad_id), mask.long(), rows(labels, train.IGNORE)
 
 
 class RunMlmStyle(torch.nn.Module):
@@ -326,18 +319,7 @@ def test_same_losses_as_transformers_in_this_loop(wrong):
     """From the same init, on the same packed and masked batches, with the same StableAdamW and schedule, ours and
     transformers' ModernBertForMaskedLM (fed as padded rows) give the same losses step after step. Each wrong
     variant must fail the same comparison: one breaks the forward, the other only the updates."""
-    config = mb.ModernBertConfig(
-        vocab_size=VOCAB.size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        local_attention=16,
-        max_position_embeddings=512,
-        pad_token_id=VOCAB.pad,
-        sparse_prediction=True,
-        initializer_range=0.1,
-    )  # fmt: skip  (5x the official init's spread, so that every layer moves the stream visibly)
+    config = mb.ModernBertConfig(**SMALL, sparse_prediction=True)
     torch.manual_seed(0)
     ours = mb.ModernBertForMaskedLM(config)
     official = transformers.ModernBertForMaskedLM(
@@ -431,6 +413,18 @@ def test_resume_continues_step_optimizer_and_schedule(tmp_path, text_file, train
     assert all(torch.equal(a[k], b[k]) for k in b), {k: (a[k] - b[k]).abs().max().item() for k in b}
 
 
+def test_continued_pretraining_starts_from_the_checkpoint(tmp_path, text_file, trained):
+    """--init: the checkpoint's weights, size and tokenizer; then --resume of that run goes on past its end."""
+    out = str(tmp_path / "out")
+    args = ["--max-len", "128", "--batch-tokens", "512", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
+    assert train.main(["--init", trained, "--data", text_file, "--out", out, "--steps", "2", *args]) == 0
+    assert open(os.path.join(out, "tokenizer.json")).read() == open(os.path.join(trained, "tokenizer.json")).read()
+    fresh, continued = (json.load(open(os.path.join(f, "trainer_state.json")))["log_history"] for f in (trained, out))
+    assert continued[0]["loss"] < fresh[0]["loss"] - 0.05  # the same first batch, on trained weights
+    assert train.main(["--out", out, "--resume", "--steps", "3"]) == 0
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["global_step"] == 3
+
+
 def test_two_processes_learn_as_one(tmp_path, text_file):
     """torchrun with 2 CPU processes (gloo), each taking its share of the packed batches, against one process that
     takes both shares itself (--accum 2): the same global batch, the same losses and weights."""
@@ -455,8 +449,7 @@ def test_two_processes_learn_as_one(tmp_path, text_file):
 def no_mask_checkpoint(folder, text_file):
     """A checkpoint whose tokenizer names no mask token."""
     torch.manual_seed(0)
-    config = mb.ModernBertConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=128, pad_token_id=3)  # fmt: skip
+    config = mb.ModernBertConfig(**{**SMALL, "vocab_size": 512, "num_hidden_layers": 1})
     mb.ModernBertForMaskedLM(config).save_pretrained(folder)
     train.save_tokenizer(train.train_tokenizer(train.read_documents([text_file]), 512), folder, 128)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):

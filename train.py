@@ -167,9 +167,8 @@ def save_tokenizer(tokenizer, folder, max_len):
     tokenizer.save(os.path.join(folder, "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **SPECIAL_TOKENS}
     config |= {"clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
-    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", SPECIAL_TOKENS)):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=2)
+    write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKENS)
 
 
 @dataclass
@@ -642,10 +641,10 @@ def settle(args):
     """The run's settings: a new run's defaults, or a resumed run's recorded settings. Errors before any writing."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     out = given.get("out", DEFAULTS["out"])
+    if "data" in given:  # recorded for --resume, which may start elsewhere
+        given["data"] = [os.path.abspath(p) for p in given["data"]]
     if args.resume:
         recorded = read_recorded_run(out)
-        if "data" in given:
-            given["data"] = [os.path.abspath(p) for p in given["data"]]
         for k, v in given.items():
             if k not in RESUMABLE_CHANGES and k != "out" and v != recorded.get(k):
                 flag = "--" + k.replace("_", "-")
@@ -658,15 +657,16 @@ def settle(args):
                 recorded.pop(name, None)
         return {**recorded, **given, "resume": True}
     check_new_out(out)
-    if "data" in given:  # recorded for --resume, which may start elsewhere
-        given["data"] = [os.path.abspath(p) for p in given["data"]]
     if "init" in given and (clash := [k for k in (*MODEL_FLAGS, "vocab") if k in given]):
         raise ValueError(f"--init {given['init']} fixes the model's size and tokenizer: drop --{clash[0]}.")
     settings = {**DEFAULTS, **given, "resume": False}
+    if "init" in given:  # the checkpoint's size; build() records it
+        for name in (*MODEL_FLAGS, "vocab"):
+            settings.pop(name)
     if "steps" in given:
         settings.pop("minutes")
     for name in ("minutes", "steps", "batch_tokens", "accum", "layers", "hidden", "heads", "vocab", "max_len"):
-        if name in settings and settings[name] is not None and settings[name] <= 0:
+        if settings.get(name) is not None and settings[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {settings[name]}.")
     if not 0 < settings["mask_rate"] < 1:
         raise ValueError(f"--mask-rate must lie between 0 and 1, got {settings['mask_rate']}.")
@@ -753,6 +753,7 @@ def build(settings, rank, tokenizer_folder):
         torch.manual_seed(settings["seed"])
         model = ModernBertForMaskedLM(new_config(settings, vocab))
     model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
+    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()}, vocab=vocab.size)
     pieces = tokenize(tokenizer, vocab, train_docs, settings["max_len"])
     held_pieces = tokenize(tokenizer, vocab, held_docs, settings["max_len"])
     check_budget(max(map(len, pieces + held_pieces)), settings["batch_tokens"])

@@ -28,11 +28,14 @@ error prints them too, before its traceback and exit status 1.
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
     python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
+    python bench.py --train --device cpu             # a training step: train.py's against transformers' (run_mlm)
+    python bench.py --build                          # seconds to build ModernBERT-base for masked LM from a config
+    python bench.py --device cpu --busy-core ...     # any of the above with one core held by a busy loop
 """
 
 import argparse
+import contextlib
 import copy
-import dataclasses
 import functools
 import gc
 import json
@@ -420,7 +423,7 @@ def parse_args(argv=None):
         "(f runs on CUDA only: asked for on CPU, it is skipped with a note)",
     )
     p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16; default fp32,bf16 on CPU, bf16 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per workload; the best counts (default 3)")
     p.add_argument(
         "--batch",
         type=int,
@@ -446,12 +449,18 @@ def parse_args(argv=None):
         help="start no new workload or variant after this many seconds; print the finished rows",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--embeddings", action="store_true", help="only the sentence-embedding comparison (see above)")
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="instead of the models: sentence embeddings, embed.load_embedder's encode against sentence-transformers' "
+        "SentenceTransformer.encode on a random ettin-encoder-32m-sized model (--texts, --repeats, --device)",
+    )
     p.add_argument(
         "--train",
         action="store_true",
-        help="a full training step, ours (train.py) against transformers' padded and padding-free (see --train "
-        "below); default B = 8 on CPU (fp32, workloads a,c), 64 on CUDA (bf16, a,c,f)",
+        help="instead of the models: one full training step of ModernBERT-base's masked LM, ours (train.py: packed, "
+        "sparse prediction, StableAdamW) against transformers' padded (run_mlm.py) and padding-free "
+        "(DataCollatorWithFlattening) batches; default B = 8 on CPU (fp32, workloads a,c), 64 on CUDA (bf16, a,c,f)",
     )
     p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
     p.add_argument(
@@ -461,10 +470,20 @@ def parse_args(argv=None):
         "shape (--workloads, --repeats, the device's batch sizes)",
     )
     p.add_argument(
+        "--build",
+        action="store_true",
+        help="instead of the forwards: seconds to build ModernBERT-base for masked LM from a config, ours vs theirs",
+    )
+    p.add_argument(
+        "--busy-core", action="store_true", help="hold one core with a busy loop while timing (a shared machine)"
+    )
+    p.add_argument(
         "--child", choices=["ours", "theirs", "ours_full", "ours_compiled", "theirs_compiled"], help=argparse.SUPPRESS
     )
     p.add_argument(
-        "--attn", choices=["eager", "sdpa", "flash_attention_2"], help="our attention kernel (default: chosen)"
+        "--attn",
+        choices=[a for a in mb.ATTN_IMPLEMENTATIONS if a],
+        help="our attention kernel (default: chosen from device and dtype, as the model chooses it)",
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -726,11 +745,11 @@ def layer_kernels(packing, device, window):
         ("both", "flex block masks (once a forward)"): block_masks,
         ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
         ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
-        ("global", "sdpa masked grid"): lambda: mb.sdpa_on_grid(q, k, v, dataclasses.replace(packing, uniform=False)),
+        ("global", "sdpa masked grid"): lambda: mb.sdpa_attention(q, k, v, packing, None),
         ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
     }
-    if packing.uniform:
-        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_on_grid(q, k, v, packing)
+    if packing.equal_lengths:
+        fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_equal_lengths(q, k, v, packing)
     if device.type == "cpu":
         fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
     try:
@@ -770,7 +789,49 @@ def kernel_table(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# --embeddings: load.load_embedder's encode (texts sorted by length, packed batches by token budget) against
+# --build: seconds to build ModernBERT-base for masked LM from a config, as training from scratch starts, ours
+# against transformers' (both initialise every weight with the official truncated normal), interleaved.
+
+
+def build_table(args):
+    builders = {
+        "ours": lambda: mb.ModernBertForMaskedLM(mb.ModernBertConfig()),
+        "theirs": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig()),
+    }
+    best = dict.fromkeys(builders, float("inf"))
+    for r in range(args.repeats):
+        for name in list(builders) if r % 2 == 0 else list(builders)[::-1]:
+            gc.collect()
+            t = time.perf_counter()
+            model = builders[name]()
+            secs = time.perf_counter() - t
+            best[name] = min(best[name], secs)
+            del model
+            print(f"    {name:6s} round {r}: {secs:6.2f}s", file=sys.stderr)
+    print(f"Machine: {machine_line()}")
+    print(f"Command: python bench.py {' '.join(sys.argv[1:])}\n")
+    print(md_header(["built from a config", "ours s", "theirs s", "ours / theirs (time)"]))
+    row = ["ModernBertForMaskedLM, ModernBERT-base", fmt(best["ours"], ".2f"), fmt(best["theirs"], ".2f")]
+    print(md_row(row + [f"**{best['ours'] / best['theirs']:.2f}**"]))
+
+
+@contextlib.contextmanager
+def busy_core(on):
+    """--busy-core: one process spinning on a core while the benchmark times, as when a machine is shared."""
+    if not on:
+        yield
+        return
+    note("one core is held by a busy loop while timing (--busy-core)")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+# ----------------------------------------------------------------------------------------------------
+# --embeddings: embed.load_embedder's encode (texts sorted by length, packed batches by token budget) against
 # sentence-transformers' SentenceTransformer.encode with its defaults (batches of 32 texts, padded), on the
 # same random weights and the same texts, checked to agree before timing.
 
@@ -820,11 +881,14 @@ def bench_embeddings(args, device):
         modules = [Transformer(folder), Pooling(ETTIN_32M["hidden_size"], "mean"), Normalize()]
         SentenceTransformer(modules=modules, device=device.type).save(folder, create_model_card=False)
         theirs = SentenceTransformer(folder, device=device.type)  # as users load it
-        ours = load.load_embedder(folder, device=device)
+        ours = embed.load_embedder(folder, device=device)
         tokens = [len(e.ids) for e in ours.tokenizer.encode_batch(texts)]
         n, total = len(texts), sum(tokens)
         print(f"  {n} texts, {total} tokens (mean {total / n:.0f}, longest {max(tokens)})", file=sys.stderr)
-        fns = {"ours": lambda: ours.encode(texts), "theirs": lambda: torch.from_numpy(theirs.encode(texts))}
+        fns = {
+            "ours": lambda: torch.from_numpy(ours.encode(texts)),
+            "theirs": lambda: torch.from_numpy(theirs.encode(texts)),
+        }
         secs, outs, _ = time_interleaved(fns, args.repeats, device, warmup=device.type == "cuda")
     diff = (outs["ours"].float().cpu() - outs["theirs"].float()).abs().max().item()
     assert diff < 1e-4, f"ours and SentenceTransformer.encode differ by {diff:.2e}"  # fp32, unit vectors
@@ -954,6 +1018,15 @@ def main():
     args, device = parse_args()
     if args.child:
         print(json.dumps({"peak_mb": child_peak_mb(args)}))
+        return
+    with busy_core(args.busy_core):
+        run_mode(args, device, start)
+
+
+def run_mode(args, device, start):
+    """The mode the flags ask for: --build, --kernels, --embeddings, --train, or the forwards (the default)."""
+    if args.build:
+        build_table(args)
         return
     if args.kernels:
         kernel_table(args, device)

@@ -14,12 +14,12 @@ and read here, in both formats, the one on the hub today and the one sentence-tr
     config_sentence_transformers.json   prompts, default_prompt_name, similarity_fn_name, truncate_dim,
                                         activation_fn (rerankers)
 
-From Python (through load.py, like the rest):
+From Python:
 
-    from load import load_embedder, load_reranker
+    from embed import load_embedder, load_reranker
     embedder = load_embedder("nomic-ai/modernbert-embed-base")  # a hub id or a folder
-    queries = embedder.encode_query(["What is ModernBERT?"])  # (1, 768), the checkpoint's "query" prompt
-    documents = embedder.encode_document(["An encoder.", "A city."])  # (2, 768)
+    queries = embedder.encode_query(["What is ModernBERT?"])  # numpy (1, 768), after the checkpoint's "query" prompt
+    documents = embedder.encode_document(["An encoder.", "A city."])  # (2, 768); convert_to_tensor=True: torch
     embedder.similarity(queries, documents)  # (1, 2): cosine, unless the checkpoint says otherwise
     reranker = load_reranker("Alibaba-NLP/gte-reranker-modernbert-base")
     reranker.rank("What is ModernBERT?", ["An encoder.", "A city."])  # [{"corpus_id": 0, "score": ...}, ...]
@@ -30,13 +30,14 @@ no padding is ever computed (Sentence Transformers pads each batch of 32 texts t
 back in input order. Unlike fill-mask, this path truncates, as Sentence Transformers does: a text longer than
 max_seq_length tokens loses its end.
 
-The command line, through load.py:
+The command line (texts as arguments, or one per line from --input FILE, or from standard input):
 
-    python load.py embed --model M [--prompt-name query] [--input FILE|-] [--output FILE.safetensors|.npy] [TEXT ...]
-    python load.py rerank --model M --query Q DOC [DOC ...]
+    python embed.py embed --model M [--prompt-name query] [--input FILE|-] [--output FILE.safetensors|.npy] [TEXT ...]
+    python embed.py rerank --model M --query Q [--top-k K] [--input FILE|-] [DOC ...]
 
-Depends on what load.py depends on (and tqdm, for the progress bar); never on transformers or
-sentence-transformers, which the tests compare against.
+Builds on load.py (checkpoint folders, tokenizers; load.py never imports this file) and depends on what it
+depends on (and tqdm, for the progress bar); never on transformers or sentence-transformers, which the tests
+compare against.
 """
 
 import argparse
@@ -50,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown
+from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown, with_warnings_at_caller
 from modernbert import ModernBertForSequenceClassification, ModernBertModel
 
 # Sentence Transformers' pooling modes, in the order its older config keys concatenate them.
@@ -85,8 +86,11 @@ def read_modules(folder, model_type):
     entries = read_json(folder, "modules.json")  # {} when there is none
     written = read_json(folder, "config_sentence_transformers.json").get("model_type", "SentenceTransformer")
     if entries and written != model_type:
-        use = {"SentenceTransformer": "load_embedder", "CrossEncoder": "load_reranker"}.get(written)
-        hint = f": load it with {use}" if use else ", which this loader does not run"
+        use = {
+            "SentenceTransformer": "load_embedder, or on the command line `python embed.py embed`",
+            "CrossEncoder": "load_reranker, or on the command line `python embed.py rerank`",
+        }
+        hint = f": load it with {use[written]}" if written in use else ", which this loader does not run"
         raise ValueError(f"{folder!r} holds a {written} (config_sentence_transformers.json){hint}.")
     modules = []
     for entry in entries:
@@ -341,13 +345,33 @@ def texts_list(texts, what="texts"):
     return texts
 
 
+def returned(rows, convert_to_numpy, convert_to_tensor, single=False):
+    """Rows (N, ...) as Sentence Transformers returns them, with its defaults (convert_to_numpy=True,
+    convert_to_tensor=False): a tensor with convert_to_tensor (it wins), else a numpy array on the CPU (bf16 as
+    float32, which numpy lacks), else a list of tensors; the first row alone for a single input."""
+    if convert_to_tensor:
+        out = rows
+    elif convert_to_numpy:
+        out = (rows.float() if rows.dtype == torch.bfloat16 else rows).cpu().numpy()
+    else:
+        out = list(rows)
+    return out[0] if single else out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Embeddings
 
 
+def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
+    """Sentence embeddings as Sentence Transformers computes them: an Embedder (encode, encode_query,
+    encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files.
+    `device`, `dtype` ("bf16" or a torch dtype) and `revision` as load.load_model takes them."""
+    return with_warnings_at_caller(Embedder.load, name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
 class Embedder(Pipeline):
     """A ModernBERT encoder with Sentence Transformers' modules: Pooling, then Dense and Normalize as the
-    checkpoint has them. Make it with load.load_embedder (or Embedder.load)."""
+    checkpoint has them. Make it with load_embedder."""
 
     @classmethod
     def load(cls, name_or_folder, device=None, dtype=None, revision=None):
@@ -380,7 +404,7 @@ class Embedder(Pipeline):
                 f"{folder!r} has no Sentence Transformers files (modules.json): its tokens are pooled as "
                 f"config.json's classifier_pooling says ({model.config.classifier_pooling!r}), with no prompt and "
                 "no normalisation.",
-                stacklevel=3,
+                stacklevel=2,
             )
         after = [
             {"Dense": Dense, "Normalize": Normalize}[kind](os.path.join(folder, path)) for kind, path in modules[2:]
@@ -400,15 +424,19 @@ class Embedder(Pipeline):
         prompt_name=None,
         prompt=None,
         batch_size=None,
-        normalize_embeddings=None,
         show_progress_bar=None,
+        *,
+        convert_to_numpy=True,
+        convert_to_tensor=False,
+        normalize_embeddings=None,
         batch_tokens=BATCH_TOKENS,
     ):
-        """One embedding per text: a tensor (N, dim), or (dim,) for a single str, as Sentence Transformers'
-        encode computes it (its convert_to_tensor=True). The prompt (see resolve_prompt) goes before every
-        text. Texts longer than max_seq_length tokens are truncated. Batches hold at most batch_tokens tokens
-        (and at most batch_size texts, if given); normalize_embeddings=True L2-normalises the rows (the
-        checkpoint's own Normalize module, if it has one, always runs)."""
+        """One embedding per text, (N, dim), or (dim,) for a single str, as Sentence Transformers' encode
+        computes and returns it: a numpy array by default, a tensor with convert_to_tensor=True, a list of
+        tensors with neither (see `returned`). The prompt (see resolve_prompt) goes before every text. Texts
+        longer than max_seq_length tokens are truncated. Batches hold at most batch_tokens tokens (and at most
+        batch_size texts, if given); normalize_embeddings=True L2-normalises the rows (the checkpoint's own
+        Normalize module, if it has one, always runs)."""
         single = isinstance(texts, str)
         texts = texts_list(texts)
         prompt = self.resolve_prompt(prompt, prompt_name)
@@ -419,7 +447,8 @@ class Embedder(Pipeline):
                 skip = len(ids) - (ids[-1] in self.special_ids)
             texts = [prompt + text for text in texts]
         if not texts:
-            return torch.empty(0, self.dimension, device=self.model.device, dtype=self.model.dtype)
+            empty = torch.empty(0, self.dimension, device=self.model.device, dtype=self.model.dtype)
+            return returned(empty, convert_to_numpy, convert_to_tensor)
 
         def forward(input_ids, cu_seqlens):
             hidden, packing, _ = self.model.encode(input_ids, cu_seqlens=cu_seqlens)
@@ -433,7 +462,7 @@ class Embedder(Pipeline):
             out = out[:, : self.truncate_dim]
         if normalize_embeddings:
             out = F.normalize(out, p=2, dim=-1)
-        return out[0] if single else out
+        return returned(out, convert_to_numpy, convert_to_tensor, single)
 
     def encode_query(self, texts, prompt_name=None, prompt=None, **kwargs):
         """encode with the checkpoint's "query" prompt (empty if it has none), unless a prompt is given."""
@@ -468,9 +497,15 @@ class Embedder(Pipeline):
 # Rerankers
 
 
+def load_reranker(name_or_folder, device=None, dtype=None, revision=None):
+    """Reranker scores as Sentence Transformers' CrossEncoder computes them: a Reranker (predict, rank), from a
+    folder or hub id holding a sequence classifier, with or without Sentence Transformers' files."""
+    return Reranker.load(name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
 class Reranker(Pipeline):
     """A ModernBERT sequence classifier scoring (query, document) pairs, as Sentence Transformers'
-    CrossEncoder does. Make it with load.load_reranker (or Reranker.load)."""
+    CrossEncoder does. Make it with load_reranker."""
 
     @classmethod
     def load(cls, name_or_folder, device=None, dtype=None, revision=None):
@@ -516,12 +551,23 @@ class Reranker(Pipeline):
         return self.model.config.num_labels
 
     def predict(
-        self, pairs, batch_size=None, prompt_name=None, prompt=None, show_progress_bar=None, batch_tokens=BATCH_TOKENS
+        self,
+        pairs,
+        prompt_name=None,
+        prompt=None,
+        batch_size=None,
+        show_progress_bar=None,
+        *,
+        convert_to_numpy=True,
+        convert_to_tensor=False,
+        batch_tokens=BATCH_TOKENS,
     ):
         """Scores of (query, document) pairs, after the checkpoint's activation (sigmoid for one label when
-        it names none): a tensor (N,) for one label, (N, num_labels) for more; a 0-d tensor for a single pair.
-        Each pair is tokenized as one sequence, [CLS] query [SEP] document [SEP] (the tokenizer's own
-        template), and truncated to max_seq_length tokens by cutting the longer text first."""
+        it names none): (N,) for one label, (N, num_labels) for more, one score (or row) for a single pair;
+        returned as CrossEncoder.predict returns them: numpy by default, a tensor with convert_to_tensor=True,
+        a list with neither (see `returned`). Each pair is tokenized as one sequence, [CLS] query [SEP] document
+        [SEP] (the tokenizer's own template), and truncated to max_seq_length tokens by cutting the longer
+        text first."""
         pairs = pairs if isinstance(pairs, (list, tuple)) else list(pairs)
         single = len(pairs) == 2 and all(isinstance(p, str) for p in pairs)  # one pair, as CrossEncoder reads it
         pairs = [pairs] if single else list(pairs)
@@ -530,7 +576,7 @@ class Reranker(Pipeline):
                 raise TypeError(f"pairs must be (query, document) pairs of strings; item {i} is {pair!r}.")
         prompt = self.resolve_prompt(prompt, prompt_name)
         if not pairs:
-            return torch.empty(0, device=self.model.device)
+            return returned(torch.empty(0, device=self.model.device), convert_to_numpy, convert_to_tensor)
         encodings = self.tokenizer.encode_batch([((prompt or "") + a, b) for a, b in pairs])
 
         def forward(input_ids, cu_seqlens):
@@ -539,7 +585,7 @@ class Reranker(Pipeline):
             return scores.squeeze(-1) if self.num_labels == 1 else scores
 
         out = run_packed(forward, encodings, self.model.device, batch_tokens, batch_size, show_progress_bar, "Scoring")
-        return out[0] if single else out
+        return returned(out, convert_to_numpy, convert_to_tensor, single)
 
     def rank(self, query, documents, top_k=None, return_documents=False, **kwargs):
         """The documents best first, as CrossEncoder.rank: [{"corpus_id": index in documents, "score": ...}],
@@ -547,7 +593,7 @@ class Reranker(Pipeline):
         if self.num_labels != 1:
             raise ValueError(f"rank needs a reranker with one label; this one has {self.num_labels}: use predict.")
         documents = texts_list(documents, "documents")
-        scores = self.predict([(query, d) for d in documents], **kwargs).tolist()
+        scores = self.predict([(query, d) for d in documents], convert_to_tensor=True, **kwargs).tolist()
         results = [
             {"corpus_id": i, "score": s} | ({"text": documents[i]} if return_documents else {})
             for i, s in enumerate(scores)
@@ -556,38 +602,53 @@ class Reranker(Pipeline):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: `python load.py embed ...` and `python load.py rerank ...`
+# Command line: `python embed.py embed ...` and `python embed.py rerank ...`
 
 
-def common_arguments(parser):
-    parser.add_argument("--model", required=True, help="hub id or local checkpoint folder")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
-    parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
-
-
-def parse_embed(argv):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="load.py embed",
-        description="One sentence embedding per text, as Sentence Transformers computes it. Texts come from the "
-        "arguments, or one per line from --input (a file, or - for standard input; the default).",
+        prog="embed.py",
+        description="Sentence embeddings and reranker scores from ModernBERT-family checkpoints, as Sentence "
+        "Transformers computes them. Texts come as arguments, or one per line from --input (a file, or - for "
+        "standard input, the default).",
     )
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (instead of --input)")
-    common_arguments(parser)
-    parser.add_argument("--prompt-name", default=None, help="a prompt of the checkpoint, e.g. query or document")
-    parser.add_argument("--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)")
-    parser.add_argument(
+    commands = parser.add_subparsers(dest="command", required=True)
+    embedding = commands.add_parser(
+        "embed", help="one embedding per text", description="One sentence embedding per text (load_embedder)."
+    )
+    embedding.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (instead of --input)")
+    embedding.add_argument("--prompt-name", default=None, help="a prompt of the checkpoint, e.g. query or document")
+    embedding.add_argument(
         "--output",
         default=None,
         metavar="FILE.safetensors|FILE.npy",
         help="write the (N, dim) float32 embeddings there (safetensors: under the key 'embeddings'); "
         "default: print one JSON list per text on standard output",
     )
+    reranking = commands.add_parser(
+        "rerank",
+        help="documents ranked by a reranker's score for a query",
+        description="The documents ranked by a reranker's score for the query, best first (load_reranker).",
+    )
+    reranking.add_argument("texts", nargs="*", metavar="DOC", help="the documents to rank (instead of --input)")
+    reranking.add_argument("--query", required=True, help="the query")
+    reranking.add_argument("--top-k", type=int, default=None, help="print only the best k (default: all)")
+    for command in (embedding, reranking):
+        command.add_argument("--model", required=True, help="hub id or local checkpoint folder")
+        command.add_argument(
+            "--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)"
+        )
+        command.add_argument(
+            "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)"
+        )
+        command.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
+        command.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     return parser.parse_args(argv)
 
 
 def read_texts(args):
-    """The texts to embed: the arguments, or the lines of --input (- or none: standard input)."""
+    """The texts (to embed, or the documents to rank): the arguments, or the lines of --input (- or none:
+    standard input)."""
     if args.texts and args.input is not None:
         raise ValueError("Give the texts as arguments or with --input, not both.")
     if args.texts:
@@ -610,13 +671,12 @@ def write_embeddings(embeddings, path):
         save_file({"embeddings": embeddings}, path)
 
 
-def embed_command(argv):
-    args = parse_embed(argv)
+def embed_command(args):
     if args.output is not None and not args.output.endswith((".safetensors", ".npy")):
         raise ValueError(f"--output {args.output!r}: name a .safetensors or a .npy file.")
     texts = read_texts(args)
-    embedder = Embedder.load(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
-    embeddings = embedder.encode(texts, prompt_name=args.prompt_name)
+    embedder = load_embedder(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
+    embeddings = embedder.encode(texts, prompt_name=args.prompt_name, convert_to_tensor=True)
     if args.output is None:
         for row in embeddings.float().tolist():
             print(json.dumps(row))
@@ -625,26 +685,23 @@ def embed_command(argv):
         print(f"{args.output}: {len(texts)} embeddings of {embedder.dimension} float32 values")
 
 
-def rerank_command(argv):
-    parser = argparse.ArgumentParser(
-        prog="load.py rerank", description="The documents ranked by a reranker's score for the query, best first."
-    )
-    parser.add_argument("documents", nargs="+", metavar="DOC", help="the documents to rank")
-    parser.add_argument("--query", required=True, help="the query")
-    parser.add_argument("--top-k", type=int, default=None, help="print only the best k (default: all)")
-    common_arguments(parser)
-    args = parser.parse_args(argv)
-    reranker = Reranker.load(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
-    for r in reranker.rank(args.query, args.documents, top_k=args.top_k):
-        print(f"{r['score']:.4f}  {r['corpus_id']}  {shown(args.documents[r['corpus_id']])}")
+def rerank_command(args):
+    documents = read_texts(args)
+    reranker = load_reranker(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
+    for r in reranker.rank(args.query, documents, top_k=args.top_k):
+        print(f"{r['score']:.4f}  {r['corpus_id']}  {shown(documents[r['corpus_id']])}")
 
 
-def main(argv):
+def main(argv=None):
     """`embed ...` or `rerank ...`: 0, or 2 with a one-line message on any error the user can fix."""
-    command = {"embed": embed_command, "rerank": rerank_command}[argv[0]]
+    args = parse_args(argv)
     try:
-        command(argv[1:])
+        {"embed": embed_command, "rerank": rerank_command}[args.command](args)
     except (ValueError, OSError, RuntimeError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

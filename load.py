@@ -1,14 +1,12 @@
 """Load ModernBERT (from the Hugging Face hub or a folder), tokenize, and fill in masked tokens.
 
 The plumbing around modernbert.py: download, tokenizer, fill-mask and a command line. Sentence embeddings and
-rerankers live beside it in embed.py (load_embedder, load_reranker below, and the embed / rerank commands).
+rerankers live in embed.py, which builds on this file (load_embedder, load_reranker, `python embed.py embed`).
 
     python load.py                                       # the default demo sentence
     python load.py "The capital of France is [MASK]."
     python load.py --model ./my-checkpoint --top-k 3 "One [MASK] text." "Two [MASK] in [MASK] text."
     python load.py --model ./an-mmbert-checkpoint "The capital of France is <mask>."   # its own mask token
-    python load.py embed --model nomic-ai/modernbert-embed-base --prompt-name query "What is ModernBERT?"
-    python load.py rerank --model Alibaba-NLP/gte-reranker-modernbert-base --query "Q?" "doc one" "doc two"
 
 From Python, e.g. a notebook:
 
@@ -39,10 +37,10 @@ Depends on torch, tokenizers, huggingface_hub (only for hub ids) and modernbert.
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 from tokenizers import Tokenizer
@@ -57,6 +55,7 @@ from modernbert import (
     ModernBertForTokenClassification,
     ModernBertPreTrainedModel,
     checkpoint_folder,
+    read_json_file,
     unpad,
 )
 
@@ -66,6 +65,8 @@ EMBEDDER_FILES = ("modules.json", "*/config.json", "sentence_bert_config.json", 
 HUB_FILES = (*CHECKPOINT_FILES, *TOKENIZER_FILES, *EMBEDDER_FILES)  # what a hub id fetches for load.py
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 DEMO_TEXT = "Plants create {mask} through a process known as photosynthesis."  # with the model's mask token
+CONTEXT_TOKENS = 10  # the command line shows a filled mask with this many tokens on either side
+SHOWN_CHARACTERS = 80  # and a long text's first characters
 # The special tokens read from a checkpoint (tokenizer_config.json's keys; config.json has them + "_id").
 SPECIAL_TOKENS = ("mask_token", "pad_token", "cls_token", "sep_token", "bos_token", "eos_token", "unk_token")
 
@@ -104,7 +105,8 @@ def load_model(
     cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
     if cls is None:
         raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
-    return cls.from_pretrained(
+    return with_warnings_at_caller(
+        cls.from_pretrained,
         name_or_folder,
         revision,
         attn_implementation=attn_implementation,
@@ -112,6 +114,17 @@ def load_model(
         device=device,
         **config_overrides,
     )
+
+
+def with_warnings_at_caller(load, *args, **kwargs):
+    """load(*args, **kwargs), the warnings it gives (what the loader dropped or initialised fresh) issued again
+    at the line that called our caller (load_model, embed.load_embedder): the user's line, not one of ours."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # catch every one; the user's own filters judge them below
+        out = load(*args, **kwargs)
+    for w in caught:
+        warnings.warn(w.message, stacklevel=3)  # 1: here, 2: load_model or load_embedder, 3: its caller
+    return out
 
 
 def resolve(name_or_folder, revision=None):
@@ -133,7 +146,11 @@ def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
     pad token and never truncates. `tokenizer.special_tokens_map` holds the checkpoint's special tokens
     ({"mask_token": "[MASK]", "pad_token": "[PAD]", ...}, as transformers names them)."""
     folder = resolve(name_or_folder, revision)
-    tokenizer = Tokenizer.from_file(tokenizer_json(folder))
+    path = tokenizer_json(folder)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # what `tokenizers` raises for a file it cannot parse
+        raise ValueError(f"Could not read {path} ({e}): fix it, or fetch the checkpoint again.") from None
     tokenizer.special_tokens_map, tokenizer.special_tokens_read = read_special_tokens(folder, tokenizer)
     tokenizer.no_truncation()
     pad = tokenizer.special_tokens_map.get("pad_token")
@@ -168,10 +185,7 @@ def read_special_tokens(folder, tokenizer):
 def read_json(folder, name):
     """A JSON file of a checkpoint folder as a dict; {} when the folder has no such file."""
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path) if os.path.isfile(path) else {}
 
 
 def tokenizer_json(folder):
@@ -220,21 +234,6 @@ def tokenize(tokenizer, texts, max_length=None, device=None):
         "input_ids": torch.tensor([e.ids for e in encodings], device=device),
         "attention_mask": torch.tensor([e.attention_mask for e in encodings], device=device),
     }
-
-
-def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
-    """Sentence embeddings as Sentence Transformers computes them: embed.Embedder (encode, encode_query,
-    encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files."""
-    import embed  # embed.py imports this file
-
-    return embed.Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
-
-
-def load_reranker(name_or_folder, device=None, dtype=None, revision=None):
-    """Reranker scores as Sentence Transformers' CrossEncoder computes them: embed.Reranker (predict, rank)."""
-    import embed
-
-    return embed.Reranker.load(name_or_folder, device=device, dtype=dtype, revision=revision)
 
 
 def save_with_tokenizer(model, folder, tokenizer_from, revision=None):
@@ -323,23 +322,39 @@ def shown(s, strip=False):
     return t if t and t.isprintable() else repr(s)
 
 
-def format_results(texts, results, mask):
-    lines = []
+def format_results(tokenizer, texts, results):
+    """fill_mask's results as lines for a terminal: each text (its beginning, if long), then for each of its
+    masks the top-k tokens, each shown in place among its neighbours (in_context), not in the pipeline's
+    `sequence`: that is the whole text, kilobytes on every line for a long one."""
+    mask = mask_token(tokenizer)
+    mask_id, lines = tokenizer.token_to_id(mask), []
     for text, masks in zip(texts, results):
-        lines += ["", text] if lines else [text]
-        for m, predictions in enumerate(masks):
+        long = len(text) > 2 * SHOWN_CHARACTERS
+        header = f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)" if long else text
+        lines += ["", header] if lines else [header]
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        positions = [i for i, t in enumerate(ids) if t == mask_id]
+        for m, (position, predictions) in enumerate(zip(positions, masks)):
             lines.append(f"  {mask} {m + 1} of {len(masks)}:")
             width = max(len(shown(p["token_str"], strip=True)) for p in predictions)
             for p in predictions:
-                token = shown(p["token_str"], strip=True)
-                lines.append(f"    {p['score']:.4f}  {token:<{width}}  (id {p['token']:>5})  {shown(p['sequence'])}")
+                token, context = shown(p["token_str"], strip=True), in_context(tokenizer, ids, position, p["token"])
+                lines.append(f"    {p['score']:.4f}  {token:<{width}}  (id {p['token']:>5})  {shown(context)}")
     return "\n".join(lines)
+
+
+def in_context(tokenizer, ids, position, token):
+    """The text around ids[position] with `token` in its place: CONTEXT_TOKENS tokens on either side, and "..."
+    where the text goes on."""
+    start, end = max(position - CONTEXT_TOKENS, 0), position + 1 + CONTEXT_TOKENS
+    around = tokenizer.decode(ids[start:position] + [token] + ids[position + 1 : end], skip_special_tokens=False)
+    return "..." * (start > 0) + around + "..." * (end < len(ids))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Fill in masked tokens with ModernBERT: the top-k tokens for every mask of every text. "
-        "Also: `load.py embed --help` (sentence embeddings), `load.py rerank --help` (reranker scores)."
+        "Sentence embeddings and reranker scores: `python embed.py --help`."
     )
     parser.add_argument(
         "texts",
@@ -374,13 +389,13 @@ def pick_device(name):
 
 def main(argv=None):
     """Prints the predictions; exits with status 2 and a one-line message on any error the user can
-    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU.
-    `load.py embed ...` and `load.py rerank ...` are the commands of embed.py."""
+    fix: no mask token, a text too long, no such folder or hub model, no network, no GPU."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("embed", "rerank"):
-        import embed
-
-        return embed.main(argv)
+    if argv and argv[0] in ("embed", "rerank"):  # where these commands were before embed.py had its own
+        print(
+            f"error: `load.py {argv[0]}` is now `python embed.py {argv[0]}`, with the same arguments.", file=sys.stderr
+        )
+        return 2
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
@@ -394,7 +409,7 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_results(texts, results, mask))
+    print(format_results(tokenizer, texts, results))
     return 0
 
 

@@ -16,10 +16,11 @@ Every number this file computes is checked against the official implementation (
 `transformers`, `models/modernbert`) in test_modernbert.py. Class names, attribute names and
 `state_dict` keys are the official ones, so checkpoints load both ways.
 
-Reading order: config -> RoPE, GeGLU, packing, the attention kernels -> encoder layer -> model -> heads.
-Below the "Plumbing" banner (outputs, files, the hub, tracing, checks) a first reading may stop.
+Reading order: config -> RoPE, GeGLU, packing, attention -> encoder layer -> model -> heads.
+Below the "Plumbing" banner (outputs, files, the hub, faster kernels, tracing, checks) a first reading may stop.
 """
 
+import fnmatch
 import functools
 import inspect
 import json
@@ -93,7 +94,9 @@ class ModernBertConfig:
     def __post_init__(self):
         if self.layer_types is None:  # v4 configs: the pattern from global_attn_every_n_layers
             every = self.global_attn_every_n_layers
-            self.layer_types = [LAYER_TYPES[i % every != 0] for i in range(self.num_hidden_layers)]
+            self.layer_types = [
+                "full_attention" if i % every == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            ]
         agree_labels(self)  # num_labels, id2label and label2id tell one story, as in transformers
         check_config(self)
 
@@ -112,15 +115,16 @@ class ModernBertConfig:
         return getattr(self, ROPE_THETA_FIELDS[layer_type])
 
     @classmethod
-    def from_dict(cls, d):  # a config.json of either official format (config_from_dict, below the banner)
+    def from_dict(cls, d):  # a config.json of either official format
         return config_from_dict(cls, d)
 
     @classmethod
     def from_pretrained(cls, name_or_folder, revision=None, **download):  # a checkpoint's config.json
-        with open(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json")) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(
+            read_json_file(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json"))
+        )
 
-    def to_dict(self):  # config.json in the official format (config_to_dict, below the banner)
+    def to_dict(self):  # config.json in the official format
         return config_to_dict(self)
 
 
@@ -143,10 +147,10 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), in fp32 (the fp32 tables promote every product:
-    no fp32 copy of x is needed) and returned in x's dtype. addcmul fuses the multiply-add: one temporary fewer."""
+    """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 (the fp32 tables promote
+    every product, so x needs no fp32 copy) and returned in x's dtype."""
     cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
-    return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)
+    return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)  # addcmul: one temporary fewer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,6 +201,12 @@ def pad(x, indices, batch, seqlen):
     return out.view(batch, seqlen, *x.shape[1:])
 
 
+def longest_length(lengths):
+    """The longest sequence's length, and whether all have it: one host sync a forward."""
+    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
+    return longest, shortest == longest
+
+
 @dataclass
 class Packing:
     """Where the tokens of a batch sit, worked out once per forward and shared by every layer."""
@@ -204,13 +214,13 @@ class Packing:
     indices: torch.Tensor  # (T,) each token's place in the flattened (B * S) input grid
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
-    shape: tuple  # (B, S) of the input grid
-    real: torch.Tensor | None = None  # (T,) bool; None: all real (False only at the padding `traced_padded` keeps)
-    uniform: bool = False  # all sequences have max_seqlen tokens, so attention needs no key mask
-    padded: bool = False  # made by `traced_padded`: padding kept in the stream as tokens that are not real
+    input_shape: tuple  # (B, S) of the input grid
+    is_real: torch.Tensor | None = None  # (T,) bool; None: all True (False only where keeps_padding)
+    equal_lengths: bool = False  # all N sequences have max_seqlen tokens: global attention needs no key mask
+    keeps_padding: bool = False  # a traced batch (pack_for_tracing): padding rides along as tokens not real
     seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
     positions: torch.Tensor = field(init=False)  # (T,) position inside its sequence: 0, 1, 2, ...
-    grid: torch.Tensor = field(init=False)  # (T,) slot in a right-padded (N, max_seqlen) grid
+    grid_index: torch.Tensor = field(init=False)  # (T,) slot in a right-padded (N, max_seqlen) grid
 
     def __post_init__(self):
         # (x.shape[0], not len(x): len() must return a plain int, which would fix the size of a traced graph)
@@ -219,56 +229,42 @@ class Packing:
             numbers = torch.arange(cu.shape[0] - 1, device=cu.device)
             self.seq_ids = torch.repeat_interleave(numbers, cu.diff(), output_size=T)
         self.positions = torch.arange(T, device=cu.device) - cu[self.seq_ids]
-        self.grid = self.seq_ids * self.max_seqlen + self.positions
-        self.real = torch.ones(T, dtype=torch.bool, device=cu.device) if self.real is None else self.real
+        self.grid_index = self.seq_ids * self.max_seqlen + self.positions
+        if self.is_real is None:
+            self.is_real = torch.ones(T, dtype=torch.bool, device=cu.device)
 
     @classmethod
-    def from_mask(cls, attention_mask):
+    def from_mask(cls, attention_mask):  # the usual door: a padded batch (pack_inputs has the others)
         lengths = attention_mask.sum(dim=1)
         indices = attention_mask.flatten().nonzero().squeeze(1)
-        longest, uniform = longest_and_uniform(lengths)
+        longest, equal = longest_length(lengths)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), uniform=uniform)
-
-    @classmethod
-    def from_cu_seqlens(cls, cu_seqlens, max_seqlen, total):
-        """Already-packed input (1, total). A given max_seqlen (the collator's max_length_q) saves the host
-        sync, so torch.compile can trace all of it."""
-        uniform = False
-        if max_seqlen is None:
-            max_seqlen, uniform = longest_and_uniform(cu_seqlens.diff())
-        indices = torch.arange(total, device=cu_seqlens.device)
-        return cls(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), uniform=uniform)
+        return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), equal_lengths=equal)
 
     @property
     def num_seqs(self):
         return self.cu_seqlens.shape[0] - 1
 
-    def repad(self, x):
+    def to_input_grid(self, x):
         """Packed (T, ...) -> the input's grid (B, S, ...), zeros at padded positions."""
-        if self.padded:
-            x = x.masked_fill(~self.real.view(-1, *[1] * (x.dim() - 1)), 0)
-        return pad(x, self.indices, *self.shape)
+        if self.keeps_padding:
+            x = x.masked_fill(~self.is_real.view(-1, *[1] * (x.dim() - 1)), 0)
+        return pad(x, self.indices, *self.input_shape)
 
-    def real_mask(self):
+    def attention_mask(self):
         """Boolean (B, S) on the input's grid: True where a real token sits."""
-        return self.repad(self.real)
-
-    def token_labels(self, labels, ignore_index=-100):
-        """Token labels (B, S) -> (T,). A label on a padded position is an error (it has no output)."""
-        if not torch.compiler.is_compiling():
-            check_token_labels(labels, self, ignore_index)
-        return unpad(labels, self.indices).masked_fill(~self.real, ignore_index)
+        return self.to_input_grid(self.is_real)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention kernels. Each takes q, k, v of shape (T, H, D), the Packing, and the half-window (None on
-# global layers), and returns (T, H, D). `attention_kernels` picks them.
+# Attention. One rule: query i sees key j iff both are real tokens of the same sequence and, on local
+# layers, |i - j| <= the half-window. Each kernel computes it from q, k, v of shape (T, H, D), the Packing,
+# and the half-window (None on global layers), and returns (T, H, D).
 #
 # The local band, drawn for a half-window of 2 (ModernBERT: 64), intersected with padding:
 #
-#        keys ->  0 1 2 3 4 5 .          query i sees key j iff |i - j| <= half-window
-#   query 0       x x x . . . .          and both are real tokens of the same sequence
+#        keys ->  0 1 2 3 4 5 .
+#   query 0       x x x . . . .
 #         1       x x x x . . .
 #         2       x x x x x . .
 #         3       . x x x x x .
@@ -283,57 +279,30 @@ def band(query_pos, key_pos, half_window):
 def eager_attention(q, k, v, packing, half_window, dropout_p=0.0):
     """The reference: softmax(Q K^T / sqrt(D) + mask) V, written out on a padded (N, H, S, S) grid."""
     N, S, D = packing.num_seqs, packing.max_seqlen, q.shape[-1]
-    q, k, v = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    q, k, v = (pad(t, packing.grid_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * D**-0.5  # (N, H, S, S)
-    allowed = pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
+    allowed = pad(packing.is_real, packing.grid_index, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
     if half_window is not None:
-        pos = pad(packing.positions, packing.grid, N, S)[:, None]  # (N, 1, S)
+        pos = pad(packing.positions, packing.grid_index, N, S)[:, None]  # (N, 1, S)
         allowed = allowed & band(pos, pos, half_window)  # (N, 1, S, S)
     # A finite minimum, not -inf: a padded query row with no allowed key stays finite (and is dropped).
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
-    return unpad((probs @ v).transpose(1, 2), packing.grid)  # (T, H, D)
+    return unpad((probs @ v).transpose(1, 2), packing.grid_index)  # (T, H, D)
 
 
 def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
-    """torch's scaled_dot_product_attention, without ever building an (S, S) mask.
-
-    SDPA with an explicit (S, S) mask materialises it, saves nothing from the window and keeps SDPA
-    off its fused kernels. Instead: local layers run blocked sliding-window attention over the packed
-    stream, which costs O(T * window) however long the sequences are; global layers run one SDPA call
-    on a padded (N, S) grid with a key mask that hides the padding (no mask when all lengths are equal)."""
+    """torch's scaled_dot_product_attention, never with an (S, S) mask (materialised, it saves nothing from the
+    window and keeps SDPA off its fused kernels). Local layers: blocked sliding-window attention, O(T * window).
+    Global layers: one call on the padded (N, S) grid, a key mask hiding the padding."""
     if half_window is not None:
         return local_block_attention(q, k, v, packing, half_window, dropout_p)
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On a CPU one unmasked call per sequence takes the fused kernel and skips the padding (1.7x the masked
-        # grid at bench.py's workload a), and a Python loop costs nothing there. On a GPU: N launches and a sync.
-        return sdpa_per_sequence(q, k, v, packing, dropout_p)
-    return sdpa_on_grid(q, k, v, packing, dropout_p)
-
-
-def sdpa_per_sequence(q, k, v, packing, dropout_p=0.0):
-    """Global attention as one unmasked SDPA call per sequence of the stream (every token real)."""
-    out, bounds = torch.empty_like(q), packing.cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # (1, H, L, D): 4-D is fused
-        if q.dtype != torch.float32:  # a CPU reads strided half-precision heads slowly: head-major, 8192 tokens
-            qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()  # took 2.74 s, not 3.46 (fp32: 17% slower)
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
-    return out
-
-
-def sdpa_on_grid(q, k, v, packing, dropout_p=0.0):
-    """Global attention as one SDPA call on the (N, S) grid, padding hidden by a key mask; no mask when all N
-    sequences have S tokens (the stream then already is the grid)."""
     N, S = packing.num_seqs, packing.max_seqlen
-    if packing.uniform:
-        qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
-        return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
-    qg, kg, vg = (pad(t, packing.grid, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
-    mask = pad(packing.real, packing.grid, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
-    return unpad(out.transpose(1, 2), packing.grid)
+    qg, kg, vg = (pad(t, packing.grid_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    real_keys = pad(packing.is_real, packing.grid_index, N, S)[:, None, None, :]  # (N, 1, 1, S)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=real_keys, dropout_p=dropout_p)
+    return unpad(out.transpose(1, 2), packing.grid_index)
 
 
 def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
@@ -344,32 +313,31 @@ def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
     counts only if it is a real token of the query's sequence (and inside one sequence, packed distance =
     position distance).
 
-        stream   | block i-1 | block i | block i+1 |      queries: block i (b tokens)
-                 '------ keys: 3b tokens ---------'       keys: blocks i-1, i, i+1 (zeros past the ends)
+        stream   | block i-1 | block i | block i+1 |      queries: block i (w = half_window tokens)
+                 '------ keys: 3w tokens ---------'       keys: blocks i-1, i, i+1 (zeros past the ends)
     """
     T, H, D = q.shape
-    b = half_window  # the block length
-    n = max(1, -(-T // b))  # query blocks: T / b rounded up (one, empty, when T = 0)
-    tail = n * b - T  # padding that fills the last block
+    w = half_window  # the block length
+    n = max(1, -(-T // w))  # query blocks: T / w rounded up (one, empty, when T = 0)
+    tail = n * w - T  # padding that fills the last block
 
-    def blocks_of_three(t, fill=0):  # (T, ...) -> (n, 3b, ...): the keys of blocks i-1, i, i+1 for each i
-        token_dim_pads = (0, 0) * (t.dim() - 1) + (b, tail + b)  # F.pad lists the last dimension first
-        return F.pad(t, token_dim_pads, value=fill).unfold(0, 3 * b, b).movedim(-1, 1)
+    def blocks_of_three(t, fill=0):  # (T, ...) -> (n, 3w, ...): the keys of blocks i-1, i, i+1 for each i
+        token_dim_pads = (0, 0) * (t.dim() - 1) + (w, tail + w)  # F.pad lists the last dimension first
+        return F.pad(t, token_dim_pads, value=fill).unfold(0, 3 * w, w).movedim(-1, 1)
 
-    q_ids = F.pad(packing.seq_ids, (0, tail), value=-1).view(n, b)  # -1: past the end, its own "sequence"
-    k_ids = blocks_of_three(packing.seq_ids.masked_fill(~packing.real, -2), fill=-1)  # (n, 3b); -2: padding
-    in_band = band(torch.arange(b, 2 * b, device=q.device), torch.arange(3 * b, device=q.device), half_window)
-    mask = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, b, 3b)
-    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).view(n, b, H, D).transpose(1, 2)  # (n, H, b, D)
-    kb, vb = (blocks_of_three(t).transpose(1, 2) for t in (k, v))  # (n, H, 3b, D)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # (n, H, b, D)
-    return out.transpose(1, 2).reshape(n * b, H, D)[:T]
+    q_ids = F.pad(packing.seq_ids, (0, tail), value=-1).view(n, w)  # -1: past the end, its own "sequence"
+    k_ids = blocks_of_three(packing.seq_ids.masked_fill(~packing.is_real, -2), fill=-1)  # (n, 3w); -2: padding
+    in_band = band(torch.arange(w, 2 * w, device=q.device), torch.arange(3 * w, device=q.device), half_window)
+    mask = ((q_ids[:, :, None] == k_ids[:, None, :]) & in_band)[:, None]  # (n, 1, w, 3w)
+    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).view(n, w, H, D).transpose(1, 2)  # (n, H, w, D)
+    kb, vb = (blocks_of_three(t).transpose(1, 2) for t in (k, v))  # (n, H, 3w, D)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # (n, H, w, D)
+    return out.transpose(1, 2).reshape(n * w, H, D)[:T]
 
 
 def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
-    """FlashAttention-2 varlen on the packed stream: no padding, no mask, and on local layers the kernel
-    skips the key blocks outside the window. It takes fp16/bf16 only; fp32 inputs are cast to bf16 and
-    back, as the official code does. `varlen` is the kernel, found by `attention_kernels`."""
+    """FlashAttention-2 varlen on the packed stream: no padding, no mask, the key blocks outside the window skipped.
+    fp16/bf16 only: fp32 inputs are cast to bf16 and back, as the official code does."""
     varlen = varlen or find_flash_kernel(q.device)
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
@@ -380,101 +348,17 @@ def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
     return out.to(dtype)
 
 
-FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
-
-
-def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
-    """torch's FlexAttention: the attention rule is written once as a Python function (the block mask's
-    mask_mod), which torch.compile turns into one fused kernel (Triton on a GPU, C++ on a CPU) that skips every
-    128 x 128 tile the rule leaves empty. No (S, S) scores, no padding computed, the window skipped rather than
-    masked. `block_masks`: {half-window: BlockMask}, built once per forward by `attention_kernels`."""
-    if dropout_p:
-        raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):  # what torch 2.13 cannot
-        return flex_on_cpu_fallback(q, k, v, packing, half_window)
-    if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
-        return q
-    block_mask = (block_masks or {}).get(half_window)
-    if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
-        block_mask = flex_block_mask(packing, half_window)
-    # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views (torch 2.13), and the copy
-    # is small next to the projections.
-    q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
-    out = flex_attention_kernel()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
-    return out[0].transpose(0, 1)
-
-
-def flex_block_mask(packing, half_window):
-    """The rule, for FlexAttention: query q sees key k of the stream iff both are in the same sequence, k is
-    a real token, and on local layers |position(q) - position(k)| <= half_window. `mask_mod` decides each
-    pair; the tiles to visit, those that can hold an allowed pair, come from the layout: torch's
-    create_block_mask would evaluate the rule on all T x T pairs (17 GB of booleans for 256 x 512 tokens),
-    but the keys a tile of queries may see are one contiguous run of the stream, found by binary search."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    seq, pos, real = packing.seq_ids, packing.positions, packing.real
-    T = seq.shape[0]
-    # The half-window as a tensor: torch 2.13's C++ template fails to compile it as a Python int, which
-    # dynamic=True makes symbolic; and one compiled kernel then serves every window.
-    half = torch.tensor(0 if half_window is None else half_window, device=seq.device)
-
-    def mask_mod(b, h, q, k):  # the rule, for each query q and key k of the stream
-        allowed = (seq[q] == seq[k]) & real[k]
-        return allowed if half_window is None else allowed & ((pos[q] - pos[k]).abs() <= half)
-
-    reach = T if half_window is None else half_window
-    order = seq.long() * (2 * T + 1) + pos  # sorted; a reach of <= T never crosses into the next sequence
-    first = torch.arange(0, T, FLEX_BLOCK, device=seq.device)  # each tile's first and last query
-    last = (first + FLEX_BLOCK - 1).clamp(max=T - 1)
-    n = first.shape[0]  # tiles
-    lo = torch.searchsorted(order, order[first] - reach) // FLEX_BLOCK  # (n,): the first key tile, and
-    hi = (torch.searchsorted(order, order[last] + reach, right=True) - 1) // FLEX_BLOCK  # the last one
-    tiles = (lo[:, None] + torch.arange(n, device=seq.device)).clamp(max=n - 1)[None, None].int()  # lo, lo + 1..
-    count = (hi - lo + 1)[None, None].int()  # (1, 1, n): how many key tiles each query tile visits
-    return BlockMask.from_kv_blocks(count, tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
-
-
 def attention_kernels(name, device, dtype, packing, half_window):
-    """The one place kernels are chosen: {layer type: kernel}, for local layers of this half-window.
-
-    name                  global layers                           local layers
-    None                  flash_attention_2 on a GPU in half precision when a kernel is there to be found,
-                          sdpa otherwise (each as below)
-    "eager"               eager                                   eager
-    "sdpa"                sdpa                                    sdpa (blocked local attention)
-    "flash_attention_2"   flash; sdpa when all lengths are equal  flash
-    "flex_attention"      flex                                    flex
-    traced padded batch   as above, but sdpa for None and "flash_attention_2" (varlen flash needs the padding
-                          removed, which tracing cannot do)
-    exported padded batch eager, whatever the name: torch.export (ONNX's too) would fix the number of blocks
-                          that blocked and flex attention cut the stream into to the example's side of 1
-    inside a traced graph as above, but flex_attention on a CPU hands each call to sdpa: torch 2.13's C++ flex
-    on a CPU              template compiles flex alone, but not inside a compiled layer or model
-
-    A forced name is honoured or refused, except for the overrides the table shows."""
+    """The one place kernels are chosen, once a forward: {layer type: kernel}. None picks flash_attention_2 on a
+    GPU in half precision where a varlen flash kernel is installed, sdpa otherwise. `faster_kernels` (below the
+    banner) may swap in a kernel that computes the same rule faster for this batch, or what tracing needs."""
     check_attn_implementation(name)
-    if packing.padded and name in (None, "flash_attention_2"):  # a traced padded batch (traced_padded)
-        name = "sdpa"
-    if packing.padded and torch.compiler.is_exporting():
-        name = "eager"
     if name is None:
-        name = "sdpa"
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            try:
-                find_flash_kernel(device)
-                name = "flash_attention_2"
-            except RuntimeError:
-                pass
-    if name == "flex_attention":  # the block masks, built once per forward and shared by the layers of a type
-        masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
-        return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
-    if name != "flash_attention_2":
-        return dict.fromkeys(LAYER_TYPES, eager_attention if name == "eager" else sdpa_attention)
-    flash = functools.partial(flash_attention, varlen=find_flash_kernel(device))  # raises with what is missing
-    # Global layers over sequences of one length: a single dense SDPA call (no mask, so cuDNN's Hopper kernel)
-    # beat varlen flash on an H100: 0.5 ms against 0.9 ms a layer at 256 x 512, 4.1 against 5.2 at 8 x 8192.
-    # Ragged lengths stay with varlen flash, which skips the padding that a dense call would compute.
-    return {"full_attention": sdpa_attention if packing.uniform else flash, "sliding_attention": flash}
+        half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        name = "flash_attention_2" if half and has_flash_kernel(device) else "sdpa"
+    kernels = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
+    kernel = kernels.get(name, flex_attention)  # FlexAttention lives below the banner with its block masks
+    return faster_kernels(name, dict.fromkeys(LAYER_TYPES, kernel), device, dtype, packing, half_window)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -520,7 +404,7 @@ class ModernBertAttention(nn.Module):
         # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
         # Position enters only here: rotating q and k (in one call) makes q . k depend on their distance alone.
-        q, k = apply_rope_fast(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each; apply_rope, in chunks on a CPU
+        q, k = apply_rope(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
         out = kernel(q, k, qkv[:, 2], packing, self.half_window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
@@ -540,6 +424,28 @@ class ModernBertEncoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+@torch.no_grad()
+def trunc_normal_(weight, std, cutoff):
+    """A normal of spread `std` cut at +-cutoff, as the official init: draw normals, then redraw only those outside
+    the cutoff until none is (torch's trunc_normal_, the same distribution, runs erfinv on every value: slower)."""
+    flat = weight.view(-1).normal_(0.0, std)
+    redraw = (flat.abs() > cutoff).nonzero().squeeze(1)
+    while redraw.numel():
+        flat[redraw] = flat.new_empty(redraw.numel()).normal_(0.0, std)
+        redraw = redraw[flat[redraw].abs() > cutoff]
+    return weight
+
+
+def init_role(module, name):
+    """The role `module` gives its weight `name` (its `init_roles`): "input", "output", "classifier" or "tied".
+    A weight without one is an error, so a new module never inherits some other module's scale."""
+    role = getattr(module, "init_roles", {}).get(name)
+    if role is None:
+        owner = type(module).__name__
+        raise TypeError(f"{owner}.{name} has no init role: add it to {owner}.init_roles ('input', 'output', ...).")
+    return role
+
+
 class ModernBertPreTrainedModel(nn.Module):
     """What every class shares: the config, weight init, and (their code below the banner) loading, saving,
     compiling, gradient checkpointing, and the conveniences transformers users reach for."""
@@ -551,10 +457,13 @@ class ModernBertPreTrainedModel(nn.Module):
         # A transformers ModernBertConfig is read through its dict, like a config.json.
         self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
 
+    @torch.no_grad()
     def init_weights(self, only=None):
-        """The official init: truncated normals scaled by each weight's role (`init_roles`), zero biases,
-        LayerNorm weights 1. `only`: the names of the modules to initialise (the loader's fresh heads)."""
+        """The official init, once, by the class the user builds (its parts are built with init=False): truncated
+        normals scaled by each weight's role, zero biases, LayerNorm weights 1. `only`: the loader's fresh heads."""
         c = self.config
+        if self.device.type == "meta":  # load_checkpoint's build: shapes only, nothing to fill
+            return
         std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
         stds = {"input": std_in, "output": std_out, "classifier": c.hidden_size**-0.5}
         for parent_name, parent in self.named_modules():
@@ -562,32 +471,26 @@ class ModernBertPreTrainedModel(nn.Module):
                 if only is not None and f"{parent_name}.{name}".lstrip(".") not in only:
                     continue
                 if isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
+                    m.weight.fill_(1.0)
                 elif isinstance(m, (nn.Linear, nn.Embedding)):
-                    role = weight_init_role(parent, name)
+                    role = init_role(parent, name)
                     if role != "tied":  # the decoder's weight is the embeddings': only its bias is its own
-                        cutoff = c.initializer_cutoff_factor * stds[role]
-                        nn.init.trunc_normal_(m.weight, 0.0, stds[role], -cutoff, cutoff)
-                    if getattr(m, "bias", None) is not None:
-                        nn.init.zeros_(m.bias)
+                        trunc_normal_(m.weight, stds[role], c.initializer_cutoff_factor * stds[role])
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
 
     def tie_weights(self):
         """Only the masked-LM class ties weights (its decoder to the embeddings)."""
 
     @classmethod
     def from_pretrained(cls, name_or_folder, revision=None, attn_implementation=None, dtype=None, device=None, **kw):
-        """An official checkpoint (a folder, or a hub id fetched into the Hugging Face cache) loaded into this
-        class, strictly: see `load_pretrained`. `kw`: config fields to override (num_labels=3), and the
-        transformers spellings that mean one thing here (device_map, torch_dtype, cache_dir, ...)."""
+        """An official checkpoint (a folder, or a hub id fetched into the Hugging Face cache), loaded strictly."""
         return load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kw)
 
-    def save_pretrained(self, folder):
-        """Write config.json + model.safetensors in the official format, atomically (`save_checkpoint`)."""
+    def save_pretrained(self, folder):  # config.json + model.safetensors in the official format, atomically
         save_checkpoint(self, folder)
 
-    def compile(self, **kwargs):  # each encoder layer compiled once for every batch shape: compile_layers
+    def compile(self, **kwargs):  # each encoder layer compiled once for every batch shape
         return compile_layers(self, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
@@ -613,21 +516,22 @@ class ModernBertPreTrainedModel(nn.Module):
 
 
 class ModernBertModel(ModernBertPreTrainedModel):
-    def __init__(self, config):
+    def __init__(self, config, init=True):
         super().__init__(config)
         config = self.config
         self.embeddings = ModernBertEmbeddings(config)
         self.layers = nn.ModuleList(ModernBertEncoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.checkpointing = None  # gradient checkpointing's options, when it is enabled
-        self.init_weights()
+        if init:  # a head class that holds this backbone initialises it with its own weights
+            self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, return_dict=None, **inputs):
         """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input (see
         `pack_inputs`). Returns last_hidden_state (B, S, hidden), zeros at padded positions; with
         output_hidden_states=True, hidden_states: the embeddings, then each layer's output (the last normed)."""
         hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
-        return output(return_dict, packing, states, last_hidden_state=packing.repad(hidden))
+        return model_output(return_dict, packing, states, last_hidden_state=packing.to_input_grid(hidden))
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
         """The packed forward every head builds on: returns hidden (T, hidden) of the tokens only, the
@@ -677,7 +581,7 @@ def pool(hidden, packing, how):
         check_poolable(packing)
     if how == "cls":  # the first token of each sequence in the packed stream: [CLS], wherever padding was
         return hidden[packing.cu_seqlens[:-1].long()]
-    real = packing.real[:, None].to(hidden.dtype)
+    real = packing.is_real[:, None].to(hidden.dtype)
     sums = hidden.new_zeros(packing.num_seqs, hidden.shape[-1]).index_add_(0, packing.seq_ids, hidden * real)
     return sums / real.new_zeros(packing.num_seqs, 1).index_add_(0, packing.seq_ids, real)
 
@@ -685,7 +589,7 @@ def pool(hidden, packing, how):
 class ModernBertForMaskedLM(ModernBertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
-        self.model = ModernBertModel(self.config)
+        self.model = ModernBertModel(self.config, init=False)
         self.head = ModernBertPredictionHead(self.config)
         self.decoder = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=self.config.decoder_bias)
         self.init_roles = {"decoder": "tied" if self.config.tie_word_embeddings else "output"}
@@ -704,51 +608,14 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         sparse = self.config.sparse_prediction and labels is not None
         ignore = self.config.sparse_pred_ignore_index if sparse else -100
         if labels is not None:
-            labels = packing.token_labels(labels, ignore)  # (T,)
+            labels = token_labels(labels, packing, ignore)  # (T,)
         if sparse:  # skip the vocabulary-wide matmul for the tokens nobody asked about
             keep = labels != ignore
             hidden, labels = hidden[keep], labels[keep]
         logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
-        return output(return_dict, packing, states, loss=loss, logits=logits if sparse else packing.repad(logits))
-
-
-def sequence_classification_loss(logits, labels, config):
-    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
-    check_sequence_labels(labels, logits.shape[0])
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels)
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
-    if problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    raise ValueError(f"problem_type {problem!r} is unknown")
-
-
-def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
-    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
-    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
-    check_answer_positions(start_positions, end_positions)
-    B, S = packing.shape
-    real = packing.real_mask()  # (B, S)
-    losses = []
-    ends = {"start_positions": (start_logits, start_positions), "end_positions": (end_logits, end_positions)}
-    for name, (logits, positions) in ends.items():
-        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
-        check_labels(positions, (B,), name)
-        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
-        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
-    return (losses[0] + losses[1]) / 2
+        logits = logits if sparse else packing.to_input_grid(logits)
+        return model_output(return_dict, packing, states, loss=loss, logits=logits)
 
 
 class ModernBertWithClassifier(ModernBertPreTrainedModel):
@@ -758,7 +625,7 @@ class ModernBertWithClassifier(ModernBertPreTrainedModel):
 
     def __init__(self, config, num_outputs=None):
         super().__init__(config)
-        self.model = ModernBertModel(self.config)
+        self.model = ModernBertModel(self.config, init=False)
         self.head = ModernBertPredictionHead(self.config)
         self.drop = nn.Dropout(self.config.classifier_dropout)
         self.classifier = nn.Linear(self.config.hidden_size, num_outputs or self.config.num_labels)
@@ -771,7 +638,7 @@ class ModernBertForSequenceClassification(ModernBertWithClassifier):
         hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
         loss = None if labels is None else sequence_classification_loss(logits, labels, self.config)
-        return output(return_dict, packing, states, loss=loss, logits=logits)
+        return model_output(return_dict, packing, states, loss=loss, logits=logits)
 
 
 class ModernBertForTokenClassification(ModernBertWithClassifier):
@@ -779,8 +646,8 @@ class ModernBertForTokenClassification(ModernBertWithClassifier):
         """logits (B, S, num_labels), zeros at padded positions; loss ignores label -100."""
         hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.drop(self.head(hidden)))  # (T, num_labels)
-        loss = None if labels is None else F.cross_entropy(logits.float(), packing.token_labels(labels))
-        return output(return_dict, packing, states, loss=loss, logits=packing.repad(logits))
+        loss = None if labels is None else F.cross_entropy(logits.float(), token_labels(labels, packing))
+        return model_output(return_dict, packing, states, loss=loss, logits=packing.to_input_grid(logits))
 
 
 class ModernBertForQuestionAnswering(ModernBertWithClassifier):
@@ -793,12 +660,13 @@ class ModernBertForQuestionAnswering(ModernBertWithClassifier):
     ):
         """start_logits, end_logits (B, S), zeros at padded positions; the loss is question_answering_loss."""
         hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        logits = packing.repad(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
+        logits = packing.to_input_grid(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
         start_logits, end_logits = (t.contiguous() for t in logits.unbind(dim=-1))
         loss = None
         if start_positions is not None or end_positions is not None:
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing)
-        return output(return_dict, packing, states, loss=loss, start_logits=start_logits, end_logits=end_logits)
+        outputs = dict(loss=loss, start_logits=start_logits, end_logits=end_logits)
+        return model_output(return_dict, packing, states, **outputs)
 
 
 class ModernBertForMultipleChoice(ModernBertWithClassifier):
@@ -815,19 +683,18 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
         hidden, packing, states = self.model.encode(ids, mask, embeds, inputs.get("output_hidden_states", False))
         logits = self.classifier(self.drop(self.head(pool(hidden, packing, self.config.classifier_pooling))))
         loss = None if labels is None else F.cross_entropy(logits.view(B, C), labels)
-        return output(return_dict, packing, states, loss=loss, logits=logits.view(B, C))
+        return model_output(return_dict, packing, states, loss=loss, logits=logits.view(B, C))
 
 
 # ----------------------------------------------------------------------------------------------------
-# PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs in
-# transformers' shape, config files, the door from a forward's inputs (the collator's keys, the traced path),
-# finding kernels, compiling and checkpointing, the hub, loading and saving, and the input checks.
+# PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs and losses
+# as transformers has them, config files, the door from a forward's inputs, faster kernels, compiling, the hub,
+# loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):
-    """What every model returns, as transformers' ModelOutput does: a dict of the fields that are set, in
-    the official order, read by attribute (`out.logits`, None when not set), key (`out["loss"]`) or
-    position (`out[0]` is the first field set; `out.to_tuple()`)."""
+    """What every model returns, as transformers' ModelOutput: a dict of the fields set, in the official order, read by
+    attribute (`out.logits`, None when not set), key (`out["loss"]`) or position (`out[0]`, `out.to_tuple()`)."""
 
     FIELDS = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state", "hidden_states")
 
@@ -856,12 +723,55 @@ torch.utils._pytree.register_pytree_node(
 )
 
 
-def output(return_dict, packing, states, **values):
-    """A forward's result: the per-layer states, if kept, back on the input's grid, all in a ModernBertOutput,
-    or its tuple with return_dict=False (as transformers)."""
-    hidden_states = None if states is None else tuple(packing.repad(h) for h in states)
+def model_output(return_dict, packing, states, **values):
+    """A ModernBertOutput, the per-layer states (if kept) back on the input grid; its tuple if return_dict=False."""
+    hidden_states = None if states is None else tuple(packing.to_input_grid(h) for h in states)
     out = ModernBertOutput(**values, hidden_states=hidden_states)
     return out.to_tuple() if return_dict is False else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses, as transformers computes them (its problem_type convention), but for padding in question answering.
+
+
+def sequence_classification_loss(logits, labels, config):
+    """Regression for one label, cross-entropy for integer labels, BCE for float multi-labels."""
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows for {logits.shape[0]} sequences.")
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"problem_type {problem!r} is unknown")
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing):
+    """The mean of the start and end cross-entropies over real tokens; positions outside [0, S) are
+    ignored, as officially. Padding is never a candidate answer (the official loss counts it)."""
+    if (start_positions is None) != (end_positions is None):
+        raise ValueError("Pass both start_positions and end_positions, or neither.")
+    B, S = packing.input_shape
+    real = packing.attention_mask()  # (B, S)
+    losses = []
+    ends = {"start_positions": (start_logits, start_positions), "end_positions": (end_logits, end_positions)}
+    for name, (logits, positions) in ends.items():
+        positions = positions.view(-1) if positions.dim() == 2 and positions.shape[1] == 1 else positions
+        check_labels(positions, (B,), name)
+        logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
+        losses.append(F.cross_entropy(logits, positions.clamp(0, S), ignore_index=S))
+    return (losses[0] + losses[1]) / 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -905,16 +815,15 @@ def config_to_dict(config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The door from a forward's inputs to a Packing, and the traced path.
+# The door from a forward's inputs to a Packing: a padded batch, packed input, labels, and the traced path.
 
 BOUNDARY_KEYS = ("cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k")  # ours, then DataCollatorWithFlattening's
 PACKED_INPUTS = (*BOUNDARY_KEYS, "position_ids", "max_length_q", "max_length_k", "seq_idx")  # the collator's too
 
 
 def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
-    """The one door from a forward's inputs to a Packing, after `check_inputs`: a padded batch with its
-    attention_mask, or packed input (B = 1) with cu_seqlens, or with the keys of transformers'
-    DataCollatorWithFlattening (position_ids alone, or with cu_seq_lens_q/k and max_length_q/k)."""
+    """The one door from a forward's inputs to a Packing, after `check_inputs`: a padded batch and its mask, or
+    packed input (B = 1) with cu_seqlens or the keys of transformers' DataCollatorWithFlattening."""
     tracing = torch.compiler.is_compiling()  # torch.compile or torch.export: no shape may depend on data
     check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=not tracing)
     packed = {k: v for k, v in packed.items() if v is not None}
@@ -924,21 +833,25 @@ def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
     if cu is None and "position_ids" in packed:
         cu = position_starts(packed["position_ids"][0], S)
     if cu is not None:
-        packing = Packing.from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
+        packing = packing_from_cu_seqlens(torch.as_tensor(cu, device=device), packed.get("max_length_q"), S)
     else:
         mask = torch.ones(B, S, dtype=torch.long, device=device) if attention_mask is None else attention_mask
         if tracing:
-            return traced_padded(mask.to(device))
+            return pack_for_tracing(mask.to(device))
         packing = Packing.from_mask(mask.to(device))
     if not tracing:
         check_length(config, packing.max_seqlen)
     return packing
 
 
-def longest_and_uniform(lengths):
-    """The longest sequence's length, and whether all have it: one host sync (per forward)."""
-    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
-    return longest, shortest == longest
+def packing_from_cu_seqlens(cu_seqlens, max_seqlen, total):
+    """Already-packed input (1, total). A given max_seqlen (the collator's max_length_q) saves the host
+    sync, so torch.compile can trace all of it."""
+    equal = False
+    if max_seqlen is None:
+        max_seqlen, equal = longest_length(cu_seqlens.diff())
+    indices = torch.arange(total, device=cu_seqlens.device)
+    return Packing(indices, cu_seqlens.to(torch.int32), max_seqlen, (1, total), equal_lengths=equal)
 
 
 def position_starts(positions, total):
@@ -946,12 +859,17 @@ def position_starts(positions, total):
     return F.pad((positions == 0).nonzero().squeeze(1), (0, 1), value=total)
 
 
-def traced_padded(attention_mask):
-    """The Packing for torch.compile and torch.export of a padded batch: no unpadding, since `nonzero` has a
-    data-dependent size. Instead each row's real tokens move, in order, to its front (left padding and holes
-    close up), and every slot of the (B, S) grid stays a token, one row one sequence: padding rides along at
-    the end of each row, hidden from attention as a key (`real`). The same numbers as unpadding, with the
-    padding computed too."""
+def token_labels(labels, packing, ignore_index=-100):
+    """Labels (B, S) -> (T,), the packed stream's. A label on a padded position is an error: it has no output."""
+    if not torch.compiler.is_compiling():
+        check_token_labels(labels, packing, ignore_index)
+    return unpad(labels, packing.indices).masked_fill(~packing.is_real, ignore_index)
+
+
+def pack_for_tracing(attention_mask):
+    """The Packing for torch.compile and torch.export of a padded batch, where `nonzero` (unpadding) cannot run: each
+    row's real tokens move, in order, to its front, and every slot of the (B, S) grid stays a token, one row one
+    sequence; the padding rides along at the end of each row, hidden from attention as a key (`is_real`)."""
     B, S = attention_mask.shape
     real = attention_mask.bool()
     slots = torch.arange(S, device=real.device)
@@ -959,11 +877,123 @@ def traced_padded(attention_mask):
     indices = (order + torch.arange(B, device=real.device)[:, None] * S).flatten()
     cu_seqlens = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=real.device)
     seq_ids = torch.arange(B * S, device=real.device) // S  # (ONNX has no repeat_interleave with a length)
-    return Packing(indices, cu_seqlens, S, (B, S), real.gather(1, order).flatten(), padded=True, seq_ids=seq_ids)
+    is_real = real.gather(1, order).flatten()
+    return Packing(indices, cu_seqlens, S, (B, S), is_real, keeps_padding=True, seq_ids=seq_ids)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Finding kernels: varlen flash (the flash_attn package, or torch's own) and compiled FlexAttention; RoPE on a CPU.
+# Faster kernels: the same attention rule, computed the way this batch, device or tracer runs it best.
+
+
+def faster_kernels(name, kernels, device, dtype, packing, half_window):
+    """attention_kernels' choice as it runs on this batch: each swap computes the same rule, and says why."""
+    if packing.keeps_padding and torch.compiler.is_exporting():
+        # torch.export (ONNX's too) would fix the count of blocks that blocked and flex attention cut the stream into
+        return dict.fromkeys(LAYER_TYPES, eager_attention)
+    if packing.keeps_padding and name == "flash_attention_2":  # varlen flash needs the padding removed
+        return dict.fromkeys(LAYER_TYPES, sdpa_attention)
+    if name == "flex_attention":  # the block masks, built once a forward and shared by the layers of a type
+        masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
+        return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
+    if name == "flash_attention_2":  # the kernel found once a forward, or an error saying what to install
+        kernels = dict.fromkeys(LAYER_TYPES, functools.partial(flash_attention, varlen=find_flash_kernel(device)))
+    # Equal lengths: the stream already is the (N, S) grid, and one dense call needs no mask (on a GPU cuDNN's
+    # dense kernel then beats varlen flash). Not for a forced flash on fp32, which must stay in flash's bf16.
+    if name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
+        kernels["full_attention"] = sdpa_equal_lengths
+    elif name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
+        kernels["full_attention"] = sdpa_per_sequence
+    return kernels
+
+
+def sdpa_equal_lengths(q, k, v, packing, half_window=None, dropout_p=0.0):
+    """Global attention when all N sequences have S tokens: one SDPA call on the stream viewed as (N, S)."""
+    N, S = packing.num_seqs, packing.max_seqlen
+    qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
+
+
+def sdpa_per_sequence(q, k, v, packing, half_window=None, dropout_p=0.0):
+    """Global attention on a CPU: one unmasked SDPA call per sequence takes the fused kernel and computes no
+    padding, and a Python loop costs nothing there (on a GPU it would be N launches and a host sync)."""
+    if torch.compiler.is_compiling():  # inside a compiled layer the loop would break the graph
+        return sdpa_attention(q, k, v, packing, None, dropout_p)
+    lengths = packing.cu_seqlens.diff().tolist()
+    out = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # split: a cheap backward
+        qs, ks, vs = (t[None].transpose(1, 2) for t in (qs, ks, vs))  # (1, H, L, D)
+        if q.dtype != torch.float32:  # the CPU kernel reads strided half-precision heads slowly: head-major
+            qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
+
+
+def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
+    """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
+    every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `faster_kernels`."""
+    if dropout_p:
+        raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
+    if q.device.type == "cpu" and torch.compiler.is_compiling():  # its C++ template compiles flex alone, not in a
+        return sdpa_attention(q, k, v, packing, half_window)  # compiled layer or model: sdpa serves there
+    if q.device.type == "cpu" and q.requires_grad:
+        raise RuntimeError(
+            "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
+            "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
+        )
+    if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
+        return q
+    block_mask = (block_masks or {}).get(half_window)
+    if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
+        block_mask = flex_block_mask(packing, half_window)
+    # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views.
+    q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+    out = compiled_flex()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
+    return out[0].transpose(0, 1)
+
+
+def flex_block_mask(packing, half_window):
+    """The rule as FlexAttention's block mask: `mask_mod` decides each (query, key) pair of the stream; the tiles to
+    visit come from the layout, not from evaluating the rule on all T x T pairs as torch's create_block_mask does:
+    the keys a tile of queries may see are one contiguous run of the stream, found by binary search."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    seq, pos, real = packing.seq_ids, packing.positions, packing.is_real
+    T = seq.shape[0]
+    # The half-window as a tensor: the C++ template fails to compile it as a Python int, which dynamic=True
+    # makes symbolic; and one compiled kernel then serves every window.
+    half = torch.tensor(0 if half_window is None else half_window, device=seq.device)
+
+    def mask_mod(b, h, q, k):  # the rule, for each query q and key k of the stream
+        allowed = (seq[q] == seq[k]) & real[k]
+        return allowed if half_window is None else allowed & ((pos[q] - pos[k]).abs() <= half)
+
+    reach = T if half_window is None else half_window
+    order = seq.long() * (2 * T + 1) + pos  # sorted; a reach of <= T never crosses into the next sequence
+    first = torch.arange(0, T, FLEX_BLOCK, device=seq.device)  # each tile's first and last query
+    last = (first + FLEX_BLOCK - 1).clamp(max=T - 1)
+    n = first.shape[0]  # tiles
+    lo = torch.searchsorted(order, order[first] - reach) // FLEX_BLOCK  # (n,): the first key tile, and
+    hi = (torch.searchsorted(order, order[last] + reach, right=True) - 1) // FLEX_BLOCK  # the last one
+    tiles = (lo[:, None] + torch.arange(n, device=seq.device)).clamp(max=n - 1)[None, None].int()  # lo, lo + 1..
+    count = (hi - lo + 1)[None, None].int()  # (1, 1, n): how many key tiles each query tile visits
+    return BlockMask.from_kv_blocks(count, tiles, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(T, T))
+
+
+def compiled_flex():
+    """torch's flex_attention, compiled once a process for every shape (uncompiled, it is a reference that builds
+    every score); inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if torch.compiler.is_compiling() else compile_once(flex_attention)
+
+
+@functools.cache
+def compile_once(fn):
+    return torch.compile(fn, dynamic=True)
+
 
 try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve
     from torch.nn.attention.varlen import varlen_attn
@@ -992,6 +1022,13 @@ def find_flash_kernel(device):
     )
 
 
+def has_flash_kernel(device):
+    try:
+        return find_flash_kernel(device) is not None
+    except RuntimeError:
+        return False
+
+
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
     """torch's varlen_attn behind flash_attn_varlen_func's signature."""
     if dropout_p:
@@ -999,55 +1036,13 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
 
 
-def flex_attention_kernel():
-    """torch's flex_attention, compiled once per process for every shape. Run uncompiled, it is a reference that
-    builds the whole score matrix; inside a traced graph (torch.compile, torch.export) the tracer compiles it."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return flex_attention if torch.compiler.is_compiling() else compiled_flex_attention(flex_attention)
-
-
-@functools.cache
-def compiled_flex_attention(flex):
-    return torch.compile(flex, dynamic=True)
-
-
-def flex_on_cpu_fallback(q, k, v, packing, half_window):
-    """What torch 2.13's flex cannot do on a CPU: run inside a traced graph (its C++ template compiles flex
-    alone, but not inside a compiled layer or model: sdpa serves there, as attention_kernels' table says),
-    and backward (an error that says what to do)."""
-    if torch.compiler.is_compiling():
-        return sdpa_attention(q, k, v, packing, half_window)
-    raise RuntimeError(
-        "FlexAttention has no backward pass on a CPU (torch 2.13): run under torch.no_grad() or "
-        "torch.inference_mode(), or use attn_implementation='sdpa' to train on a CPU."
-    )
-
-
-def apply_rope_fast(x, cos, sin, chunk=256):
-    """apply_rope, the same numbers; in eager mode on a CPU `chunk` tokens at a time. Over the whole stream
-    each of RoPE's fp32 temporaries is 25 MB of fresh memory at 4096 tokens, out of the caches; 256 tokens'
-    worth are reused and stay in them. On one core of the AMD EPYC this project runs on, ModernBERT-base's
-    q and k in bf16 took 8-9 ms instead of 21-52 in one pass at 4096 tokens, 16-19 instead of 96-113 at 8192.
-    Compiled, or on a GPU, one pass: a compiled layer fuses it into one kernel anyway."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return apply_rope(x, cos, sin)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = apply_rope(x[i : i + chunk], cos[i : i + chunk], sin[i : i + chunk])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
-# Compiling, gradient checkpointing, weight init roles
+# Compiling and gradient checkpointing
 
 
 def compile_layers(model, **kwargs):
-    """model.compile(), the fast configuration: each encoder layer compiled once for every batch shape
-    (dynamic=True), so Inductor fuses the elementwise work around the matmuls and attention (RoPE on q and k
-    in one fp32 pass, GeGLU, the norms, residual adds and casts). Packing and the kernel choice stay eager, so
-    unpadding keeps working and no layer waits on the host. The first forward pays for compiling (9 s for
-    ModernBERT-base on an H100, three graphs), and no later batch shape compiles again."""
+    """model.compile(): each encoder layer compiled once for every batch shape, so Inductor fuses the elementwise
+    work (RoPE, GeGLU, norms, residuals); packing and the kernel choice stay eager, so unpadding keeps working."""
     for module in model.modules():
         if isinstance(module, ModernBertEncoderLayer):
             module.compile(dynamic=True, **kwargs)
@@ -1055,25 +1050,13 @@ def compile_layers(model, **kwargs):
 
 
 def set_checkpointing(model, options, every_n_layers=1, offload=False):
-    """gradient_checkpointing_enable (options: a dict) / _disable (None): recompute each layer's activations
-    in the backward pass instead of keeping them, so long inputs fit in much less memory for about one more
-    forward of compute. (transformers.Trainer passes every_n_layers and offload; only their defaults, every
-    layer and no offloading, are supported.)"""
+    """gradient_checkpointing_enable (options: a dict) / _disable (None): recompute each layer's activations in the
+    backward pass instead of keeping them. transformers.Trainer's every_n_layers and offload: their defaults only."""
     if every_n_layers != 1 or offload:
         raise ValueError("Gradient checkpointing here covers every layer and keeps activations on the device.")
     for module in model.modules():
         if isinstance(module, ModernBertModel):
             module.checkpointing = None if options is None else {"use_reentrant": False, **options}
-
-
-def weight_init_role(module, name):
-    """The init role `module` gives its weight `name` in its `init_roles`: "input", "output", "classifier" or
-    "tied". A weight without one is an error, so a new module never inherits some other module's scale."""
-    role = getattr(module, "init_roles", {}).get(name)
-    if role is None:
-        owner = type(module).__name__
-        raise TypeError(f"{owner}.{name} has no init role: add it to {owner}.init_roles ('input', 'output', ...).")
-    return role
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1085,24 +1068,20 @@ DOWNLOAD_OPTIONS = ("cache_dir", "local_files_only", "token")  # checkpoint_fold
 
 
 def load_pretrained(cls, name_or_folder, revision, attn_implementation, dtype, device, kwargs):
-    """from_pretrained: a task checkpoint or a bare backbone, every shape checked, a missing backbone weight an
-    error. What was dropped (another task's head) or initialised fresh (a new classifier) is reported in
-    `model.load_report` and a warning. Every keyword is read or refused (`loading_arguments`) before anything
-    is downloaded."""
+    """from_pretrained: every keyword read or refused before anything is downloaded, then `load_checkpoint`."""
     device, dtype, download, config = loading_arguments(device, dtype, kwargs)
     folder = checkpoint_folder(name_or_folder, revision, **download)
     return load_checkpoint(cls, folder, attn_implementation, dtype, device, **config)
 
 
 def loading_arguments(device, dtype, kwargs):
-    """from_pretrained's keywords, checked before anything is downloaded: transformers' spellings are read
-    where they mean one thing here (torch_dtype, a device_map naming one device, the download options), the
-    rest must be config fields. Returns (device, dtype, download options, config overrides)."""
+    """from_pretrained's keywords: transformers' spellings where they mean one thing here (torch_dtype, a device_map
+    naming one device, the download options), the rest config fields. -> (device, dtype, download, overrides)."""
     kwargs = dict(kwargs)
     if (torch_dtype := kwargs.pop("torch_dtype", None)) is not None:
         if dtype is not None:
             raise TypeError(f"Pass dtype or torch_dtype (its old name), not both: got {dtype} and {torch_dtype}.")
-        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=3)
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=users_line())
         dtype = torch_dtype
     if isinstance(dtype, str):  # "bfloat16", as transformers takes it
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -1124,14 +1103,12 @@ def loading_arguments(device, dtype, kwargs):
 
 
 def single_device(device_map):
-    """A transformers device_map that puts the whole model on one device: "auto" (the accelerator if there
-    is one, else the CPU: what transformers does with one GPU), a device ("cuda:1", "cpu", torch.device),
-    an int (that CUDA GPU), or {"": device}. This loader has no dispatching: maps over several devices,
-    and transformers' spreading strategies ("balanced", "sequential"), are an error."""
+    """A device_map that puts the whole model on one device: "auto" (the accelerator if there is one, else the CPU),
+    "cuda:1", "cpu", a torch.device, an int (that GPU), or {"": device}. There is no dispatching over devices."""
     if isinstance(device_map, dict) and list(device_map) == [""]:
         device_map = device_map[""]
     if device_map == "auto":
-        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+        return available_accelerator() or torch.device("cpu")
     if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
@@ -1145,38 +1122,39 @@ def single_device(device_map):
     )
 
 
+def available_accelerator():
+    """The accelerator torch can use here, or None: torch.accelerator says so from torch 2.7 (check_available); the
+    releases requirements.txt allows before it are asked for a CUDA (or ROCm) GPU and Apple's MPS directly."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
+        return accelerator.current_accelerator(check_available=True)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps") if torch.backends.mps.is_available() else None
+
+
 def checkpoint_folder(
     name_or_folder, revision=None, cache_dir=None, local_files_only=False, token=None, files=CHECKPOINT_FILES
 ):
-    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else the snapshot of that
-    hub id in the Hugging Face cache (shared with transformers), downloaded if needed: the `files` patterns
-    (load.py adds the tokenizer's). The download options are huggingface_hub's (and transformers'): another
-    cache folder, the cache only (as HF_HUB_OFFLINE=1 does), a login token. A folder needs no download, so
-    they do not apply to it; a revision names another version, so with a folder it is an error. Failures are
-    one-line FileNotFoundError / OSError / ValueError."""
+    """The folder holding a checkpoint: `name_or_folder` itself if it is a folder, else that hub id's snapshot in the
+    Hugging Face cache (shared with transformers), downloaded if needed: the `files` patterns (load.py adds the
+    tokenizer's). The download options are huggingface_hub's; a revision with a folder is an error."""
     path = os.path.expanduser(str(name_or_folder))
     if os.path.isdir(path):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids, but {path!r} is a local folder.")
         return path
-    # The library's defaults today (seconds), pinned so a stalled network fails fast whatever a later
-    # release picks. huggingface_hub reads them once, when first imported.
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    if os.path.isfile(path):  # model.safetensors, say: the checkpoint is the folder that holds it
+        folder = os.path.dirname(path) or "."
+        raise NotADirectoryError(f"{path!r} is a file: pass the checkpoint's folder, {folder!r}.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo = str(name_or_folder)
     no_folder = "no such folder" + ("" if os.path.isabs(path) else f" here ({os.path.abspath(path)})")  # a typo?
-    try:
-        return snapshot_download(
-            repo,
-            revision=revision,
-            allow_patterns=list(files),
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-        )
+    options = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    try:  # etag_timeout: the library's default today, pinned so a stalled network fails fast whatever it becomes
+        return snapshot_download(repo, allow_patterns=list(files), etag_timeout=10, **options)
     except HFValidationError:
         raise FileNotFoundError(
             f"No checkpoint at {repo!r}: {no_folder}, and not a valid hub id (like 'answerdotai/ModernBERT-base'). "
@@ -1202,6 +1180,15 @@ def checkpoint_folder(
         ) from None
 
 
+def read_json_file(path):
+    """A checkpoint's JSON file; one that does not parse is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
+
+
 def read_safetensors(folder):
     """All tensors of a checkpoint folder, safetensors only: a pickle can run code, so none is opened."""
     from safetensors import SafetensorError
@@ -1209,8 +1196,7 @@ def read_safetensors(folder):
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json_file(index)["weight_map"].values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     elif any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(folder)):
@@ -1237,19 +1223,19 @@ BACKBONE_PARTS = ("embeddings", "layers", "final_norm")
 
 
 def checkpoint_key(key, prefix):
-    """A checkpoint key -> this class's key. Task checkpoints keep the backbone under "model.", bare
-    backbones have no prefix; either way it lands under `prefix` ("model." in task classes, "" in
-    ModernBertModel). Head keys (head., decoder., classifier.) keep their names."""
+    """A checkpoint key -> this class's: the backbone (under "model." in task checkpoints, bare in backbones) lands
+    under `prefix` ("model." in task classes, "" in ModernBertModel); head keys keep their names."""
     base = key[len("model.") :] if key.startswith("model.") else key
     return prefix + base if base.split(".")[0] in BACKBONE_PARTS else key
 
 
 def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=None, **config_overrides):
+    """A checkpoint folder into `cls`, strictly: every shape checked, a missing backbone weight an error; what was
+    dropped (another task's head) or initialised fresh (a new classifier) is in `model.load_report` and a warning."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"No checkpoint at {folder!r}: it has no config.json.")
-    with open(config_path) as f:
-        d = json.load(f)
+    d = read_json_file(config_path)
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
@@ -1284,25 +1270,32 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     initialised = model.state_dict()
     to_load.update({k: initialised[k] for k in report["initialised"]})
     model.load_state_dict(to_load, strict=True)
-    if report["dropped"] or report["initialised"]:
-        dropped, fresh = report["dropped"] or "nothing", report["initialised"] or "nothing"
-        warnings.warn(f"{cls.__name__} from {folder}: dropped {dropped}; initialised fresh {fresh}.", stacklevel=3)
+    changed = {"dropped": report["dropped"], "initialised fresh": report["initialised"]}
+    if said := "; ".join(f"{what} {keys}" for what, keys in changed.items() if keys):
+        warnings.warn(f"{cls.__name__} from {folder}: {said}.", stacklevel=users_line())
     model.load_report = report
     return model.to(device=device, dtype=dtype).eval()
 
 
+def users_line():
+    """warnings.warn's stacklevel for the first caller outside this file, so a warning points at the user's line."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and frame.f_globals is globals():
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def save_checkpoint(model, folder):
-    """Writes into a temporary folder beside `folder`, then moves the files into place: a save that fails
-    halfway leaves nothing that looks like a checkpoint, and an earlier checkpoint there untouched."""
+    """Writes into a temporary folder beside `folder`, then moves the files into place: a save that fails halfway
+    leaves nothing that looks like a checkpoint, and an earlier checkpoint there untouched."""
     from safetensors.torch import save_file
 
     folder = os.path.abspath(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
     try:
-        # mkdtemp makes the folder private (0700), and safetensors 0.8 its files (safetensors issue #782): a
-        # checkpoint gets the modes any new folder and file get under the umask (0755 and 0644 under umask
-        # 022, as os.makedirs and open give them), so others on a shared server can read it.
+        # mkdtemp makes the folder private (0700), and safetensors its files: a checkpoint gets the modes any new
+        # folder and file get under the umask, so others on a shared server can read it.
         umask = current_umask()
         os.chmod(staging, 0o777 & ~umask)
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -1316,17 +1309,35 @@ def save_checkpoint(model, folder):
         if not os.path.exists(folder):
             os.replace(staging, folder)  # one rename: the folder appears whole or not at all
             return
+        # Over an older checkpoint, one atomic step at a time, each leaving a folder that loads: the new weights
+        # (an older index still wins over them), the index goes, the new config.json, last the old shards.
+        shards = shard_files(folder)
+        os.replace(os.path.join(staging, "model.safetensors"), os.path.join(folder, "model.safetensors"))
         if os.path.exists(index := os.path.join(folder, "model.safetensors.index.json")):
-            os.remove(index)  # an older sharded save: its index would win over the new model.safetensors
-        for name in ("model.safetensors", "config.json"):  # each replace is atomic; the weights go first
-            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            os.remove(index)
+        os.replace(os.path.join(staging, "config.json"), os.path.join(folder, "config.json"))
+        for name in shards:
+            os.remove(os.path.join(folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def shard_files(folder):
+    """A sharded checkpoint's weight files in `folder`: those its index names, and any that a crashed save left
+    without one (by transformers' names for them, model-00001-of-00003.safetensors)."""
+    names = set(fnmatch.filter(os.listdir(folder), "model-*-of-*.safetensors"))
+    try:
+        names |= set(read_json_file(os.path.join(folder, "model.safetensors.index.json"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or one that does not parse: the shards found by name
+    # Files in this folder only, and never the new weights: an index may name anything.
+    inside = (n for n in names if isinstance(n, str) and n == os.path.basename(n) and n != "model.safetensors")
+    return sorted(n for n in inside if os.path.isfile(os.path.join(folder, n)))
+
+
 def current_umask():
-    """The process's umask, read from /proc where Linux shows it: setting it to read it (os.umask) changes it
-    for every thread for a moment."""
+    """The process's umask, from /proc where Linux shows it: os.umask, which sets it to read it, changes it for every
+    thread for a moment."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
@@ -1343,6 +1354,7 @@ def current_umask():
 
 
 def check_config(c):
+    check_attn_implementation(c.attn_implementation)
     problems = []
     if c.hidden_size % c.num_attention_heads:
         problems.append(f"hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}")
@@ -1359,21 +1371,15 @@ def check_config(c):
         problems.append(f"layer_types must list {c.num_hidden_layers} of {LAYER_TYPES}, got {c.layer_types}")
     if c.classifier_pooling not in ("cls", "mean"):
         problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
-    if c.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        problems.append(unknown_attn_implementation(c.attn_implementation))
     if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
         problems.append("sizes must be positive")
     if problems:
         raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
 
 
-def unknown_attn_implementation(name):
-    return f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}"
-
-
 def check_attn_implementation(name):  # at each forward too: the name can change after the config is made
     if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(unknown_attn_implementation(name))
+        raise ValueError(f"attn_implementation {name!r} is unknown: use one of {ATTN_IMPLEMENTATIONS}")
 
 
 def check_inputs(config, input_ids, attention_mask, inputs_embeds, packed, read_values=True):
@@ -1428,8 +1434,7 @@ def check_length(config, longest):  # after packing, which knows the longest seq
 
 
 def check_packed(packed, attention_mask, B, S, read_values):
-    """Packed input: (1, T), no attention_mask, and every spelling of its boundaries it is given agreeing
-    with the others."""
+    """Packed input: (1, T), no attention_mask, and every spelling of its boundaries agreeing with the others."""
     if attention_mask is not None or B != 1:
         raise ValueError(
             f"Packed input ({', '.join(packed)}) is input_ids of shape (1, T) with no attention_mask: the "
@@ -1471,19 +1476,9 @@ def check_packed(packed, attention_mask, B, S, read_values):
             raise ValueError("seq_idx does not number the packed sequences 0, 1, 2, ... as their boundaries say.")
 
 
-def check_sequence_labels(labels, sequences):
-    if labels.shape[0] != sequences:
-        raise ValueError(f"labels has {labels.shape[0]} rows for {sequences} sequences.")
-
-
 def check_question_answering_labels(config):
     if config.num_labels != 2:
         raise ValueError(f"Question answering needs num_labels = 2 (start, end), the config has {config.num_labels}.")
-
-
-def check_answer_positions(start_positions, end_positions):
-    if (start_positions is None) != (end_positions is None):
-        raise ValueError("Pass both start_positions and end_positions, or neither.")
 
 
 def check_labels(labels, shape, name="labels"):
@@ -1492,8 +1487,8 @@ def check_labels(labels, shape, name="labels"):
 
 
 def check_token_labels(labels, packing, ignore_index):
-    check_labels(labels, packing.shape)
-    if bool((labels[~packing.real_mask().to(labels.device)] != ignore_index).any()):
+    check_labels(labels, packing.input_shape)
+    if bool((labels[~packing.attention_mask().to(labels.device)] != ignore_index).any()):
         raise ValueError(
             f"labels at padded positions must be {ignore_index} (ignored): those positions have no output."
         )

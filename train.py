@@ -1002,7 +1002,7 @@ def samples(folder, texts=None):
     texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
     load.check_masks(texts, mask)
     model = load.load_model(folder)
-    return load.format_results(texts, load.fill_mask(model, tokenizer, texts, top_k=5), mask)
+    return load.format_results(tokenizer, texts, load.fill_mask(model, tokenizer, texts, top_k=5))
 
 
 def main(argv=None):

@@ -433,14 +433,15 @@ def evaluate(model, batches, autocast):
     model.eval()
     loss, correct, count = 0.0, 0, 0
     for batch in batches:
-        with autocast():
-            out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
         targets = batch.labels[batch.labels != IGNORE]  # the rows of the sparse logits, in order
-        loss += out.loss.item() * len(targets)
-        correct += (out.logits.argmax(-1) == targets).sum().item()
-        count += len(targets)
+        if len(targets):
+            with autocast():
+                out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
+            loss += out.loss.item() * len(targets)
+            correct += (out.logits.argmax(-1) == targets).sum().item()
+            count += len(targets)
     model.train()
-    return loss / count, correct / count
+    return (loss / count, correct / count) if count else (math.nan, math.nan)
 
 
 def most_frequent_token_accuracy(pieces, batches):

@@ -964,7 +964,7 @@ def train_step_fns(workload, batch, device, dtype):
         "theirs padded": step(theirs, theirs_opt, padded),
         "theirs flattened": step(flat_model, flat_opt, flat),
     }
-    return fns, sum(lengths), mask.numel(), int((masked.labels != -100).sum())
+    return fns, sum(lengths), mask.numel()
 
 
 def bench_train(args, device):
@@ -973,9 +973,9 @@ def bench_train(args, device):
     dtype_name = args.dtypes.split(",")[0]
     table = []
     for w in args.workloads.split(","):
-        fns, real, padded, masked = train_step_fns(w, args.batch_size, device, DTYPES[dtype_name])
+        fns, real, padded = train_step_fns(w, args.batch_size, device, DTYPES[dtype_name])
         secs, first, _ = time_interleaved(fns, args.repeats, device, warmup=True, inference=False)
-        table.append({"w": w, "secs": secs, "tok": real, "padded": padded, "masked": masked, "loss": first})
+        table.append({"w": w, "secs": secs, "tok": real, "padded": padded, "loss": first})
         free_memory(device)
     print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
     print(
@@ -1001,15 +1001,11 @@ def bench_train(args, device):
         cells = [f"{r['w']}: {describe(r['w'], device.type)}", r["tok"], r["padded"], speed(r, "ours")]
         cells += [speed(r, "theirs padded"), speed(r, "theirs flattened")]
         cells += [f"**{ratio(r, 'ours', 'theirs padded')}**", f"**{ratio(r, 'ours', 'theirs flattened')}**"]
-        print(
-            md_row(
-                cells
-                + [", ".join(f"{float(r['loss'][k]):.4f}" for k in ("ours", "theirs padded", "theirs flattened"))]
-            )
-        )
+        losses = ", ".join(f"{float(r['loss'][k]):.4f}" for k in ("ours", "theirs padded", "theirs flattened"))
+        print(md_row(cells + [losses]))
     for r in table:
         diff = abs(float(r["loss"]["ours"]) - float(r["loss"]["theirs padded"]))
-        assert diff < (1e-3 if DTYPES[dtype_name] == torch.float32 else 5e-2), f"{r['w']}: losses differ by {diff}"
+        assert diff < (1e-4 if DTYPES[dtype_name] == torch.float32 else 5e-2), f"{r['w']}: losses differ by {diff}"
 
 
 def main():

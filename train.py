@@ -697,10 +697,9 @@ def setup_processes(device_name):
     """(rank, world size, device): torchrun's environment, one GPU per process; else one process."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if device_name:
-        device = torch.device(device_name)
-    else:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)  # under torchrun, the process's own GPU
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device_name} was asked for, but torch sees no CUDA GPU here.")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

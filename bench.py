@@ -28,6 +28,7 @@ error prints them too, before its traceback and exit status 1.
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
     python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
+    python bench.py --train --device cpu             # a training step: train.py's against transformers' (run_mlm)
     python bench.py --build                          # seconds to build ModernBERT-base for masked LM from a config
     python bench.py --long-context                   # the 32K config: one 32,768-token forward's memory and time
     python bench.py --device cpu --busy-core ...     # any of the above with one core held by a busy loop
@@ -210,15 +211,16 @@ def guarded(name, fn, device):
     return None, status
 
 
-def time_interleaved(fns, repeats, device, warmup, deadline=None):
+def time_interleaved(fns, repeats, device, warmup, deadline=None, inference=True):
     """Best seconds per fn over `repeats` rounds (order alternating each round), each fn's first output,
     and each fn's first-call seconds (compiling included). With warmup (on CUDA, and wherever something
     is compiled) an untimed round comes first; on CPU otherwise round 0 is timed too (first-call overhead
     is milliseconds against forwards of seconds). A fn that fails (see guarded) gets "OOM" or "failed"
-    in place of its seconds and is not called again. Raises TimeLimit before any call past the deadline."""
+    in place of its seconds and is not called again. Raises TimeLimit before any call past the deadline.
+    inference=False (--train) keeps autograd on."""
     best, first, first_secs = {k: float("inf") for k in fns}, {}, {}
     names = list(fns)
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for r in range(-1 if warmup else 0, repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 if isinstance(best[name], str):
@@ -388,6 +390,11 @@ def apply_device_defaults(args, device):
     """The defaults that depend on the device: workloads, dtypes, the batch size B, compiling. Unknown names
     are errors; what this device does not run (f on a CPU, the other device's flags) is said, not dropped."""
     cuda = device.type == "cuda"
+    if args.train:  # a training step costs about three forwards: fewer workloads and smaller batches by default
+        args.workloads = args.workloads or ("a,c,f" if cuda else "a,c")
+        args.dtypes = args.dtypes or ("bf16" if cuda else "fp32")
+        args.batch = args.batch or (None if cuda else 8)
+        args.gpu_batch = args.gpu_batch or (64 if cuda else None)
     args.workloads = args.workloads or ("a,c,d,f" if cuda else "a,b,c,d,e")
     args.dtypes = args.dtypes or ("bf16" if cuda else "fp32,bf16")
     for flag, names, known in (("--workloads", args.workloads, WORKLOADS), ("--dtypes", args.dtypes, DTYPES)):
@@ -453,6 +460,13 @@ def parse_args(argv=None):
         action="store_true",
         help="instead of the models: sentence embeddings, embed.load_embedder's encode against sentence-transformers' "
         "SentenceTransformer.encode on a random ettin-encoder-32m-sized model (--texts, --repeats, --device)",
+    )
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="instead of the models: one full training step of ModernBERT-base's masked LM, ours (train.py: packed, "
+        "sparse prediction, StableAdamW) against transformers' padded (run_mlm.py) and padding-free "
+        "(DataCollatorWithFlattening) batches; default B = 8 on CPU (fp32, workloads a,c), 64 on CUDA (bf16, a,c,f)",
     )
     p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
     p.add_argument(
@@ -996,6 +1010,107 @@ def bench_embeddings(args, device):
     print(md_header(columns) + "\n" + md_row(cells + [f"**{ratio(row, 'ours', 'theirs')}**", f"{diff:.1e}"]))
 
 
+# ----------------------------------------------------------------------------------------------------
+# --train: one full training step (forward, backward, optimizer step) of ModernBERT-base's masked LM, ours as
+# train.py runs it against transformers' as people train it, on the same documents with the same masked tokens:
+#   ours               the documents packed into one stream (cu_seqlens), sparse prediction, StableAdamW;
+#   theirs padded      one document a row, right-padded, dense logits over every position (run_mlm.py with
+#                      --line_by_line and dynamic padding: DataCollatorForLanguageModeling), torch's AdamW;
+#   theirs flattened   transformers' DataCollatorWithFlattening: the documents in one (1, T) row, position_ids
+#                      restarting at 0 (padding-free); dense logits, AdamW. transformers keeps the documents apart
+#                      only with flash_attention_2; with sdpa (a CPU) they attend to each other, so its loss differs.
+# Both sides get the same masks (30%, drawn by train.mask_tokens), so the loss of ours and theirs padded agree.
+
+
+def train_step_fns(workload, batch, device, dtype):
+    """name -> one training step (returns its loss), for ours and both of theirs on one workload's documents."""
+    import train
+
+    ids, mask = make_batch(workload, batch, device)
+    lengths = mask.sum(1).tolist()
+    stream = ids[mask.bool()][None]  # (1, T): the documents back to back
+    cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int().to(device)
+    vocab = train.Vocab(size=50280, mask=MASK_ID, pad=50283, cls=50281, sep=50282)  # ModernBERT's tokenizer ids
+    packed = train.Batch(stream, cu_seqlens, torch.ones_like(stream, dtype=torch.bool))
+    masked = train.mask_tokens(packed.to("cpu"), 0.3, vocab, torch.Generator().manual_seed(0)).to(device)
+    models = build_models("both", torch.float32, device, "sdpa" if device.type == "cpu" else None)
+    ours, theirs = models["ours"].train(), models["theirs"].train()
+    ours.config.sparse_prediction = True
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    flat_model = copy.deepcopy(theirs)  # its own copy and optimizer: all three start from the same weights
+    ours_opt = train.StableAdamW(train.param_groups(ours, 1e-5), lr=8e-4)
+    theirs_opt, flat_opt = (torch.optim.AdamW(m.parameters(), lr=5e-5) for m in (theirs, flat_model))  # Trainer's
+
+    def rows(t, fill):  # the stream's documents as right-padded rows
+        return torch.nn.utils.rnn.pad_sequence(t[0].split(lengths), batch_first=True, padding_value=fill)
+
+    padded = {"input_ids": rows(masked.input_ids, 50283), "attention_mask": mask, "labels": rows(masked.labels, -100)}
+    documents = zip(masked.input_ids[0].split(lengths), masked.labels[0].split(lengths))
+    features = [{"input_ids": i.tolist(), "labels": y.tolist()} for i, y in documents]
+    flat = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    flat = {k: v.to(device) for k, v in flat.items()}
+
+    def step(model, optimizer, inputs):
+        def run():
+            with autocast():
+                loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach().float()
+
+        return run
+
+    ours_inputs = {"input_ids": masked.input_ids, "cu_seqlens": cu_seqlens, "labels": masked.labels}
+    fns = {
+        "ours": step(ours, ours_opt, ours_inputs),
+        "theirs padded": step(theirs, theirs_opt, padded),
+        "theirs flattened": step(flat_model, flat_opt, flat),
+    }
+    return fns, sum(lengths), mask.numel()
+
+
+def bench_train(args, device):
+    """Times the three training steps on each workload (interleaved, best of --repeats), checks that ours and
+    theirs padded start from the same loss, and prints the table."""
+    dtype_name = args.dtypes.split(",")[0]
+    table = []
+    for w in args.workloads.split(","):
+        fns, real, padded = train_step_fns(w, args.batch_size, device, DTYPES[dtype_name])
+        secs, first, _ = time_interleaved(fns, args.repeats, device, warmup=True, inference=False)
+        table.append({"w": w, "secs": secs, "tok": real, "padded": padded, "loss": first})
+        free_memory(device)
+    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
+    print(
+        f"One training step of ModernBERT-base's masked LM ({dtype_name}; random weights, the same for all): "
+        f"B = {args.batch_size} sequences a workload, 30% of the real tokens masked (the same ones for all). "
+        "Ours: train.py's step (packed stream with cu_seqlens, sparse prediction, StableAdamW). Theirs padded: "
+        "run_mlm.py's batches (one document a row, dense logits, AdamW). Theirs flattened: "
+        "DataCollatorWithFlattening's padding-free row (dense logits, AdamW"
+        + ("; on sdpa its documents attend to each other" if device.type == "cpu" else "")
+        + f"). Tokens/s count real tokens; best of {args.repeats} after an untimed round, interleaved. "
+        "Losses: each one's first step, from the same weights (theirs flattened also loses the first token of "
+        "each document, which the collator labels -100).\n"
+    )
+    columns = ["workload", "real tokens", "padded tokens", "ours tok/s", "theirs padded tok/s"]
+    columns += [
+        "theirs flattened tok/s",
+        "ours / theirs padded",
+        "ours / theirs flattened",
+        "losses (ours, padded, flat)",
+    ]
+    print(md_header(columns))
+    for r in table:
+        cells = [f"{r['w']}: {describe(r['w'], device.type)}", r["tok"], r["padded"], speed(r, "ours")]
+        cells += [speed(r, "theirs padded"), speed(r, "theirs flattened")]
+        cells += [f"**{ratio(r, 'ours', 'theirs padded')}**", f"**{ratio(r, 'ours', 'theirs flattened')}**"]
+        losses = ", ".join(f"{float(r['loss'][k]):.4f}" for k in ("ours", "theirs padded", "theirs flattened"))
+        print(md_row(cells + [losses]))
+    for r in table:
+        diff = abs(float(r["loss"]["ours"]) - float(r["loss"]["theirs padded"]))
+        assert diff < (1e-4 if DTYPES[dtype_name] == torch.float32 else 5e-2), f"{r['w']}: losses differ by {diff}"
+
+
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
     start = time.perf_counter()
@@ -1011,7 +1126,7 @@ def main():
 
 
 def run_mode(args, device, start):
-    """The mode the flags ask for: --build, --kernels, --embeddings, --long-context, or the forwards (the default)."""
+    """The mode the flags ask for: --build, --kernels, --embeddings, --long-context, --train, or the forwards."""
     if args.build:
         build_table(args)
         return
@@ -1023,6 +1138,9 @@ def run_mode(args, device, start):
         return
     if args.long_context:
         long_context_table(args)
+        return
+    if args.train:
+        bench_train(args, device)
         return
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None

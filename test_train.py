@@ -1,0 +1,501 @@
+"""Tests of train.py, part by part: documents, masking statistics, best-fit packing (no attention across
+documents), StableAdamW against torch's AdamW, its own formula and optimi's implementation, the schedule's shape,
+the same losses as transformers' ModernBertForMaskedLM in this loop, the output folder in load.py and
+transformers, --resume, two processes against one, and the one-line errors. Tiny models: under a minute in all.
+"""
+
+import contextlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import load
+import modernbert as mb
+import train
+from test_modernbert import TINY as TINY_MODEL
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+except ImportError:
+    transformers = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers (the oracle) is not installed")
+needs_optimi = pytest.mark.skipif(
+    importlib.util.find_spec("optimi") is None, reason="torch-optimi (StableAdamW's reference) is not installed"
+)
+
+# A tiny model and a small budget, so a run of a few steps takes seconds.
+TINY = ["--layers", "2", "--hidden", "64", "--heads", "2", "--intermediate", "96", "--vocab", "512"]
+TINY += ["--max-len", "128", "--batch-tokens", "512", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
+VOCAB = train.Vocab(size=500, mask=4, pad=3, cls=1, sep=2)
+# test_modernbert's tiny model (its +-8 window is crossed by the documents here) with weights 5x the official
+# init's spread, so that every layer moves the stream visibly
+SMALL = {**TINY_MODEL, "vocab_size": VOCAB.size, "pad_token_id": VOCAB.pad, "initializer_range": 0.1}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """400 docstrings of the standard library, one document each, as a .txt file."""
+    docs = itertools.islice(train.stdlib_docstrings(), 400)
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file):
+    """A folder trained for 4 steps, and what train.main printed."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    assert train.main(["--data", text_file, "--out", out, "--steps", "4", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def same_threads():
+    """One thread for every run (train.py picks a count from the load average), so that runs compared bit for bit
+    do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: as fast as two, and not slowed down by a busy machine (see idle_cores)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "idle_cores", lambda: 1)
+        yield
+    torch.set_num_threads(threads)
+
+
+def random_pieces(n, seed=0, low=10, high=100):
+    """n documents of random token ids, each [CLS] ... [SEP]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g).tolist()
+    return [[VOCAB.cls, *torch.randint(5, VOCAB.size, (k - 2,), generator=g).tolist(), VOCAB.sep] for k in lengths]
+
+
+def motif_pieces(n, seed=0):
+    """n documents that each repeat a short random motif: a masked token is predictable from its own document
+    only, so attention matters, and across documents it misleads."""
+    g = torch.Generator().manual_seed(seed)
+    pieces = []
+    for length in torch.randint(20, 120, (n,), generator=g).tolist():
+        motif = torch.randint(5, VOCAB.size, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+        pieces.append([VOCAB.cls, *(motif * 40)[: length - 2], VOCAB.sep])
+    return pieces
+
+
+def settings(**overrides):
+    return {"seed": 0, "batch_tokens": 512, "max_len": 128, **overrides}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documents
+
+
+def test_documents_from_files_folders_and_the_standard_library(tmp_path):
+    (tmp_path / "a.txt").write_text("one\nstill one\n\n  \ntwo\n\n\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("three")
+    (tmp_path / "sub" / "skipped.md").write_text("not read in a folder")
+    assert train.read_documents([str(tmp_path)]) == ["one\nstill one", "two", "three"]
+    docs = list(itertools.islice(train.stdlib_docstrings(), 50))
+    assert len(docs) == 50 and all(isinstance(d, str) and d for d in docs)
+    training, held_out = train.split_held_out([f"doc {i}" for i in range(100)] + ["doc 0"])
+    assert held_out == ["doc 49", "doc 99"] and len(training) == 98 and not set(training) & set(held_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masking
+
+
+def test_masking_statistics():
+    """30% of the real tokens are targets, never padding; of them 80% [MASK], 10% random, 10% unchanged."""
+    g = torch.Generator().manual_seed(0)
+    T, real_tokens = 200_000, 180_000
+    ids = torch.randint(5, VOCAB.size, (1, T), generator=g)
+    ids[0, real_tokens:] = VOCAB.pad
+    batch = train.Batch(ids, torch.tensor([0, real_tokens, T], dtype=torch.int32), torch.arange(T)[None] < real_tokens)
+    masked = train.mask_tokens(batch, 0.3, VOCAB, torch.Generator().manual_seed(1))
+    chosen = masked.labels != train.IGNORE
+    assert not chosen[~batch.real].any() and torch.equal(masked.input_ids[~batch.real], ids[~batch.real])
+    assert torch.equal(masked.labels[chosen], ids[chosen])  # the target is the original token
+    assert torch.equal(masked.input_ids[~chosen], ids[~chosen])  # nothing else changes
+    assert abs(chosen.sum().item() / real_tokens - 0.3) < 0.005
+    n = chosen.sum().item()
+    as_mask = (masked.input_ids[chosen] == VOCAB.mask).sum().item() / n
+    kept = (masked.input_ids[chosen] == ids[chosen]).sum().item() / n
+    random = 1 - as_mask - kept
+    assert abs(as_mask - 0.8) < 0.01 and abs(kept - 0.1) < 0.01 and abs(random - 0.1) < 0.01, (as_mask, kept)
+    again = train.mask_tokens(batch, 0.3, VOCAB, torch.Generator().manual_seed(1))
+    assert torch.equal(again.input_ids, masked.input_ids)  # a batch's own seed gives its masks back
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+
+
+def test_best_fit_packing():
+    """Every document exactly once, no batch over budget, each document in the open batch it fits best."""
+    assert list(train.best_fit([6, 5, 3, 2], budget=8)) == [[0, 3], [1, 2]]  # 2 goes beside 6 (room 2), not 5
+    pieces = random_pieces(300, high=128)
+    plan = train.epoch_plan(pieces, 512, seed=0, epoch=0)
+    assert sorted(i for b in plan for i in b) == list(range(300))
+    assert all(sum(len(pieces[i]) for i in b) <= 512 for b in plan)
+    batches_in_order, room = 1, 512  # packing in order, a new batch whenever the next document does not fit
+    for piece in pieces:
+        batches_in_order, room = (
+            (batches_in_order, room - len(piece)) if len(piece) <= room else (batches_in_order + 1, 512 - len(piece))
+        )
+    assert len(plan) < batches_in_order and sum(map(len, pieces)) / (512 * len(plan)) > 0.95
+    assert train.epoch_plan(pieces, 512, 0, 1) != plan  # a new order each epoch
+    with pytest.raises(ValueError, match="--batch-tokens 64 cannot hold one document of 100 tokens"):
+        list(train.best_fit([10, 100], budget=64))
+
+
+def test_a_packed_batch_keeps_documents_apart():
+    """cu_seqlens cut the stream at the documents, the padding is sequences of its own no longer than max_len,
+    and each document's logits in the packed batch are its logits alone: no attention across documents."""
+    pieces = random_pieces(3, low=40, high=90)
+    b = train.pack(pieces, budget=400, pad_id=VOCAB.pad, max_len=128)
+    lengths = [len(p) for p in pieces]
+    padding = 400 - sum(lengths)
+    assert b.cu_seqlens.diff().tolist() == lengths + [128] * (padding // 128) + [padding % 128] * (padding % 128 > 0)
+    assert b.real.sum() == sum(lengths) and (b.input_ids[~b.real] == VOCAB.pad).all()
+    torch.manual_seed(0)
+    config = mb.ModernBertConfig(**SMALL)
+    model = mb.ModernBertForMaskedLM(config).eval()
+    with torch.no_grad():
+        packed = model(b.input_ids, cu_seqlens=b.cu_seqlens).logits[0]
+        start = 0
+        for piece in pieces:
+            alone = model(torch.tensor([piece])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(piece)], alone, atol=1e-5, rtol=1e-5)
+            start += len(piece)
+        # the same stream without the document boundaries gives other logits: the check can fail
+        joined = model(b.input_ids, cu_seqlens=torch.tensor([0, 400], dtype=torch.int32)).logits[0]
+        assert (joined[: lengths[0]] - packed[: lengths[0]]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# StableAdamW
+
+
+def stableadamw_by_hand(p, grads, lrs, betas=(0.9, 0.98), eps=1e-6, wd=0.0):
+    """The update rule as the recipe writes it (../shared/research/training-recipe.md, section 2), in float64."""
+    p, m, v = p.double().clone(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.double()
+        b1, b2 = ((b**t - b) / (b**t - 1) for b in betas)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        rms = math.sqrt((g * g / v.clamp(min=eps**2)).mean().item())
+        eta = lr / max(1.0, rms)
+        p = p * (1 - eta / lrs[0] * wd) - eta * m / (v.sqrt() + eps)
+    return p
+
+
+def run_optimizer(optimizer_cls, p0, grads, lrs, **kw):
+    p = torch.nn.Parameter(p0.clone())
+    opt = optimizer_cls([p], lr=lrs[0], **kw)
+    for g, lr in zip(grads, lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
+def test_stableadamw_is_adamw_without_clipping():
+    """With shrinking gradients the update RMS stays <= 1: torch's AdamW, its weight decay = ours / peak lr."""
+    g = torch.Generator().manual_seed(0)
+    p0, direction = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    grads = [direction * 0.5**t for t in range(6)]
+    lrs = [1e-2, 1e-2, 8e-3, 5e-3, 2e-3, 1e-3]  # a schedule: decay follows it, as AdamW's does
+    ours = run_optimizer(train.StableAdamW, p0, grads, lrs, weight_decay=1e-3)
+    adamw = run_optimizer(torch.optim.AdamW, p0, grads, lrs, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-3 / 1e-2)
+    torch.testing.assert_close(ours, adamw, atol=1e-6, rtol=1e-5)
+
+
+def test_stableadamw_clips_a_spike_and_decays_as_its_formula():
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(50, generator=g)
+    grads = [torch.randn(50, generator=g) * s for s in (1, 1, 30, 1)]  # step 3: a spike, update RMS >> 1
+    lrs = [1e-2, 1e-2, 1e-2, 5e-3]
+    ours = run_optimizer(train.StableAdamW, p0, grads, lrs, weight_decay=0.1)
+    torch.testing.assert_close(ours.double(), stableadamw_by_hand(p0, grads, lrs, wd=0.1), atol=1e-6, rtol=1e-6)
+    adamw = run_optimizer(torch.optim.AdamW, p0, grads, lrs, betas=(0.9, 0.98), eps=1e-6, weight_decay=10.0)
+    assert (ours - adamw).abs().max() > 1e-3  # the spike is where the two part
+
+
+@needs_optimi
+def test_stableadamw_matches_optimi():
+    """optimi's StableAdamW with decouple_lr=True, the implementation the official code copies."""
+    import optimi
+
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randn(40, 30, generator=g)
+    grads = [torch.randn(40, 30, generator=g) * s for s in (1, 2, 50, 1, 0.1, 5)]
+    lrs = [3e-3, 3e-3, 3e-3, 2e-3, 1e-3, 1e-4]
+    ours = run_optimizer(train.StableAdamW, p0, grads, lrs, weight_decay=3e-4)
+    kw = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=3e-4, decouple_lr=True, foreach=False, triton=False)
+    theirs = run_optimizer(optimi.StableAdamW, p0, grads, lrs, **kw)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = mb.ModernBertForMaskedLM(mb.ModernBertConfig(**SMALL))
+    decay, no_decay = train.param_groups(model, 3e-4)
+    assert decay["weight_decay"] == 3e-4 and no_decay["weight_decay"] == 0.0
+    assert "model.embeddings.tok_embeddings.weight" in decay["names"]  # tied to the decoder: listed once
+    assert "decoder.weight" not in decay["names"] + no_decay["names"]
+    assert "decoder.bias" in no_decay["names"] and "model.final_norm.weight" in no_decay["names"]
+    matrices = ("Wqkv.weight", "Wo.weight", "Wi.weight", "dense.weight", "tok_embeddings.weight")
+    assert all(n.endswith(matrices) for n in decay["names"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_warmup_stable_decay_schedule():
+    lr = [train.learning_rate(1.0, s, (s + 1) / 100, warmup_steps=10, cooldown=0.2) for s in range(100)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warmup
+    assert lr[9:80] == [1.0] * 71  # stable
+    for s in range(80, 100):  # 1 - sqrt cooldown over the last 20%, to 0.1% of the peak
+        x = ((s + 1) / 100 - 0.8) / 0.2
+        assert lr[s] == pytest.approx(0.001 + 0.999 * (1 - math.sqrt(x)))
+    assert all(a >= b for a, b in zip(lr[80:], lr[81:])) and lr[-1] == pytest.approx(0.001)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same learning as the official model
+
+
+def as_padded_rows(input_ids, cu_seqlens, labels, pad_id):
+    """A packed batch as run_mlm.py would feed it: one row per sequence, right-padded, with an attention mask."""
+    lengths = cu_seqlens.diff().tolist()
+
+    def rows(t, fill):
+        return torch.nn.utils.rnn.pad_sequence(t[0].split(lengths), batch_first=True, padding_value=fill)
+
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    return rows(input_ids, pad_id), mask.long(), rows(labels, train.IGNORE)
+
+
+class RunMlmStyle(torch.nn.Module):
+    """transformers' model in train.py's loop, each packed document a row of a padded batch."""
+
+    def __init__(self, official):
+        super().__init__()
+        self.official = official
+
+    def forward(self, input_ids, cu_seqlens, labels):
+        ids, mask, labels = as_padded_rows(input_ids, cu_seqlens, labels, self.official.config.pad_token_id)
+        return self.official(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def losses_in_the_loop(model, batches, forward=None, steps=5, lr=3e-3, wd=3e-4):
+    opt = train.StableAdamW(train.param_groups(model, wd), lr=lr)
+    out = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = train.learning_rate(lr, step, (step + 1) / steps, warmup_steps=2, cooldown=0.4)
+        batch = batches[step]
+        n = int((batch.labels != train.IGNORE).sum())
+        out.append(float(train.train_step(forward or model, opt, [batch], ([n], n), contextlib.nullcontext)))
+    return out
+
+
+@needs_transformers
+@pytest.mark.parametrize("wrong", [None, "attention across documents", "untied decoder"])
+def test_same_losses_as_transformers_in_this_loop(wrong):
+    """From the same init, on the same packed and masked batches, with the same StableAdamW and schedule, ours and
+    transformers' ModernBertForMaskedLM (fed as padded rows) give the same losses step after step. Each wrong
+    variant must fail the same comparison: one breaks the forward, the other only the updates."""
+    config = mb.ModernBertConfig(**SMALL, sparse_prediction=True)
+    torch.manual_seed(0)
+    ours = mb.ModernBertForMaskedLM(config)
+    official = transformers.ModernBertForMaskedLM(
+        transformers.ModernBertConfig(**config.to_dict(), attn_implementation="sdpa")
+    )
+    official.load_state_dict(ours.state_dict())
+    pieces = motif_pieces(60)
+    plan = train.epoch_plan(pieces, 512, seed=0, epoch=0)
+    batches = [train.batch(pieces, b, settings(), VOCAB, 0.3, n) for n, b in enumerate(plan[:5])]
+    mine = batches
+    if wrong == "attention across documents":
+        mine = [train.Batch(b.input_ids, torch.tensor([0, 512], dtype=torch.int32), b.real, b.labels) for b in batches]
+    if wrong == "untied decoder":
+        ours.decoder.weight = torch.nn.Parameter(ours.decoder.weight.detach().clone())
+    theirs = losses_in_the_loop(official, batches, forward=RunMlmStyle(official))
+    mine = losses_in_the_loop(ours, mine)
+    worst = max(abs(a - b) for a, b in zip(mine, theirs))
+    if wrong is None:
+        assert worst < 2e-5, f"losses ours {mine} vs transformers {theirs}"  # measured: < 1e-6
+    else:
+        assert worst > 1e-3, f"{wrong}: the comparison did not notice ({worst:.2g}): ours {mine}, theirs {theirs}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def test_the_folder_holds_a_checkpoint_its_tokenizer_and_the_trainer_state(trained, capsys):
+    names = set(os.listdir(trained))
+    assert {"config.json", "model.safetensors", *load.TOKENIZER_FILES, *train.RUN_FILES} == names
+    state = json.load(open(os.path.join(trained, "trainer_state.json")))
+    assert state["global_step"] == 4 and state["max_steps"] == 4
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    assert (
+        len(losses) == 4
+        and all(math.isfinite(x) for x in losses)
+        and {"learning_rate", "step"} <= set(state["log_history"][0])
+    )
+    assert len(evals) == 1 and 0 <= evals[0]["eval_accuracy"] <= 1
+    assert load.main(["--model", trained, "--top-k", "2", "Return the [MASK] of the list."]) == 0
+    printed = capsys.readouterr().out
+    assert "Return the [MASK] of the list." in printed and "[MASK] 1 of 1:" in printed
+
+
+@needs_transformers
+def test_transformers_loads_the_folder_with_the_same_logits(trained):
+    ours = load.load_model(trained)
+    tokenizer = load.load_tokenizer(trained)
+    texts = ["Return the [MASK] of the list.", "A longer text, with [MASK] words."]
+    batch = load.tokenize(tokenizer, texts)
+    official = transformers.AutoModelForMaskedLM.from_pretrained(trained, attn_implementation="sdpa").eval()
+    theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(trained)
+    assert theirs_tokenizer(texts, padding=True)["input_ids"] == batch["input_ids"].tolist()
+    with torch.no_grad():
+        a, b = ours(**batch).logits, official(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
+    state = transformers.TrainerState.load_from_json(os.path.join(trained, "trainer_state.json"))
+    assert state.global_step == 4 and state.log_history[0]["loss"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume and many processes
+
+
+def test_resume_continues_step_optimizer_and_schedule(tmp_path, text_file, trained, monkeypatch):
+    """Interrupted after step 2 of 4 (Ctrl-C saves), then --resume: the same weights and losses as the run that
+    went through."""
+    out = str(tmp_path / "out")
+    step = train.Log.step
+
+    def interrupt_after_step_2(self, *args):
+        step(self, *args)
+        if self.state["global_step"] == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train.Log, "step", interrupt_after_step_2)
+        assert train.main(["--data", text_file, "--out", out, "--steps", "4", *TINY]) == 0
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["global_step"] == 2
+    assert train.main(["--out", out, "--resume"]) == 0
+    resumed, straight = (json.load(open(os.path.join(f, "trainer_state.json"))) for f in (out, trained))
+    assert resumed["global_step"] == 4
+
+    def losses(state):
+        return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    assert losses(resumed) == losses(straight)
+    a, b = (mb.read_safetensors(f) for f in (out, trained))
+    assert all(torch.equal(a[k], b[k]) for k in b), {k: (a[k] - b[k]).abs().max().item() for k in b}
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(tmp_path, text_file, trained):
+    """--init: the checkpoint's weights, size and tokenizer; then --resume of that run goes on past its end."""
+    out = str(tmp_path / "out")
+    args = ["--max-len", "128", "--batch-tokens", "512", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
+    assert train.main(["--init", trained, "--data", text_file, "--out", out, "--steps", "2", *args]) == 0
+    assert open(os.path.join(out, "tokenizer.json")).read() == open(os.path.join(trained, "tokenizer.json")).read()
+    fresh, continued = (json.load(open(os.path.join(f, "trainer_state.json")))["log_history"] for f in (trained, out))
+    assert continued[0]["loss"] < fresh[0]["loss"] - 0.05  # the same first batch, on trained weights
+    assert train.main(["--out", out, "--resume", "--steps", "3"]) == 0
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["global_step"] == 3
+
+
+def test_two_processes_learn_as_one(tmp_path, text_file):
+    """torchrun with 2 CPU processes (gloo), each taking its share of the packed batches, against one process that
+    takes both shares itself (--accum 2): the same global batch, the same losses and weights."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--data", text_file, "--steps", "3", *TINY]
+    assert train.main([*args, "--accum", "2", "--out", one]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    res = subprocess.run([*run, "train.py", *args, "--out", two], cwd=HERE, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = [json.load(open(os.path.join(f, "trainer_state.json")))["log_history"] for f in (one, two)]
+    losses = [[e.get("loss", e.get("eval_loss")) for e in log] for log in logs]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (mb.read_safetensors(f) for f in (one, two))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written
+
+
+def no_mask_checkpoint(folder, text_file):
+    """A checkpoint whose tokenizer names no mask token."""
+    torch.manual_seed(0)
+    config = mb.ModernBertConfig(**{**SMALL, "vocab_size": 512, "num_hidden_layers": 1})
+    mb.ModernBertForMaskedLM(config).save_pretrained(folder)
+    train.save_tokenizer(train.train_tokenizer(train.read_documents([text_file]), 512), folder, 128)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        content = json.load(open(path))
+        content.pop("mask_token")
+        json.dump(content, open(path, "w"))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no text", "holds 0 document"),
+        ("not text", "is not text"),
+        ("no mask token", "no mask token"),
+        ("budget too small", "--batch-tokens 64 cannot hold one document"),
+        ("resume with another size", "--resume continues the run"),
+        ("out holds something else", "holds other files"),
+        ("out holds a run", "add --resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(case, expected, tmp_path, text_file, trained, capsys):
+    out = str(tmp_path / "out")
+    args = ["--data", text_file, "--out", out, "--steps", "1", *TINY]
+    if case == "no text":
+        (tmp_path / "empty.txt").write_text("\n\n  \n")
+        args[1] = str(tmp_path / "empty.txt")
+    elif case == "not text":
+        (tmp_path / "data.bin").write_bytes(bytes(range(256)))
+        args[1] = str(tmp_path / "data.bin")
+    elif case == "no mask token":
+        no_mask_checkpoint(str(tmp_path / "ckpt"), text_file)
+        args = ["--init", str(tmp_path / "ckpt"), "--data", text_file, "--out", out, "--steps", "1", "--max-len", "64"]
+    elif case == "budget too small":
+        args += ["--batch-tokens", "64"]
+    elif case == "resume with another size":
+        args = ["--out", trained, "--resume", "--layers", "3"]
+    elif case == "out holds something else":
+        os.makedirs(out)
+        open(os.path.join(out, "notes.txt"), "w").write("mine")
+    elif case == "out holds a run":
+        args[3] = trained
+    before = {f: os.path.getmtime(os.path.join(trained, f)) for f in os.listdir(trained)}
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert os.listdir(out) == ["notes.txt"] if case == "out holds something else" else not os.path.exists(out)
+    assert before == {f: os.path.getmtime(os.path.join(trained, f)) for f in os.listdir(trained)}
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".saving-")]

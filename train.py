@@ -1,0 +1,1029 @@
+"""Train a ModernBERT: the paper's pretraining recipe in one file, from one CPU to many GPUs.
+
+    python train.py                                     # a small model on the standard library's docstrings,
+                                                        # offline, in at most 10 minutes on 2 CPU cores
+    python load.py --model trained-modernbert "Return the [MASK] of the list."
+    python train.py --data notes/ --out my-bert --minutes 60
+    python train.py --init answerdotai/ModernBERT-base --data my-domain/ --out my-bert --steps 2000
+    torchrun --nproc-per-node 8 train.py --data corpus/ --steps 50000 --dtype bf16 --compile
+
+ModernBERT's recipe (Warner et al., 2024, arXiv:2412.13663, and the official code; the sources are in
+../shared/research/training-recipe.md), in the order this file runs it:
+
+1. documents: blank-line-separated paragraphs of .txt files, or by default every docstring of the standard
+   library (read with `ast`, never imported). Exact duplicates are dropped; every 50th document is held out.
+2. tokenizer: the checkpoint's own (--init), or a byte-level BPE trained here on the training documents with
+   ModernBERT's special tokens ([CLS] text [SEP], [MASK], [PAD], [UNK]). It is saved beside the checkpoint.
+3. packing: documents (cut into pieces of --max-len tokens) are packed best-fit into batches of
+   --batch-tokens tokens: one stream, its document boundaries in `cu_seqlens`, so no token attends across
+   documents. What a batch leaves over is padding, a sequence of its own.
+4. masking: 30% of the real tokens, never padding: 80% of those become [MASK], 10% a random token, 10% stay.
+   Only their rows go through the prediction head and the vocabulary (sparse prediction).
+5. StableAdamW: Adam with its step clipped per tensor (Adafactor's update RMS), fully decoupled weight decay,
+   none on norms and biases. No gradient clipping: the update clipping replaces it.
+6. warmup-stable-decay: a linear warmup, a constant learning rate, then a 1 - sqrt cooldown to 0.1% of it.
+7. held-out loss and masked-token accuracy through the run, and fill-mask samples at the end.
+8. the output folder: config.json + model.safetensors, the tokenizer files, and trainer_state.json as
+   transformers' Trainer writes it; optimizer.safetensors and training_args.json let --resume go on.
+
+Where this differs from the official pretraining, on purpose: no batch-size warmup (its schedule spans tens
+of billions of tokens); no dropout (the official 0.1 after attention helps a run that sees 2T tokens, not one
+of a few minutes); the held-out set is masked at 15%, as the official evaluation does, training at 30%.
+The small default model has the shape of the Ettin suite's 17M encoder (ModernBERT's recipe at small scale)
+with 4 layers instead of 7, and its weight decay (3e-4); its learning rate is 1e-3, not Ettin's 3e-3, which suits
+batches of 4.7M tokens: with batches of 2,048 tokens, 3e-3 kept the default run on the plateau of unigram
+guesses (loss 6.8) for about 150 of its 405 steps (held-out accuracy 0.158 at the end; 1e-3: see README.md).
+
+Under torchrun each process takes its own share of the packed batches (gloo on CPUs, nccl on GPUs), and
+process 0 writes the folder. Depends on torch, tokenizers, tqdm, modernbert.py and load.py; never on
+transformers.
+"""
+
+import argparse
+import ast
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+
+import load
+from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask
+
+IGNORE = -100  # the label of every token the loss does not see
+HELD_OUT_EVERY = 50  # every 50th document is held out for evaluation
+EVAL_MASK_RATE = 0.15  # the official evaluation masks 15%; training masks --mask-rate (30%)
+SAMPLES = [  # fill-mask at the end of a run; {mask} is the tokenizer's mask token
+    "Return the {mask} of the list.",
+    "Raise ValueError if the {mask} is not found.",
+    "If the file does not {mask}, it is created.",
+    "This module provides {mask} for working with dates and times.",
+]
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Documents
+
+
+def stdlib_docstrings():
+    """Every docstring (module, class, function) of this Python's standard library, read from the source with
+    `ast`: about 8,000 documents, 1.8 MB of English about programming, on every machine that has Python."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a template or a file in another encoding
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if doc := ast.get_docstring(node):
+                        yield doc
+
+
+def read_documents(paths):
+    """The documents of --data: each file split at blank lines; a folder gives every .txt file under it."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
+            if not found:
+                raise ValueError(f"--data {path}: the folder holds no .txt file.")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--data {path}: no such file or folder.")
+    documents = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:
+            raise ValueError(f"--data {path} is not text (not UTF-8, or binary): pass .txt files.")
+        documents += [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
+    return documents
+
+
+def split_held_out(documents):
+    """(training, held-out) documents. Exact duplicates go first, so held-out text is text never trained on."""
+    documents = list(dict.fromkeys(documents))
+    if len(documents) < 2:
+        raise ValueError(
+            f"--data holds {len(documents)} document(s) of text: at least 2 are needed, one to train on and one "
+            "held out. Blank lines separate documents."
+        )
+    held_out = documents[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] or documents[-1:]
+    held = set(held_out)
+    return [d for d in documents if d not in held], held_out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The tokenizer: a byte-level BPE as ModernBERT's (NFC, GPT-2's byte alphabet, no unknown bytes), with its
+# special tokens; [MASK] swallows the space before it, so "is [MASK]." tokenizes as the words around it.
+
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
+SPECIAL_TOKENS["mask_token"] = "[MASK]"
+
+
+def train_tokenizer(documents, vocab_size):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]") for t in SPECIAL_TOKENS.values()]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B {sep}",
+        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
+    )
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, folder, max_len):
+    """tokenizer.json, and the two files that name its special tokens, for load.py and transformers alike."""
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **SPECIAL_TOKENS}
+    config |= {"clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+    write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKENS)
+
+
+@dataclass
+class Vocab:
+    """The ids training needs, read once from the tokenizer."""
+
+    size: int  # the tokenizer's ids: random replacements are drawn from them
+    mask: int
+    pad: int
+    cls: int
+    sep: int
+
+    @classmethod
+    def of(cls, tokenizer):
+        special = tokenizer.special_tokens_map  # the checkpoint's own spellings: [MASK] or <mask>, [CLS] or <bos>
+
+        def find(*names):
+            return next((tokenizer.token_to_id(special[n]) for n in names if n in special), None)
+
+        ids = dict(mask=find("mask_token"), pad=find("pad_token"), cls=find("cls_token", "bos_token"))
+        ids["sep"] = find("sep_token", "eos_token")
+        missing = [role for role, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(
+                f"The tokenizer has no {' / '.join(missing)} token ({tokenizer.special_tokens_read} name none): "
+                "masked-language-model training needs a tokenizer with [MASK], [PAD], [CLS] and [SEP] (or their own "
+                "spellings: <mask>, <pad>, <bos>, <eos>)."
+            )
+        return cls(size=tokenizer.get_vocab_size(), **ids)
+
+
+def tokenize(tokenizer, vocab, documents, max_len):
+    """Each document as [CLS] tokens [SEP], cut into pieces of at most max_len tokens (each wrapped the same way),
+    so no text is thrown away; the official code truncates instead, on documents that rarely need it."""
+    pieces, room = [], max_len - 2
+    for encoding in tokenizer.encode_batch(documents, add_special_tokens=False):
+        ids = encoding.ids
+        pieces += [[vocab.cls, *ids[i : i + room], vocab.sep] for i in range(0, max(len(ids), 1), room)]
+    return pieces
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Packing: whole documents into batches of a token budget, best fit, with no attention across documents.
+#
+#   documents   C a a a S | C b b b b b b b S | C c c c c c S      C = [CLS], S = [SEP], P = [PAD]
+#   batch 1     C a a a S C b b b b b b b S P P                     a budget of 16 tokens: c waits for batch 2
+#   cu_seqlens  0         5                 14  16                  the padding is one more sequence
+#
+# The model sees the batch as input_ids (1, 16) with cu_seqlens: attention stays inside each sequence, RoPE
+# positions restart at 0 in each, and the padding is a sequence of its own that no document sees.
+
+
+def best_fit(lengths, budget, open_batches=8):
+    """Lists of document indices, each list at most `budget` tokens. Each document goes into the open batch with
+    the least room that still holds it; when none does, a new batch opens, and past `open_batches` open ones
+    the fullest is closed (the official packer keeps a buffer of documents the same way)."""
+    batches = []  # [room left, indices]
+    for i, n in enumerate(lengths):
+        check_budget(n, budget)
+        fits = [b for b in batches if b[0] >= n]
+        if fits:
+            batch = min(fits, key=lambda b: b[0])
+        else:
+            if len(batches) == open_batches:
+                fullest = min(batches, key=lambda b: b[0])
+                batches.remove(fullest)
+                yield fullest[1]
+            batch = [budget, []]
+            batches.append(batch)
+        batch[0] -= n
+        batch[1].append(i)
+    yield from (b[1] for b in sorted(batches, key=lambda b: b[0]))
+
+
+def check_budget(length, budget):
+    if length > budget:
+        raise ValueError(
+            f"--batch-tokens {budget} cannot hold one document of {length} tokens: raise --batch-tokens to at "
+            "least --max-len, or lower --max-len (documents are cut into pieces of --max-len tokens)."
+        )
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (1, T): documents back to back, then padding
+    cu_seqlens: torch.Tensor  # (N + 1,) int32: where each document starts and ends, the padding its own sequence
+    real: torch.Tensor  # (1, T) bool: False on the padding
+    labels: torch.Tensor | None = None  # (1, T): the original token where masked, IGNORE elsewhere
+
+    def to(self, device):
+        moved = {k: v.to(device) if v is not None else None for k, v in vars(self).items()}
+        return Batch(**moved)
+
+
+def pack(pieces, budget, pad_id, max_len):
+    """One Batch of exactly `budget` tokens from these documents (their total must fit). The padding after them
+    is sequences of their own, none longer than max_len (the model's longest)."""
+    lengths = [len(p) for p in pieces]
+    padding = budget - sum(lengths)
+    pads = [max_len] * (padding // max_len) + [padding % max_len] * (padding % max_len > 0)
+    ids = [t for p in pieces for t in p] + [pad_id] * padding
+    cu_seqlens = F.pad(torch.tensor(lengths + pads).cumsum(0), (1, 0)).int()
+    real = torch.arange(budget) < sum(lengths)
+    return Batch(torch.tensor([ids]), cu_seqlens, real[None])
+
+
+def epoch_plan(pieces, budget, seed, epoch):
+    """The batches of one epoch, as lists of piece indices: the pieces in a fresh order each epoch, best fit."""
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [[order[i] for i in batch] for batch in best_fit([len(pieces[i]) for i in order], budget)]
+
+
+def numbered_batches(pieces, budget, seed, start=0):
+    """The training stream: (number, epoch as a float, piece indices) for every packed batch, epoch after epoch,
+    numbered from 0 and starting at number `start` (a resumed run skips what it has done; packing is cheap)."""
+    number = 0
+    for epoch in range(sys.maxsize):
+        plan = epoch_plan(pieces, budget, seed, epoch)
+        for i, batch in enumerate(plan):
+            if number >= start:
+                yield number, epoch + i / len(plan), batch
+            number += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Masking: one uniform draw r per token decides all (as the official code): r < 0.8 p -> [MASK],
+# 0.8 p <= r < 0.9 p -> a random token, 0.9 p <= r < p -> unchanged, r >= p -> not a target. Padding never.
+
+
+def mask_tokens(batch, rate, vocab, generator):
+    ids = batch.input_ids
+    r = torch.rand(ids.shape, generator=generator)
+    chosen = (r < rate) & batch.real
+    random_ids = torch.randint(vocab.size, ids.shape, generator=generator)
+    inputs = torch.where(chosen & (r < 0.8 * rate), vocab.mask, ids)
+    inputs = torch.where(chosen & (r >= 0.8 * rate) & (r < 0.9 * rate), random_ids, inputs)
+    return Batch(inputs, batch.cu_seqlens, batch.real, labels=torch.where(chosen, ids, IGNORE))
+
+
+def batch(pieces, indices, settings, vocab, rate, number):
+    """Packed batch `number` of these pieces, masked with its own random stream: the same masks whichever process,
+    or resumed run, builds it (held-out batches have negative numbers)."""
+    generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + number)
+    packed = pack([pieces[i] for i in indices], settings["batch_tokens"], vocab.pad, settings["max_len"])
+    return mask_tokens(packed, rate, vocab, generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. StableAdamW (Wortsman et al., 2023; optimi's implementation, which the official code copies)
+
+
+def debias(beta, step):
+    """Adam's bias correction folded into the decay rate: an average with this rate at step t is already the
+    corrected average (beta_t = beta (1 - beta^(t-1)) / (1 - beta^t); 0 at step 1, so m_1 = g_1)."""
+    return (beta**step - beta) / (beta**step - 1)
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with two changes, as the official ModernBERT pretraining runs it (decoupled_stableadamw):
+
+    - update clipping: each tensor's step shrinks by its update RMS, sqrt(mean(g^2 / v)), when that exceeds 1,
+      that is when this gradient is large against the running average of past ones (Adafactor's clipping);
+    - fully decoupled weight decay: each step shrinks a weight by lr_t / lr_max * weight_decay, so the decay
+      follows the schedule but not the peak learning rate (torch's AdamW shrinks by lr_t * weight_decay).
+    With neither active (RMS <= 1, weight_decay = lr_max * AdamW's), it is torch.optim.AdamW exactly."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5):
+        super().__init__(params, dict(lr=lr, max_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (beta1, beta2), eps = group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - debias(beta1, state["step"]))
+                v.mul_(debias(beta2, state["step"])).addcmul_(g, g, value=1 - debias(beta2, state["step"]))
+                rms = (g.square() / v.clamp(min=eps**2)).mean().sqrt()  # a tensor: no wait for the GPU
+                lr = group["lr"] / rms.clamp(min=1.0)
+                p.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
+                p.sub_(lr * m / (v.sqrt() + eps))
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices (the embeddings too, tied to the decoder), none on norms and biases; each group
+    keeps its parameters' names, for saving the optimizer's state by name. A tied weight is listed once."""
+    groups = [
+        {"params": [], "names": [], "weight_decay": weight_decay},
+        {"params": [], "names": [], "weight_decay": 0.0},
+    ]
+    for name, p in model.named_parameters():
+        group = groups[p.ndim <= 1 or name.endswith(".bias")]
+        group["params"].append(p)
+        group["names"].append(name)
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The learning rate: warmup, stable, decay (WSD)
+#
+#   lr   |    ________________________
+#        |   /                        '-._        linear warmup over --warmup-steps, constant, then
+#        |  /                             '.      lr * (a + (1 - a) (1 - sqrt(x))) over the last --cooldown
+#        | /                                \     of the run, x going 0 -> 1, a = 0.001
+#        +-----------------------------------+--> progress (steps, or time with --minutes)
+
+
+def learning_rate(peak, step, progress, warmup_steps, cooldown, final=0.001):
+    """The learning rate of optimizer step `step` (0, 1, ...), which ends at `progress` (0..1) of the run."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    x = min(1.0, max(0.0, (progress - (1 - cooldown)) / cooldown)) if cooldown else 0.0
+    return peak * warm * (final + (1 - final) * (1 - math.sqrt(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Training: one optimizer step over this process's batches; DDP averages the gradients across processes.
+
+
+def train_step(model, optimizer, batches, counts, autocast):
+    """Forward and backward over this process's batches of one step, then one optimizer step. `counts`: the
+    masked tokens of each batch here, and of the whole step over all processes. Each batch's loss is weighted
+    by its share of the step's masked tokens, so the step minimises the mean over all of them, however the
+    batches are spread over processes (x world size: DDP divides the summed gradients by it). Returns this
+    process's share of the step's loss."""
+    mine, total = counts
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP averages gradients at each backward; accumulate locally and synchronise on the last batch only
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, autocast():
+            out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
+            if mine[i]:
+                loss = out.loss * (mine[i] / total)
+            else:  # no masked token: a zero that still reaches every parameter, as DDP expects
+                loss = out.logits.sum() * 0.0
+            (loss * world).backward()
+        step_loss += loss.detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def all_sum(x, device):
+    """The sum over all processes of a number (itself when there is one process)."""
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast):
+    """Held-out loss and accuracy over the masked tokens (the same masks every time), with `model` unwrapped."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for batch in batches:
+        targets = batch.labels[batch.labels != IGNORE]  # the rows of the sparse logits, in order
+        if len(targets):
+            with autocast():
+                out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
+            loss += out.loss.item() * len(targets)
+            correct += (out.logits.argmax(-1) == targets).sum().item()
+            count += len(targets)
+    model.train()
+    return (loss / count, correct / count) if count else (math.nan, math.nan)
+
+
+def most_frequent_token_accuracy(pieces, batches):
+    """The baseline: the accuracy of always answering the training data's most frequent token."""
+    counts = torch.bincount(torch.tensor([t for p in pieces for t in p]))
+    top = int(counts.argmax())
+    targets = torch.cat([b.labels[b.labels != IGNORE] for b in batches])
+    return top, (targets == top).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The output folder, written whole or not at all: in a temporary folder beside --out, then moved into place,
+# trainer_state.json last, so a folder with one holds a complete checkpoint of that step.
+
+RUN_FILES = ("trainer_state.json", "training_args.json", "optimizer.safetensors")
+
+
+def save_run(folder, model, optimizer, state, settings, tokenizer_folder):
+    from safetensors.torch import save_file
+
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint is readable
+        model.save_pretrained(staging)
+        for name in load.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_folder, name)):
+                shutil.copyfile(os.path.join(tokenizer_folder, name), os.path.join(staging, name))
+        moments = {}
+        for group in optimizer.param_groups:
+            for name, p in zip(group["names"], group["params"]):
+                if optimizer.state[p]:
+                    moments[f"{name}.exp_avg"] = optimizer.state[p]["exp_avg"].contiguous()
+                    moments[f"{name}.exp_avg_sq"] = optimizer.state[p]["exp_avg_sq"].contiguous()
+        steps = {optimizer.state[p].get("step", 0) for g in optimizer.param_groups for p in g["params"]}
+        meta = {"step": str(max(steps)), "train_seconds": repr(state["train_seconds"])}
+        save_file(moments, os.path.join(staging, "optimizer.safetensors"), metadata=meta)
+        os.chmod(os.path.join(staging, "optimizer.safetensors"), 0o666 & ~current_umask())
+        write_json(os.path.join(staging, "training_args.json"), {k: v for k, v in settings.items() if k != "resume"})
+        write_json(os.path.join(staging, "trainer_state.json"), trainer_state(state))
+        if not os.path.exists(folder):
+            os.replace(staging, folder)
+            return
+        names = sorted(os.listdir(staging), key=lambda n: n == "trainer_state.json")  # trainer_state.json last
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def trainer_state(state):
+    """trainer_state.json with the fields of transformers' TrainerState (it loads with TrainerState.load_from_json)."""
+    return {
+        "best_global_step": None,
+        "best_metric": None,
+        "best_model_checkpoint": None,
+        "epoch": state["epoch"],
+        "eval_steps": state["eval_steps"],
+        "global_step": state["global_step"],
+        "is_hyper_param_search": False,
+        "is_local_process_zero": True,
+        "is_world_process_zero": True,
+        "log_history": state["log_history"],
+        "logging_steps": state["logging_steps"],
+        "max_steps": state["max_steps"],
+        "num_input_tokens_seen": state["tokens_seen"],
+        "num_train_epochs": math.ceil(state["epoch"]) or 1,
+        "save_steps": state["save_steps"],
+        "stateful_callbacks": {},
+        "total_flos": 0,
+        "train_batch_size": state["batch_tokens"],
+        "trial_name": None,
+        "trial_params": None,
+    }
+
+
+def write_json(path, content):
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_optimizer_state(optimizer, folder):
+    """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
+    seconds. A file that does not match the model is an error, not a fresh start."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "optimizer.safetensors")
+    with safe_open(path, "pt") as f:
+        meta, moments = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            m, v = moments.pop(f"{name}.exp_avg", None), moments.pop(f"{name}.exp_avg_sq", None)
+            if m is None or v is None or m.shape != p.shape or v.shape != p.shape:
+                raise ValueError(
+                    f"{path} has no state of the right shape for {name}: it does not belong to this model."
+                )
+            optimizer.state[p] = {"step": int(meta["step"]), "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
+    if moments:
+        raise ValueError(f"{path} holds state for parameters this model lacks: {sorted(moments)[:3]}.")
+    return float(meta["train_seconds"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: settings, the checks that come before anything is written, and the loop.
+
+MODEL_FLAGS = {  # flag -> ModernBertConfig field, for a new model (and the check of a resumed one)
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+}
+DEFAULTS = dict(
+    out="trained-modernbert",
+    minutes=9.0,
+    layers=4,
+    hidden=256,
+    heads=4,
+    intermediate=384,
+    vocab=8192,
+    max_len=512,
+    batch_tokens=2048,
+    accum=1,
+    lr=1e-3,
+    weight_decay=3e-4,
+    warmup_steps=None,
+    cooldown=0.2,
+    mask_rate=0.3,
+    seed=0,
+    log_every=10,
+    evals=10,
+    save_every=0,
+)
+# What a resumed run may change; everything else it continues as recorded (an explicit different value is an error).
+RESUMABLE_CHANGES = ("steps", "minutes", "device", "dtype", "compile", "save_every", "log_every", "evals", "samples")
+RESERVE_SECONDS = 30  # of --minutes, kept for the last evaluation, saving and the samples
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a ModernBERT masked language model with the paper's recipe (see the top of train.py). "
+        "Without arguments: a small model on this Python's standard-library docstrings, offline, in 9 minutes.",
+        argument_default=None,
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help=".txt files, or folders (every .txt file under them); blank lines separate documents "
+        "(default: the docstrings of this Python's standard library)",
+    )
+    p.add_argument(
+        "--init", metavar="HUB_ID_OR_FOLDER", help="continue pretraining this checkpoint, with its tokenizer"
+    )
+    p.add_argument("--out", help=f"the output folder: new or empty, or a run to --resume (default: {DEFAULTS['out']})")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="the whole run's wall time, setup included (default: 9)")
+    budget.add_argument("--steps", type=int, help="optimizer steps, instead of --minutes")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out: its step, optimizer, schedule"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is a GPU; under torchrun, one each)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast, weights stay fp32 (default: fp32)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each encoder layer")
+    size = p.add_argument_group("model size (a new model; --init and --resume take the checkpoint's)")
+    size.add_argument("--layers", type=int, help="encoder layers (default: 4; every 3rd from 0 is global)")
+    size.add_argument("--hidden", type=int, help="hidden size (default: 256)")
+    size.add_argument("--heads", type=int, help="attention heads (default: 4)")
+    size.add_argument("--intermediate", type=int, help="GeGLU intermediate size (default: 384)")
+    size.add_argument("--vocab", type=int, help="BPE vocabulary to train (default: 8192)")
+    size.add_argument("--max-len", type=int, help="tokens per document; longer ones are cut into pieces (default 512)")
+    run = p.add_argument_group("the recipe")
+    run.add_argument("--batch-tokens", type=int, help="tokens per packed batch, per process (default: 2048)")
+    run.add_argument("--accum", type=int, help="packed batches per process per optimizer step (default: 1)")
+    run.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
+    run.add_argument(
+        "--weight-decay", type=float, help="fully decoupled: the shrink per step at peak lr (default 3e-4)"
+    )
+    run.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of --steps; 50 with --minutes)")
+    run.add_argument(
+        "--cooldown", type=float, help="the final fraction of the run spent in 1-sqrt decay (default: 0.2)"
+    )
+    run.add_argument("--mask-rate", type=float, help="fraction of tokens masked (default: 0.3)")
+    run.add_argument("--seed", type=int, help="model init, data order and masks (default: 0)")
+    run.add_argument("--log-every", type=int, help="steps between loss lines (default: 10)")
+    run.add_argument("--evals", type=int, help="held-out evaluations over the run, the last at the end (default: 10)")
+    run.add_argument("--save-every", type=int, help="steps between saves; 0: at the end only (default: 0)")
+    run.add_argument("--samples", nargs="+", metavar="TEXT", help="fill-mask texts for the end ([MASK] is replaced)")
+    return p.parse_args(argv)
+
+
+def settle(args):
+    """The run's settings: a new run's defaults, or a resumed run's recorded settings. Errors before any writing."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    out = given.get("out", DEFAULTS["out"])
+    if "data" in given:  # recorded for --resume, which may start elsewhere
+        given["data"] = [os.path.abspath(p) for p in given["data"]]
+    if args.resume:
+        recorded = read_recorded_run(out)
+        for k, v in given.items():
+            if k not in RESUMABLE_CHANGES and k != "out" and v != recorded.get(k):
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(
+                    f"--resume continues the run in {out} as it was started, with {flag} {recorded.get(k)}; "
+                    f"{flag} {v} was given. Drop it, or start a new run in another --out."
+                )
+        if "steps" in given or "minutes" in given:  # a new end for the run
+            for name in ("steps", "minutes", "train_seconds"):
+                recorded.pop(name, None)
+        return {**recorded, **given, "resume": True}
+    check_new_out(out)
+    if "init" in given and (clash := [k for k in (*MODEL_FLAGS, "vocab") if k in given]):
+        raise ValueError(f"--init {given['init']} fixes the model's size and tokenizer: drop --{clash[0]}.")
+    settings = {**DEFAULTS, **given, "resume": False}
+    if "init" in given:  # the checkpoint's size; build() records it
+        for name in (*MODEL_FLAGS, "vocab"):
+            settings.pop(name)
+    if "steps" in given:
+        settings.pop("minutes")
+    for name in ("minutes", "steps", "batch_tokens", "accum", "layers", "hidden", "heads", "vocab", "max_len"):
+        if settings.get(name) is not None and settings[name] <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {settings[name]}.")
+    if not 0 < settings["mask_rate"] < 1:
+        raise ValueError(f"--mask-rate must lie between 0 and 1, got {settings['mask_rate']}.")
+    return settings
+
+
+def check_new_out(out):
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file: give a new or empty folder.")
+    if os.path.isdir(out) and os.listdir(out):
+        if os.path.isfile(os.path.join(out, "trainer_state.json")):
+            raise ValueError(
+                f"--out {out} already holds a training run: add --resume to continue it, or use another --out."
+            )
+        names = ", ".join(sorted(os.listdir(out))[:3])
+        raise ValueError(f"--out {out} holds other files ({names}, ...): give a new or empty folder.")
+
+
+def read_recorded_run(out):
+    missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(out, n))]
+    if missing:
+        raise ValueError(f"--resume: {out} is not a run of train.py to continue (it has no {missing[0]}).")
+    return read_json(os.path.join(out, "training_args.json"))
+
+
+def setup_processes(device_name):
+    """(rank, world size, device): torchrun's environment, one GPU per process; else one process."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)  # under torchrun, the process's own GPU
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device_name} was asked for, but torch sees no CUDA GPU here.")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(idle_cores())
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def idle_cores():
+    """Threads for a CPU run: the cores that the 1-minute load average leaves idle, at least one. Each op's
+    threads wait for one another, and a thread the OS has parked on a busy machine stalls them all: with two
+    threads on 2 busy cores (load average 7) one step of the default run ran at 110 to 1,077 tokens/s, with one
+    thread at 1,250 to 1,540. On an idle machine every core is used. OMP_NUM_THREADS, where set, decides."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores - round(os.getloadavg()[0]))
+
+
+def build(settings, rank, tokenizer_folder):
+    """(model, tokenizer, vocab, pieces, held-out pieces, init description). Data and tokenizer first: each is
+    checked before the model costs anything."""
+    documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
+    train_docs, held_docs = split_held_out(documents)
+    source = settings.get("init")
+    if settings["resume"]:
+        source = settings["out"]
+    if source is not None:
+        tokenizer_folder = load.resolve(source)
+    elif rank == 0 or not dist.is_initialized():
+        save_tokenizer(train_tokenizer(train_docs, settings["vocab"]), tokenizer_folder, settings["max_len"])
+    if dist.is_initialized() and source is None:  # one tokenizer for all: process 0's, sent to the others
+        text = [open(os.path.join(tokenizer_folder, "tokenizer.json")).read() if rank == 0 else None]
+        dist.broadcast_object_list(text, src=0)
+        if rank != 0:
+            save_tokenizer(Tokenizer.from_str(text[0]), tokenizer_folder, settings["max_len"])
+    tokenizer = load.load_tokenizer(tokenizer_folder)
+    tokenizer.no_padding()
+    vocab = Vocab.of(tokenizer)
+    if source is not None:
+        model = ModernBertForMaskedLM.from_pretrained(source).train()
+        if settings["max_len"] > model.config.max_position_embeddings:
+            raise ValueError(
+                f"--max-len {settings['max_len']} is more than {source}'s max_position_embeddings "
+                f"{model.config.max_position_embeddings}."
+            )
+        if settings["resume"]:
+            check_same_model(model.config, settings)
+    else:
+        torch.manual_seed(settings["seed"])
+        model = ModernBertForMaskedLM(new_config(settings, vocab))
+    model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
+    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()}, vocab=vocab.size)
+    pieces = tokenize(tokenizer, vocab, train_docs, settings["max_len"])
+    held_pieces = tokenize(tokenizer, vocab, held_docs, settings["max_len"])
+    check_budget(max(map(len, pieces + held_pieces)), settings["batch_tokens"])
+    return model, tokenizer_folder, vocab, pieces, held_pieces
+
+
+def new_config(settings, vocab):
+    """A small ModernBERT: the official architecture (local window 128, global every 3rd layer, its RoPE bases)
+    at the size asked for, the vocabulary rounded up to a multiple of 64 as ModernBERT's (50,368 for 50,285)."""
+    sizes = {field: settings[flag] for flag, field in MODEL_FLAGS.items()}
+    return ModernBertConfig(
+        vocab_size=-(-vocab.size // 64) * 64,
+        max_position_embeddings=settings["max_len"],
+        pad_token_id=vocab.pad,
+        cls_token_id=vocab.cls,
+        bos_token_id=vocab.cls,
+        sep_token_id=vocab.sep,
+        eos_token_id=vocab.sep,
+        sparse_prediction=True,
+        **sizes,
+    )
+
+
+def check_same_model(config, settings):
+    for flag, field in MODEL_FLAGS.items():
+        if settings.get(flag) is not None and settings[flag] != getattr(config, field):
+            raise ValueError(
+                f"--resume: {settings['out']}'s model has {field} {getattr(config, field)}, but --{flag} "
+                f"{settings[flag]} was given: drop it, or train into another --out."
+            )
+
+
+def new_state(settings, step_tokens):
+    """What trainer_state.json records, as the run goes."""
+    return dict(
+        log_history=[],
+        global_step=0,
+        epoch=0.0,
+        tokens_seen=0,
+        train_seconds=0.0,
+        eval_steps=0,
+        logging_steps=settings["log_every"],
+        save_steps=settings["save_every"],
+        max_steps=settings.get("steps") or 0,
+        batch_tokens=step_tokens,
+    )
+
+
+def resume_state(state, optimizer, out):
+    recorded = read_json(os.path.join(out, "trainer_state.json"))
+    state.update(log_history=recorded["log_history"], global_step=recorded["global_step"], epoch=recorded["epoch"])
+    state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=load_optimizer_state(optimizer, out))
+
+
+class Clock:
+    """How far the run is: by optimizer steps (--steps), or by training seconds (--minutes: what is left of them
+    after setup, less RESERVE_SECONDS for the end; a resumed run's --minutes add to the seconds trained so far).
+    Under torchrun every process uses the mean of their clocks, so all agree on the learning rate and the end."""
+
+    def __init__(self, settings, state, world, device, seconds_left):
+        self.state, self.device, self.world, self.last_seconds = state, device, world, 0.0
+        self.total_steps = settings.get("steps")
+        if self.total_steps is None and "train_seconds" not in settings:
+            settings["train_seconds"] = state["train_seconds"] + max(seconds_left - RESERVE_SECONDS, 1.0)
+        self.total_seconds = settings.get("train_seconds")
+        if self.total_steps:
+            state["max_steps"] = self.total_steps
+        warmup = settings.get("warmup_steps")
+        self.warmup_steps = (
+            warmup if warmup is not None else round(0.05 * self.total_steps) if self.total_steps else 50
+        )
+
+    def progress_after_next_step(self):
+        """The fraction of the run done once the next step ends (time: guessing it lasts as long as the last)."""
+        if self.total_steps:
+            return (self.state["global_step"] + 1) / self.total_steps
+        seconds = all_sum(self.state["train_seconds"] + self.last_seconds, self.device) / self.world
+        return seconds / self.total_seconds
+
+    def step_done(self, seconds):
+        self.last_seconds = seconds
+        self.state["train_seconds"] += seconds
+        self.state["global_step"] += 1
+
+
+class Log:
+    """The loss curve, in trainer_state.json's log_history (as transformers' Trainer logs it) and on the screen:
+    a progress bar where the output is a terminal, a line every --log-every steps and at each evaluation."""
+
+    def __init__(self, settings, state, show):
+        self.state, self.show, self.every = state, show, settings["log_every"]
+        self.evals, self.next_eval = settings["evals"], 1 / settings["evals"]
+        self.window = []  # (loss, tokens, seconds) of the steps since the last line
+        terminal = show and sys.stderr.isatty()
+        self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def step(self, loss, lr, tokens, progress, seconds):
+        self.window.append((loss, tokens, seconds))
+        self.bar.n = int(1000 * min(progress, 1.0))
+        self.bar.set_postfix_str(
+            f"step {self.state['global_step']}, loss {loss:.3f}, lr {lr:.2e}, {tokens / seconds:,.0f} tok/s"
+        )
+        if self.state["global_step"] % self.every == 0:
+            self.line(lr)
+        self.lr = lr
+
+    def line(self, lr):
+        losses, tokens, seconds = zip(*self.window)
+        entry = {
+            "epoch": round(self.state["epoch"], 4),
+            "learning_rate": lr,
+            "loss": round(sum(losses) / len(losses), 4),
+        }
+        entry |= {"step": self.state["global_step"], "tokens_per_second": round(sum(tokens) / sum(seconds))}
+        self.state["log_history"].append(entry)
+        self.window = []
+        self.write(
+            f"step {entry['step']:>5}  loss {entry['loss']:.3f}  lr {lr:.2e}  {entry['tokens_per_second']:>6,} tok/s"
+        )
+
+    def eval_due(self, progress):
+        if progress >= self.next_eval and self.next_eval < 1 - 1e-9:
+            self.next_eval += 1 / self.evals
+            return True
+        return False
+
+    def eval(self, loss, accuracy):
+        entry = {
+            "epoch": round(self.state["epoch"], 4),
+            "eval_accuracy": round(accuracy, 4),
+            "eval_loss": round(loss, 4),
+        }
+        self.state["log_history"].append({**entry, "step": self.state["global_step"]})
+        self.write(
+            f"step {self.state['global_step']:>5}  held-out loss {loss:.3f}  masked-token accuracy {accuracy:.3f}"
+        )
+
+    def close(self):
+        if self.window:
+            self.line(self.lr)
+        self.bar.close()
+
+    def write(self, line):
+        if self.show:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+
+def describe_run(pieces, held_pieces, vocab, model, device, world):
+    n_params = sum(p.numel() for p in model.parameters())
+    processes = f" x {world} processes" if world > 1 else ""
+    print(
+        f"{len(pieces):,} training documents ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
+        f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}",
+        flush=True,
+    )
+
+
+def train(settings):
+    """The whole run. Returns (held-out loss, held-out accuracy, baseline accuracy)."""
+    start = time.perf_counter()
+    rank, world, device = setup_processes(settings.get("device"))
+    dtype = torch.bfloat16 if settings.get("dtype") == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    with tempfile.TemporaryDirectory() as tokenizer_tmp:
+        model, tokenizer_folder, vocab, pieces, held_pieces = build(settings, rank, tokenizer_tmp)
+        model.to(device)
+        if settings.get("compile"):
+            model.compile()
+        budget, per_step = settings["batch_tokens"], world * settings["accum"]
+        held_plan = best_fit([len(p) for p in held_pieces], budget)
+        held_out = [
+            batch(held_pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in enumerate(held_plan)
+        ]
+        top_token, baseline = most_frequent_token_accuracy(pieces, held_out)
+        held_out = [b.to(device) for b in held_out]
+        optimizer = StableAdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+        state = new_state(settings, budget * per_step)
+        if settings["resume"]:
+            resume_state(state, optimizer, settings["out"])
+        clock = Clock(
+            settings,
+            state,
+            world,
+            device,
+            seconds_left=settings.get("minutes", 0) * 60 - (time.perf_counter() - start),
+        )
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
+        if rank == 0:
+            describe_run(pieces, held_pieces, vocab, model, device, world)
+        log = Log(settings, state, show=rank == 0)
+        interrupted = False
+        try:
+            while (progress := clock.progress_after_next_step()) <= 1.0:
+                t0 = time.perf_counter()
+                numbered = [next(stream) for _ in range(per_step)]
+                mine = [  # this process's share: batches rank, rank + world, ...
+                    batch(pieces, b, settings, vocab, settings["mask_rate"], n).to(device)
+                    for n, _, b in numbered[rank::world]
+                ]
+                counts = [int((b.labels != IGNORE).sum()) for b in mine]
+                lr = learning_rate(
+                    settings["lr"], state["global_step"], progress, clock.warmup_steps, settings["cooldown"]
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = train_step(ddp, optimizer, mine, (counts, all_sum(sum(counts), device)), autocast)
+                loss, tokens = all_sum(loss, device), all_sum(sum(int(b.real.sum()) for b in mine), device)
+                clock.step_done(time.perf_counter() - t0)
+                state["epoch"], state["tokens_seen"] = numbered[-1][1], state["tokens_seen"] + int(tokens)
+                log.step(loss, lr, tokens, progress, clock.last_seconds)
+                if log.eval_due(progress):
+                    log.eval(*evaluate(model, held_out, autocast))
+                if settings["save_every"] and state["global_step"] % settings["save_every"] == 0 and rank == 0:
+                    save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+        except KeyboardInterrupt:
+            interrupted = True
+        log.close()
+        eval_loss, accuracy = evaluate(model, held_out, autocast)
+        log.eval(eval_loss, accuracy)
+        if rank == 0:
+            save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        top = load.shown(load.load_tokenizer(settings["out"]).id_to_token(top_token))
+        print(
+            f"held-out masked-token accuracy {accuracy:.3f}; always answering the most frequent token ({top}): "
+            f"{baseline:.3f} ({accuracy / baseline:.1f}x). {state['global_step']} steps, "
+            f"{(time.perf_counter() - start) / 60:.1f} minutes."
+        )
+        if interrupted:
+            print(f"Interrupted: step {state['global_step']} is saved in {settings['out']}; --resume continues it.")
+    return eval_loss, accuracy, baseline
+
+
+def samples(folder, texts=None):
+    """Fill-mask on the saved folder, as `python load.py --model folder` prints it."""
+    tokenizer = load.load_tokenizer(folder)
+    mask = load.mask_token(tokenizer)
+    texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
+    load.check_masks(texts, mask)
+    model = load.load_model(folder)
+    return load.format_results(tokenizer, texts, load.fill_mask(model, tokenizer, texts, top_k=5))
+
+
+def main(argv=None):
+    """Trains, then prints fill-mask samples from the saved folder. A mistake the user can fix (no text, a
+    tokenizer without a mask token, a budget too small, an --out in the way) is one line and exit status 2,
+    before anything is written."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        settings = settle(args)
+        train(settings)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(samples(settings["out"], settings.get("samples")))
+    except (ValueError, OSError, RuntimeError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)  # idle_cores() chose for this run only
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

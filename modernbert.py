@@ -129,9 +129,8 @@ class ModernBertConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_folder, revision=None, **download):  # a checkpoint's config.json
-        return cls.from_dict(
-            read_json_file(os.path.join(checkpoint_folder(name_or_folder, revision, **download), "config.json"))
-        )
+        folder = checkpoint_folder(name_or_folder, revision, **download)
+        return cls.from_dict(read_json_file(os.path.join(folder, "config.json")))
 
     def to_dict(self):  # config.json in the official format
         return config_to_dict(self)
@@ -141,10 +140,17 @@ class ModernBertConfig:
 # RoPE with two bases. Rotation "rotate_half" (NeoX): the first and second halves of each head pair up.
 
 
+def rope_frequencies(config, layer_type):
+    """inv_freq (D/2,) = 1 / theta^(2i/D), each pair of dimensions turning at its own rate, and the factor that scales
+    cos and sin (1 here). Long-context checkpoints stretch both: `scaled_frequencies`, below the banner."""
+    theta, dim, rope = config.rope_theta(layer_type), config.head_dim, config.rope_parameters[layer_type]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    return (inv_freq, 1.0) if rope["rope_type"] == "default" else scaled_frequencies(inv_freq, rope, theta, config)
+
+
 def rope_tables(inv_freq, attention_factor, positions):
     """cos, sin of shape (T, D) for integer positions (T,), always in fp32 (bf16 tables lose the phase at positions
-    of a few hundred and beyond). inv_freq (D/2,): 1 / theta^(2i/D), from `rope_frequencies` (below the banner, with
-    the long-context scalings and their attention_factor, which scales both tables: 1 for plain RoPE)."""
+    of a few hundred and beyond)."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos() * attention_factor, emb.sin() * attention_factor
@@ -158,6 +164,8 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 (the fp32 tables promote
     every product, so x needs no fp32 copy) and returned in x's dtype."""
+    if rope_in_chunks_pays(x):  # half precision on a CPU: cache-sized pieces (below the banner)
+        return rope_in_chunks(x, cos, sin)
     cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
     return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)  # addcmul: one temporary fewer
 
@@ -446,8 +454,7 @@ def trunc_normal_(weight, std, cutoff):
 
 
 def init_role(module, name):
-    """The role `module` gives its weight `name` (its `init_roles`): "input", "output", "classifier" or "tied".
-    A weight without one is an error, so a new module never inherits some other module's scale."""
+    """The role `module` gives its weight `name` in its `init_roles`; none is an error (no inherited scale)."""
     role = getattr(module, "init_roles", {}).get(name)
     if role is None:
         owner = type(module).__name__
@@ -456,8 +463,7 @@ def init_role(module, name):
 
 
 class ModernBertPreTrainedModel(nn.Module):
-    """What every class shares: the config, weight init, and (their code below the banner) loading, saving,
-    compiling, gradient checkpointing, and the conveniences transformers users reach for."""
+    """What every class shares: the config, weight init, loading, saving, and what transformers users reach for."""
 
     accepts_loss_kwargs = False  # transformers.Trainer: our losses average over the batch themselves
 
@@ -536,20 +542,19 @@ class ModernBertModel(ModernBertPreTrainedModel):
             self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, return_dict=None, **inputs):
-        """input_ids (B, S) with attention_mask (B, S) of 0/1 (None: all real), or already-packed input (see
-        `pack_inputs`). Returns last_hidden_state (B, S, hidden), zeros at padded positions; with
-        output_hidden_states=True, hidden_states: the embeddings, then each layer's output (the last normed)."""
+        """input_ids (B, S) and attention_mask (B, S) of 0/1 (None: all real), or packed input (`pack_inputs`) ->
+        last_hidden_state (B, S, hidden), zeros at padding; hidden_states: the embeddings, then each layer's."""
         hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
         return model_output(return_dict, packing, states, last_hidden_state=packing.to_input_grid(hidden))
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
-        """The packed forward every head builds on: returns hidden (T, hidden) of the tokens only, the
-        Packing that says where they came from, and the per-layer states if asked for."""
+        """The packed forward every head builds on: hidden (T, hidden), its Packing, the layers' states if asked."""
         c = self.config
         packing = pack_inputs(c, input_ids, attention_mask, inputs_embeds, packed)  # checked, then packed
         x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
-        # Chosen per forward, so config.attn_implementation can change between calls.
-        kernels = attention_kernels(c.attn_implementation, x.device, x.dtype, packing, c.half_window)
+        # Chosen per forward, so config.attn_implementation can change between calls; autocast's dtype is the layers'.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        kernels = attention_kernels(c.attn_implementation, x.device, dtype, packing, c.half_window)
         ropes = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}
         states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
         for layer, layer_type in zip(self.layers, c.layer_types):
@@ -674,8 +679,7 @@ class ModernBertForQuestionAnswering(ModernBertWithClassifier):
         loss = None
         if start_positions is not None or end_positions is not None:
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions, packing)
-        outputs = dict(loss=loss, start_logits=start_logits, end_logits=end_logits)
-        return model_output(return_dict, packing, states, **outputs)
+        return model_output(return_dict, packing, states, loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
 class ModernBertForMultipleChoice(ModernBertWithClassifier):
@@ -683,9 +687,8 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
         super().__init__(config, num_outputs=1)  # one score per choice
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **inputs):
-        """input_ids (B, C, S), one row per choice; logits (B, C). 'cls' pools each choice's first real
-        token. `inputs`: inputs_embeds (B, C, S, hidden), output_hidden_states. Packed input does not apply:
-        each choice is its own padded row."""
+        """input_ids (B, C, S), one row per choice -> logits (B, C). `inputs`: inputs_embeds (B, C, S, hidden),
+        output_hidden_states; packed input does not apply (each choice is its own padded row)."""
         B, C, S = check_multiple_choice(input_ids, attention_mask, labels, inputs)
         flat = lambda t: None if t is None else t.reshape(B * C, *t.shape[2:])  # noqa: E731  (B, C, S) -> (B*C, S)
         ids, mask, embeds = (flat(t) for t in (input_ids, attention_mask, inputs.get("inputs_embeds")))
@@ -852,12 +855,11 @@ def normalize_rope(config):
         config.rope_parameters[t] = rope
 
 
-def rope_frequencies(config, layer_type):
-    """One layer type's inv_freq (D/2,) in fp32, and the factor that scales cos and sin (YaRN's; 1 otherwise)."""
-    rope, theta, dim = config.rope_parameters[layer_type], config.rope_theta(layer_type), config.head_dim
+def scaled_frequencies(inv_freq, rope, theta, config):
+    """rope_frequencies for a scaled rope_type: linear divides every frequency by `factor`; dynamic keeps them (up
+    to max_position_embeddings, the longest allowed); yarn computes its own, as transformers does."""
     if rope["rope_type"] == "yarn":
-        return yarn_frequencies(rope, theta, dim, config.max_position_embeddings)
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+        return yarn_frequencies(rope, theta, config.head_dim, config.max_position_embeddings)
     return (inv_freq / rope["factor"] if rope["rope_type"] == "linear" else inv_freq), 1.0
 
 
@@ -955,7 +957,24 @@ def pack_for_tracing(attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Faster kernels: the same attention rule, computed the way this batch, device or tracer runs it best.
+# Faster kernels: the same math (RoPE, the attention rule), computed the way this batch, device or tracer runs it best.
+
+
+ROPE_CHUNK = 256  # tokens: RoPE's fp32 temporaries for that many stay in a CPU's caches
+
+
+def rope_in_chunks_pays(x):
+    """On a CPU in eager mode, for half-precision q and k longer than a chunk (in fp32 the pieces gain nothing)."""
+    cpu_eager = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return cpu_eager and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] > ROPE_CHUNK
+
+
+def rope_in_chunks(x, cos, sin):
+    """apply_rope on a CPU, ROPE_CHUNK tokens at a time: each piece's temporaries are reused from the caches, where
+    the whole stream's would be fresh memory. split, then cat: the backward is one cat, not a zero-filled gradient
+    of the whole stream for every piece (what slicing would leave)."""
+    pieces = zip(x.split(ROPE_CHUNK), cos.split(ROPE_CHUNK), sin.split(ROPE_CHUNK))
+    return torch.cat([apply_rope(*piece) for piece in pieces])
 
 
 def faster_kernels(name, kernels, device, dtype, packing, half_window):
@@ -970,12 +989,12 @@ def faster_kernels(name, kernels, device, dtype, packing, half_window):
         return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
     if name == "flash_attention_2":  # the kernel found once a forward, or an error saying what to install
         kernels = dict.fromkeys(LAYER_TYPES, functools.partial(flash_attention, varlen=find_flash_kernel(device)))
+    if name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
+        kernels["full_attention"] = sdpa_per_sequence
     # Equal lengths: the stream already is the (N, S) grid, and one dense call needs no mask (on a GPU cuDNN's
     # dense kernel then beats varlen flash). Not for a forced flash on fp32, which must stay in flash's bf16.
-    if name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
+    elif name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
         kernels["full_attention"] = sdpa_equal_lengths
-    elif name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
-        kernels["full_attention"] = sdpa_per_sequence
     return kernels
 
 
@@ -990,7 +1009,7 @@ def sdpa_per_sequence(q, k, v, packing, half_window=None, dropout_p=0.0):
     """Global attention on a CPU: one unmasked SDPA call per sequence takes the fused kernel and computes no
     padding, and a Python loop costs nothing there (on a GPU it would be N launches and a host sync)."""
     if torch.compiler.is_compiling():  # inside a compiled layer the loop would break the graph
-        return sdpa_attention(q, k, v, packing, None, dropout_p)
+        return (sdpa_equal_lengths if packing.equal_lengths else sdpa_attention)(q, k, v, packing, None, dropout_p)
     lengths = packing.cu_seqlens.diff().tolist()
     out = []
     for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # split: a cheap backward

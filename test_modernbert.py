@@ -618,6 +618,22 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
     assert not ((bf16_tables.float() - exact).abs() <= ulp).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_in_chunks_equals_rope_in_one_pass(dtype, monkeypatch):
+    """apply_rope on a CPU in half precision runs ROPE_CHUNK tokens at a time: the same numbers and gradients as one
+    pass, for q and k as the attention layer passes them (strided in Wqkv's output), two chunks and a short one."""
+    assert mb.rope_in_chunks_pays(torch.empty(600, 2, dtype=dtype)) and not mb.rope_in_chunks_pays(torch.empty(600, 2))
+    T = 600
+    qkv = torch.randn(T, 3, 4, 64, dtype=dtype, requires_grad=True)  # (T, 3, H, D)
+    cos, sin = mb.rope_tables(*mb.rope_frequencies(mb.ModernBertConfig(), "full_attention"), torch.arange(T) % 300)
+    chunked = mb.apply_rope(qkv[:, :2], cos, sin)
+    monkeypatch.setattr(mb, "ROPE_CHUNK", T)  # one pass
+    whole = mb.apply_rope(qkv[:, :2], cos, sin)
+    assert chunked.dtype == dtype and torch.equal(chunked, whole)
+    grads = [torch.autograd.grad(out.float().square().sum(), qkv)[0] for out in (whole, chunked)]
+    assert torch.equal(*grads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the problem, or the right answer; never a NaN or a silent wrong result
 
@@ -784,7 +800,7 @@ def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):  # a CPU: sdpa, global layers one call per sequence
         chosen = mb.attention_kernels(None, cpu, dtype, ragged, 4)
         assert chosen == {"full_attention": mb.sdpa_per_sequence, "sliding_attention": mb.sdpa_attention}
-    assert mb.attention_kernels(None, cpu, torch.float32, uniform, 4)["full_attention"] is mb.sdpa_equal_lengths
+    assert mb.attention_kernels(None, cpu, torch.float32, uniform, 4)["full_attention"] is mb.sdpa_per_sequence
     assert kernels("eager", cpu, torch.float32) == {mb.eager_attention}
     (flex,) = kernels("flex_attention", cpu, torch.float32)  # one block mask per layer type, shared by its layers
     assert flex.func is mb.flex_attention and set(flex.keywords["block_masks"]) == {None, 4}
@@ -1762,6 +1778,44 @@ def test_weights_start_at_the_official_scale_of_their_role(cls_name):
 
     with pytest.raises(TypeError, match="WithExtra.extra has no init role"):
         WithExtra(mb.ModernBertConfig(**config))
+
+
+def test_truncated_normal_has_torchs_distribution():
+    """trunc_normal_ (normals, only those beyond the cutoff redrawn) against torch's nn.init.trunc_normal_ on a
+    million draws each: inside the bounds, the same mean and spread (a normal cut at +-2 sigma keeps 0.8796 of its
+    std), the same shape (the largest gap between the two CDFs). Clamping instead of redrawing must fail it."""
+
+    def cdf(x, at):
+        return torch.searchsorted(x.sort().values, at, right=True) / x.numel()
+
+    std, cutoff, n, at = 0.02, 0.04, 1_000_000, torch.linspace(-0.04, 0.04, 401)
+    torch.manual_seed(0)
+    torchs = torch.nn.init.trunc_normal_(torch.empty(n), 0.0, std, -cutoff, cutoff)
+    clamped = torch.empty(n).normal_(0.0, std).clamp_(-cutoff, cutoff)
+    for name, x in {"ours": mb.trunc_normal_(torch.empty(n), std, cutoff), "clamped": clamped}.items():
+        same = (
+            x.abs().max() <= cutoff
+            and abs(x.mean()) < 5 * std / n**0.5
+            and abs(x.std() / (0.87962566 * std) - 1) < 0.01
+            and (cdf(x, at) - cdf(torchs, at)).abs().max() < 0.004
+        )
+        assert same == (name == "ours"), f"{name}: mean {x.mean():.3g}, std {x.std():.4g}"
+
+
+def test_each_weight_is_initialised_once_by_the_class_built(monkeypatch):
+    """A head class builds its backbone with init=False and initialises every weight itself, once: no matrix is
+    drawn twice (every head class used to initialise its backbone twice)."""
+    drawn = []
+    draw = mb.trunc_normal_
+    monkeypatch.setattr(mb, "trunc_normal_", lambda w, std, cutoff: drawn.append(w) or draw(w, std, cutoff))
+    config = mb.ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4
+    )
+    for cls in (mb.ModernBertModel, mb.ModernBertForMaskedLM, mb.ModernBertForSequenceClassification):
+        drawn.clear()
+        model = cls(config)
+        matrices = {id(p) for p in model.parameters() if p.dim() == 2}
+        assert len(drawn) == len({id(w) for w in drawn}) == len(matrices), cls.__name__
 
 
 @needs_transformers
@@ -3310,6 +3364,23 @@ def test_every_head_loss_is_fp32_in_a_bf16_model(case):
     with torch.no_grad():
         out = model(torch.randint(1, 64, shape, generator=g), **labels(g))
     assert out.loss.dtype == torch.float32, f"{case}: loss in {out.loss.dtype}"
+
+
+def test_kernels_are_chosen_by_autocasts_dtype(small, monkeypatch):
+    """Under autocast the layers compute in its dtype while the hidden states stay fp32: the kernel choice (varlen
+    flash takes half precision only) must see autocast's dtype, not the states'."""
+    seen, choose = [], mb.attention_kernels
+    monkeypatch.setattr(
+        mb,
+        "attention_kernels",
+        lambda name, device, dtype, *rest: seen.append(dtype) or choose(name, device, dtype, *rest),
+    )
+    ids = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            small["ModernBertModel"](ids)
+        small["ModernBertModel"](ids)
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 def test_forced_flash_precision_does_not_depend_on_the_batch(flash_standin):

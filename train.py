@@ -60,7 +60,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from tqdm import tqdm
 
 import load
-from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask
+from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask, read_json_file
 
 IGNORE = -100  # the label of every token the loss does not see
 HELD_OUT_EVERY = 50  # every 50th document is held out for evaluation
@@ -524,11 +524,6 @@ def write_json(path, content):
         json.dump(content, f, indent=2)
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_optimizer_state(optimizer, folder):
     """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
     seconds. A file that does not match the model is an error, not a fresh start."""
@@ -690,7 +685,7 @@ def read_recorded_run(out):
     missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(out, n))]
     if missing:
         raise ValueError(f"--resume: {out} is not a run of train.py to continue (it has no {missing[0]}).")
-    return read_json(os.path.join(out, "training_args.json"))
+    return read_json_file(os.path.join(out, "training_args.json"))
 
 
 def setup_processes(device_name):
@@ -803,7 +798,7 @@ def new_state(settings, step_tokens):
 
 
 def resume_state(state, optimizer, out):
-    recorded = read_json(os.path.join(out, "trainer_state.json"))
+    recorded = read_json_file(os.path.join(out, "trainer_state.json"))
     state.update(log_history=recorded["log_history"], global_step=recorded["global_step"], epoch=recorded["epoch"])
     state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=load_optimizer_state(optimizer, out))
 

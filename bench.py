@@ -501,6 +501,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    modes = ("build", "kernels", "embeddings", "long_context", "train")
+    modes = [f"--{m.replace('_', '-')}" for m in modes if vars(args)[m]]
+    if len(modes) > 1:
+        p.error(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
+    if args.train and args.dtypes and "," in args.dtypes:
+        p.error(f"--train times one dtype a run: give --dtypes fp32 or --dtypes bf16, not {args.dtypes}")
     if args.child or args.long_context_child:  # the parent passes --device, --workloads, --dtypes and --batch
         return args, None
     if args.long_context:  # a CPU measurement (RSS) of one sequence: fp32 unless asked, no workloads
@@ -1028,11 +1034,11 @@ def train_step_fns(workload, batch, device, dtype):
 
     ids, mask = make_batch(workload, batch, device)
     lengths = mask.sum(1).tolist()
-    stream = ids[mask.bool()][None]  # (1, T): the documents back to back
-    cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int().to(device)
+    documents = [row[:n].tolist() for row, n in zip(ids.cpu(), lengths)]
     vocab = train.Vocab(size=50280, mask=MASK_ID, pad=50283, cls=50281, sep=50282)  # ModernBERT's tokenizer ids
-    packed = train.Batch(stream, cu_seqlens, torch.ones_like(stream, dtype=torch.bool))
-    masked = train.mask_tokens(packed.to("cpu"), 0.3, vocab, torch.Generator().manual_seed(0)).to(device)
+    packed = train.pack(documents, sum(lengths), vocab.pad, max(lengths))  # one stream, no padding left over
+    masked = train.mask_tokens(packed, 0.3, vocab, torch.Generator().manual_seed(0)).to(device)
+    n_masked = int((masked.labels != train.IGNORE).sum())
     models = build_models("both", torch.float32, device, "sdpa" if device.type == "cpu" else None)
     ours, theirs = models["ours"].train(), models["theirs"].train()
     ours.config.sparse_prediction = True
@@ -1050,7 +1056,7 @@ def train_step_fns(workload, batch, device, dtype):
     flat = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
     flat = {k: v.to(device) for k, v in flat.items()}
 
-    def step(model, optimizer, inputs):
+    def step(model, optimizer, inputs):  # as transformers' Trainer steps, without its bookkeeping
         def run():
             with autocast():
                 loss = model(**inputs).loss
@@ -1061,9 +1067,8 @@ def train_step_fns(workload, batch, device, dtype):
 
         return run
 
-    ours_inputs = {"input_ids": masked.input_ids, "cu_seqlens": cu_seqlens, "labels": masked.labels}
     fns = {
-        "ours": step(ours, ours_opt, ours_inputs),
+        "ours": lambda: train.train_step(ours, ours_opt, [masked], ([n_masked], n_masked), autocast).float(),
         "theirs padded": step(theirs, theirs_opt, padded),
         "theirs flattened": step(flat_model, flat_opt, flat),
     }
@@ -1104,9 +1109,11 @@ def bench_train(args, device):
         cells = [f"{r['w']}: {describe(r['w'], device.type)}", r["tok"], r["padded"], speed(r, "ours")]
         cells += [speed(r, "theirs padded"), speed(r, "theirs flattened")]
         cells += [f"**{ratio(r, 'ours', 'theirs padded')}**", f"**{ratio(r, 'ours', 'theirs flattened')}**"]
-        losses = ", ".join(f"{float(r['loss'][k]):.4f}" for k in ("ours", "theirs padded", "theirs flattened"))
-        print(md_row(cells + [losses]))
+        losses = [r["loss"].get(k) for k in ("ours", "theirs padded", "theirs flattened")]  # None: OOM or failed
+        print(md_row(cells + [", ".join("-" if x is None else f"{float(x):.4f}" for x in losses)]))
     for r in table:
+        if r["loss"].get("ours") is None or r["loss"].get("theirs padded") is None:
+            continue  # a failed variant is in the table as OOM or failed
         diff = abs(float(r["loss"]["ours"]) - float(r["loss"]["theirs padded"]))
         assert diff < (1e-4 if DTYPES[dtype_name] == torch.float32 else 5e-2), f"{r['w']}: losses differ by {diff}"
 

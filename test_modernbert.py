@@ -2060,6 +2060,8 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
         (("--device", "cpu", "--workloads", "f"), "--workloads f runs on CUDA only: nothing left to run on cpu"),
         (("--workloads", "a,z"), "--workloads: unknown 'z'"),
         (("--dtypes", "fp16"), "--dtypes: unknown 'fp16'"),
+        (("--build", "--train"), "--build and --train are separate benchmarks: run one at a time"),
+        (("--train", "--dtypes", "fp32,bf16"), "--train times one dtype a run: give --dtypes fp32 or --dtypes bf16"),
     ]:
         with pytest.raises(SystemExit) as e:
             parsed(*argv)

@@ -1,7 +1,7 @@
 """Tests of train.py, part by part: documents, masking statistics, best-fit packing (no attention across
 documents), StableAdamW against torch's AdamW, its own formula and optimi's implementation, the schedule's shape,
 the same losses as transformers' ModernBertForMaskedLM in this loop, the output folder in load.py and
-transformers, --resume, two processes against one, and the one-line errors. Tiny models: under a minute in all.
+transformers, --resume, two processes against one, and the one-line errors. Tiny models, so it runs in seconds.
 """
 
 import contextlib
@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -142,7 +143,7 @@ def test_masking_statistics():
 
 def test_best_fit_packing():
     """Every document exactly once, no batch over budget, each document in the open batch it fits best."""
-    assert list(train.best_fit([6, 5, 3, 2], budget=8)) == [[0, 3], [1, 2]]  # 2 goes beside 6 (room 2), not 5
+    assert list(train.best_fit([5, 6, 2], budget=8)) == [[1, 2], [0]]  # 2 goes beside 6 (room 2); first fit: 5
     pieces = random_pieces(300, high=128)
     plan = train.epoch_plan(pieces, 512, seed=0, epoch=0)
     assert sorted(i for b in plan for i in b) == list(range(300))
@@ -165,7 +166,10 @@ def test_a_packed_batch_keeps_documents_apart():
     b = train.pack(pieces, budget=400, pad_id=VOCAB.pad, max_len=128)
     lengths = [len(p) for p in pieces]
     padding = 400 - sum(lengths)
-    assert b.cu_seqlens.diff().tolist() == lengths + [128] * (padding // 128) + [padding % 128] * (padding % 128 > 0)
+    seqlens = b.cu_seqlens.diff().tolist()
+    pads = seqlens[len(lengths) :]
+    assert seqlens[: len(lengths)] == lengths and sum(pads) == padding and len(pads) == math.ceil(padding / 128)
+    assert all(0 < n <= 128 for n in pads)
     assert b.real.sum() == sum(lengths) and (b.input_ids[~b.real] == VOCAB.pad).all()
     torch.manual_seed(0)
     config = mb.ModernBertConfig(**SMALL)
@@ -272,6 +276,17 @@ def test_warmup_stable_decay_schedule():
         x = ((s + 1) / 100 - 0.8) / 0.2
         assert lr[s] == pytest.approx(0.001 + 0.999 * (1 - math.sqrt(x)))
     assert all(a >= b for a, b in zip(lr[80:], lr[81:])) and lr[-1] == pytest.approx(0.001)
+
+
+def test_evaluations_fall_once_per_tenth_and_a_resumed_run_does_not_catch_up():
+    """--evals 10: one evaluation as the run passes each tenth; a run resumed at 55% evaluates once at 60%, not
+    six times in a row; the end (progress 1) is the final evaluation's, outside the loop."""
+    log = train.Log({"log_every": 10, "evals": 10}, {"global_step": 0}, show=False)
+    due = [p for p in (0.05, 0.1, 0.15, 0.2, 0.35, 0.4) if log.eval_due(p)]
+    assert due == [0.1, 0.2, 0.35, 0.4]
+    resumed = train.Log({"log_every": 10, "evals": 10}, {"global_step": 0}, show=False)
+    due = [p for p in (0.55, 0.56, 0.6, 0.65, 0.7, 1.0) if resumed.eval_due(p)]
+    assert due == [0.55, 0.6, 0.7]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,6 +484,9 @@ def no_mask_checkpoint(folder, text_file):
         ("resume with another size", "--resume continues the run"),
         ("out holds something else", "holds other files"),
         ("out holds a run", "add --resume"),
+        ("a number out of range", "--evals must be positive, got 0"),
+        ("resume with a negative end", "--steps must be positive, got -1"),
+        ("resume by another number of processes", "trained by 2 processes; continue it with 2, not 1"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, expected, tmp_path, text_file, trained, capsys):
@@ -492,10 +510,22 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, tmp_path, text
         open(os.path.join(out, "notes.txt"), "w").write("mine")
     elif case == "out holds a run":
         args[3] = trained
+    elif case == "a number out of range":
+        args += ["--evals", "0"]
+    elif case == "resume with a negative end":
+        args = ["--out", trained, "--resume", "--steps", "-1"]
+    elif case == "resume by another number of processes":
+        shutil.copytree(trained, out)
+        recorded = json.load(open(os.path.join(out, "training_args.json")))
+        json.dump({**recorded, "processes": 2}, open(os.path.join(out, "training_args.json"), "w"))
+        trained, args = out, ["--out", out, "--resume", "--steps", "8"]
     before = {f: os.path.getmtime(os.path.join(trained, f)) for f in os.listdir(trained)}
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err, err
-    assert os.listdir(out) == ["notes.txt"] if case == "out holds something else" else not os.path.exists(out)
+    if case == "out holds something else":
+        assert os.listdir(out) == ["notes.txt"]
+    elif trained != out:
+        assert not os.path.exists(out)
     assert before == {f: os.path.getmtime(os.path.join(trained, f)) for f in os.listdir(trained)}
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".saving-")]

@@ -1,7 +1,7 @@
 """Train a ModernBERT: the paper's pretraining recipe in one file, from one CPU to many GPUs.
 
     python train.py                                     # a small model on the standard library's docstrings,
-                                                        # offline, in at most 10 minutes on 2 CPU cores
+                                                        # offline, in --minutes 9 (README: what it reaches)
     python load.py --model trained-modernbert "Return the [MASK] of the list."
     python train.py --data notes/ --out my-bert --minutes 60
     python train.py --init answerdotai/ModernBERT-base --data my-domain/ --out my-bert --steps 2000
@@ -31,8 +31,8 @@ of billions of tokens); no dropout (the official 0.1 after attention helps a run
 of a few minutes); the held-out set is masked at 15%, as the official evaluation does, training at 30%.
 The small default model has the shape of the Ettin suite's 17M encoder (ModernBERT's recipe at small scale)
 with 4 layers instead of 7, and its weight decay (3e-4); its learning rate is 1e-3, not Ettin's 3e-3, which suits
-batches of 4.7M tokens: with batches of 2,048 tokens, 3e-3 kept the default run on the plateau of unigram
-guesses (loss 6.8) for about 150 of its 405 steps (held-out accuracy 0.158 at the end; 1e-3: see README.md).
+batches of 4.7M tokens: with batches of 2,048 tokens, 3e-3 kept the default run long on the plateau of unigram
+guesses (README.md has both runs).
 
 Under torchrun each process takes its own share of the packed batches (gloo on CPUs, nccl on GPUs), and
 process 0 writes the folder. Depends on torch, tokenizers, tqdm, modernbert.py and load.py; never on
@@ -453,8 +453,8 @@ def most_frequent_token_accuracy(pieces, batches):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The output folder, written whole or not at all: in a temporary folder beside --out, then moved into place,
-# trainer_state.json last, so a folder with one holds a complete checkpoint of that step.
+# 8. The output folder: written in a temporary folder beside --out, then moved into place, trainer_state.json last,
+# so a folder with one holds a complete checkpoint of that step.
 
 RUN_FILES = ("trainer_state.json", "training_args.json", "optimizer.safetensors")
 
@@ -486,7 +486,11 @@ def save_run(folder, model, optimizer, state, settings, tokenizer_folder):
         if not os.path.exists(folder):
             os.replace(staging, folder)
             return
-        names = sorted(os.listdir(staging), key=lambda n: n == "trainer_state.json")  # trainer_state.json last
+        # The old trainer_state.json goes first and the new one comes last: a crash between leaves no run to resume
+        # (--resume says so) rather than new weights under the old step.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "trainer_state.json"))
+        names = sorted(os.listdir(staging), key=lambda n: n == "trainer_state.json")
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
@@ -612,8 +616,10 @@ def parse_args(argv=None):
     size.add_argument("--heads", type=int, help="attention heads (default: 4)")
     size.add_argument("--intermediate", type=int, help="GeGLU intermediate size (default: 384)")
     size.add_argument("--vocab", type=int, help="BPE vocabulary to train (default: 8192)")
-    size.add_argument("--max-len", type=int, help="tokens per document; longer ones are cut into pieces (default 512)")
     run = p.add_argument_group("the recipe")
+    run.add_argument(
+        "--max-len", type=int, help="tokens per piece: longer documents are cut (default 512; a new model's longest)"
+    )
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch, per process (default: 2048)")
     run.add_argument("--accum", type=int, help="packed batches per process per optimizer step (default: 1)")
     run.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
@@ -651,7 +657,7 @@ def settle(args):
         if "steps" in given or "minutes" in given:  # a new end for the run
             for name in ("steps", "minutes", "train_seconds"):
                 recorded.pop(name, None)
-        return {**recorded, **given, "resume": True}
+        return check_settings({**recorded, **given, "resume": True})
     check_new_out(out)
     if "init" in given and (clash := [k for k in (*MODEL_FLAGS, "vocab") if k in given]):
         raise ValueError(f"--init {given['init']} fixes the model's size and tokenizer: drop --{clash[0]}.")
@@ -661,11 +667,20 @@ def settle(args):
             settings.pop(name)
     if "steps" in given:
         settings.pop("minutes")
-    for name in ("minutes", "steps", "batch_tokens", "accum", "layers", "hidden", "heads", "vocab", "max_len"):
-        if settings.get(name) is not None and settings[name] <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {settings[name]}.")
-    if not 0 < settings["mask_rate"] < 1:
-        raise ValueError(f"--mask-rate must lie between 0 and 1, got {settings['mask_rate']}.")
+    return check_settings(settings)
+
+
+def check_settings(settings):
+    """Every number in range, for a new run and a resumed one alike (a resumed run may set a new end)."""
+    positive = ("minutes", "steps", "batch_tokens", "accum", "layers", "hidden", "heads", "vocab", "lr", "log_every")
+    rules = {name: (lambda v: v > 0, "positive") for name in (*positive, "evals")}
+    rules |= {name: (lambda v: v >= 0, "0 or more") for name in ("warmup_steps", "save_every", "weight_decay")}
+    rules["max_len"] = (lambda v: v > 2, "more than 2 ([CLS] and [SEP] take two tokens)")
+    rules["mask_rate"] = (lambda v: 0 < v < 1, "between 0 and 1")
+    rules["cooldown"] = (lambda v: 0 <= v <= 1, "from 0 to 1")
+    for name, (ok, words) in rules.items():
+        if settings.get(name) is not None and not ok(settings[name]):
+            raise ValueError(f"--{name.replace('_', '-')} must be {words}, got {settings[name]}.")
     return settings
 
 
@@ -692,11 +707,9 @@ def setup_processes(device_name):
     """(rank, world size, device): torchrun's environment, one GPU per process; else one process."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = load.pick_device(device_name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local)  # under torchrun, the process's own GPU
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device_name} was asked for, but torch sees no CUDA GPU here.")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(idle_cores())
     if world > 1:
@@ -708,9 +721,8 @@ def setup_processes(device_name):
 
 def idle_cores():
     """Threads for a CPU run: the cores that the 1-minute load average leaves idle, at least one. Each op's
-    threads wait for one another, and a thread the OS has parked on a busy machine stalls them all: with two
-    threads on 2 busy cores (load average 7) one step of the default run ran at 110 to 1,077 tokens/s, with one
-    thread at 1,250 to 1,540. On an idle machine every core is used. OMP_NUM_THREADS, where set, decides."""
+    threads wait for one another, and a thread the OS has parked on a busy machine stalls them all (README.md
+    has the numbers). On an idle machine every core is used. OMP_NUM_THREADS, where set, decides."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, cores - round(os.getloadavg()[0]))
 
@@ -840,7 +852,7 @@ class Log:
 
     def __init__(self, settings, state, show):
         self.state, self.show, self.every = state, show, settings["log_every"]
-        self.evals, self.next_eval = settings["evals"], 1 / settings["evals"]
+        self.evals, self.evals_passed = settings["evals"], 0
         self.window = []  # (loss, tokens, seconds) of the steps since the last line
         terminal = show and sys.stderr.isatty()
         self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
@@ -870,10 +882,12 @@ class Log:
         )
 
     def eval_due(self, progress):
-        if progress >= self.next_eval and self.next_eval < 1 - 1e-9:
-            self.next_eval += 1 / self.evals
-            return True
-        return False
+        """Whether the run has passed another of its --evals points since the last evaluation (a resumed run starts
+        part way: one evaluation, not one per point passed). The end has its own, after the loop."""
+        passed = math.floor(progress * self.evals + 1e-9)
+        due = passed > self.evals_passed and progress < 1
+        self.evals_passed = max(self.evals_passed, passed)
+        return due
 
     def eval(self, loss, accuracy):
         entry = {
@@ -901,7 +915,7 @@ def describe_run(pieces, held_pieces, vocab, model, device, world):
     n_params = sum(p.numel() for p in model.parameters())
     processes = f" x {world} processes" if world > 1 else ""
     print(
-        f"{len(pieces):,} training documents ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
+        f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
         f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}",
         flush=True,
     )
@@ -911,6 +925,11 @@ def train(settings):
     """The whole run. Returns (held-out loss, held-out accuracy, baseline accuracy)."""
     start = time.perf_counter()
     rank, world, device = setup_processes(settings.get("device"))
+    if settings.setdefault("processes", world) != world:  # another world size would change every step's batches
+        raise ValueError(
+            f"--resume: the run in {settings['out']} was trained by {settings['processes']} processes; "
+            f"continue it with {settings['processes']}, not {world}."
+        )
     dtype = torch.bfloat16 if settings.get("dtype") == "bf16" else None
 
     def autocast():
@@ -982,7 +1001,7 @@ def train(settings):
         top = load.shown(load.load_tokenizer(settings["out"]).id_to_token(top_token))
         print(
             f"held-out masked-token accuracy {accuracy:.3f}; always answering the most frequent token ({top}): "
-            f"{baseline:.3f} ({accuracy / baseline:.1f}x). {state['global_step']} steps, "
+            f"{baseline:.3f}{f' ({accuracy / baseline:.1f}x)' if baseline else ''}. {state['global_step']} steps, "
             f"{(time.perf_counter() - start) / 60:.1f} minutes."
         )
         if interrupted:

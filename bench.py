@@ -818,20 +818,17 @@ def kernel_table(args, device):
 
 
 def build_table(args):
+    def builder(model_class, config_class):
+        def build():  # built, initialised and dropped (freeing its memory is timed too, for both)
+            model_class(config_class())
+
+        return build
+
     builders = {
-        "ours": lambda: mb.ModernBertForMaskedLM(mb.ModernBertConfig()),
-        "theirs": lambda: transformers.ModernBertForMaskedLM(transformers.ModernBertConfig()),
+        "ours": builder(mb.ModernBertForMaskedLM, mb.ModernBertConfig),
+        "theirs": builder(transformers.ModernBertForMaskedLM, transformers.ModernBertConfig),
     }
-    best = dict.fromkeys(builders, float("inf"))
-    for r in range(args.repeats):
-        for name in list(builders) if r % 2 == 0 else list(builders)[::-1]:
-            gc.collect()
-            t = time.perf_counter()
-            model = builders[name]()
-            secs = time.perf_counter() - t
-            best[name] = min(best[name], secs)
-            del model
-            print(f"    {name:6s} round {r}: {secs:6.2f}s", file=sys.stderr)
+    best, _, _ = time_interleaved(builders, args.repeats, torch.device("cpu"), warmup=False, inference=False)
     print(f"Machine: {machine_line()}")
     print(f"Command: python bench.py {' '.join(sys.argv[1:])}\n")
     print(md_header(["built from a config", "ours s", "theirs s", "ours / theirs (time)"]))

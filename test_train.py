@@ -281,10 +281,10 @@ def test_warmup_stable_decay_schedule():
 def test_evaluations_fall_once_per_tenth_and_a_resumed_run_does_not_catch_up():
     """--evals 10: one evaluation as the run passes each tenth; a run resumed at 55% evaluates once at 60%, not
     six times in a row; the end (progress 1) is the final evaluation's, outside the loop."""
-    log = train.Log({"log_every": 10, "evals": 10}, {"global_step": 0}, show=False)
+    log = train.Log({"log_every": 10, "evals": 10, "out": "unused"}, {"global_step": 0}, show=False)
     due = [p for p in (0.05, 0.1, 0.15, 0.2, 0.35, 0.4) if log.eval_due(p)]
     assert due == [0.1, 0.2, 0.35, 0.4]
-    resumed = train.Log({"log_every": 10, "evals": 10}, {"global_step": 0}, show=False)
+    resumed = train.Log({"log_every": 10, "evals": 10, "out": "unused"}, {"global_step": 0}, show=False)
     due = [p for p in (0.55, 0.56, 0.6, 0.65, 0.7, 1.0) if resumed.eval_due(p)]
     assert due == [0.55, 0.6, 0.7]
 

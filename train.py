@@ -1,42 +1,37 @@
-"""Train a ModernBERT: the paper's pretraining recipe in one file, from one CPU to many GPUs.
+"""Train a ModernBERT with the paper's pretraining recipe, in one file, from one CPU to many GPUs.
 
-    python train.py                                     # a small model on the standard library's docstrings,
-                                                        # offline, in --minutes 9 (README: what it reaches)
-    python load.py --model trained-modernbert "Return the [MASK] of the list."
+    python train.py      # offline: a small model on the standard library's docstrings, in --minutes 9
     python train.py --data notes/ --out my-bert --minutes 60
     python train.py --init answerdotai/ModernBERT-base --data my-domain/ --out my-bert --steps 2000
     torchrun --nproc-per-node 8 train.py --data corpus/ --steps 50000 --dtype bf16 --compile
 
-ModernBERT's recipe (Warner et al., 2024, arXiv:2412.13663, and the official code; the sources are in
-../shared/research/training-recipe.md), in the order this file runs it:
+The recipe is ModernBERT's (Warner et al., 2024, "Smarter, Better, Faster, Longer", arXiv:2412.13663, and its
+code, github.com/AnswerDotAI/ModernBERT). One section each, in the order the run takes them:
 
-1. documents: blank-line-separated paragraphs of .txt files, or by default every docstring of the standard
-   library (read with `ast`, never imported). Exact duplicates are dropped; every 50th document is held out.
-2. tokenizer: the checkpoint's own (--init), or a byte-level BPE trained here on the training documents with
-   ModernBERT's special tokens ([CLS] text [SEP], [MASK], [PAD], [UNK]). It is saved beside the checkpoint.
-3. packing: documents (cut into pieces of --max-len tokens) are packed best-fit into batches of
-   --batch-tokens tokens: one stream, its document boundaries in `cu_seqlens`, so no token attends across
-   documents. What a batch leaves over is padding, a sequence of its own.
-4. masking: 30% of the real tokens, never padding: 80% of those become [MASK], 10% a random token, 10% stay.
-   Only their rows go through the prediction head and the vocabulary (sparse prediction).
-5. StableAdamW: Adam with its step clipped per tensor (Adafactor's update RMS), fully decoupled weight decay,
-   none on norms and biases. No gradient clipping: the update clipping replaces it.
-6. warmup-stable-decay: a linear warmup, a constant learning rate, then a 1 - sqrt cooldown to 0.1% of it.
-7. held-out loss and masked-token accuracy through the run, and fill-mask samples at the end.
-8. the output folder: config.json + model.safetensors, the tokenizer files, and trainer_state.json as
-   transformers' Trainer writes it; optimizer.safetensors and training_args.json let --resume go on.
+1. documents: .txt files split at blank lines, or every docstring of the standard library; every 50th held out.
+2. tokenizer: the checkpoint's own (--init), or a byte-level BPE trained here with ModernBERT's special tokens.
+3. packing: whole documents packed best-fit into batches of a token budget, as the official packer does; their
+   boundaries go to the model as `cu_seqlens`, so no token attends across documents.
+4. masking: 30% of the real tokens (MosaicBERT's rate, Portes et al., 2023, arXiv:2312.17482; BERT masked 15%),
+   80/10/10; only the masked rows reach the vocabulary (sparse prediction, as in Cramming, Geiping and
+   Goldstein, 2022, arXiv:2212.14034).
+5. StableAdamW (Wortsman et al., 2023, arXiv:2304.13013, as github.com/warner-benjamin/optimi implements it):
+   update clipping instead of gradient clipping, fully decoupled weight decay, none on norms and biases.
+6. the schedule: warmup, stable, then a 1 - sqrt cooldown (Hägele et al., 2024, arXiv:2405.18392).
+7. training: the step, held-out loss and masked-token accuracy, and the loop that joins them.
 
 Where this differs from the official pretraining, on purpose: no batch-size warmup (its schedule spans tens
 of billions of tokens); no dropout (the official 0.1 after attention helps a run that sees 2T tokens, not one
-of a few minutes); the held-out set is masked at 15%, as the official evaluation does, training at 30%.
-The small default model has the shape of the Ettin suite's 17M encoder (ModernBERT's recipe at small scale)
-with 4 layers instead of 7, and its weight decay (3e-4); its learning rate is 1e-3, not Ettin's 3e-3, which suits
-batches of 4.7M tokens: with batches of 2,048 tokens, 3e-3 kept the default run long on the plateau of unigram
-guesses (README.md has both runs).
+of a few minutes; Cramming drops it too); the held-out set is masked at 15%, as the official evaluation does,
+training at 30%. The small default model has the shape of the Ettin suite's 17M encoder (Weller et al., 2025,
+arXiv:2507.11412: ModernBERT's recipe at small scale) with 4 layers instead of 7, and its weight decay (3e-4);
+its learning rate is 1e-3, not Ettin's 3e-3, which suits batches of 4.7M tokens: with batches of 2,048 tokens,
+3e-3 kept the default run long on the plateau of unigram guesses (README.md has both runs).
 
-Under torchrun each process takes its own share of the packed batches (gloo on CPUs, nccl on GPUs), and
-process 0 writes the folder. Depends on torch, tokenizers, tqdm, modernbert.py and load.py; never on
-transformers.
+Below the PLUMBING banner: the output folder (a checkpoint that load.py and transformers read, and
+trainer_state.json as transformers' Trainer writes it), --resume, torchrun (each process takes its share of the
+packed batches; process 0 writes the folder), logging and the command line. Depends on torch, tokenizers, tqdm,
+modernbert.py and load.py; never on transformers.
 """
 
 import argparse
@@ -62,15 +57,14 @@ from tqdm import tqdm
 import load
 from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask, read_json_file
 
+# The default run. Each setting is a flag: batch_tokens is --batch-tokens.
+DEFAULTS = dict(out="trained-modernbert", minutes=9.0, seed=0, log_every=10, evals=10, save_every=0)
+DEFAULTS |= dict(layers=4, hidden=256, heads=4, intermediate=384, vocab=8192)  # Ettin 17M's shape, 4 layers of 7
+DEFAULTS |= dict(max_len=512, batch_tokens=2048, accum=1, mask_rate=0.3)  # pieces, packing, masking
+DEFAULTS |= dict(lr=1e-3, weight_decay=3e-4, warmup_steps=None, cooldown=0.2)  # StableAdamW; WSD (warmup: 5%)
 IGNORE = -100  # the label of every token the loss does not see
 HELD_OUT_EVERY = 50  # every 50th document is held out for evaluation
 EVAL_MASK_RATE = 0.15  # the official evaluation masks 15%; training masks --mask-rate (30%)
-SAMPLES = [  # fill-mask at the end of a run; {mask} is the tokenizer's mask token
-    "Return the {mask} of the list.",
-    "Raise ValueError if the {mask} is not found.",
-    "If the file does not {mask}, it is created.",
-    "This module provides {mask} for working with dates and times.",
-]
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Documents
@@ -97,28 +91,7 @@ def stdlib_docstrings():
 
 def read_documents(paths):
     """The documents of --data: each file split at blank lines; a folder gives every .txt file under it."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
-            if not found:
-                raise ValueError(f"--data {path}: the folder holds no .txt file.")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"--data {path}: no such file or folder.")
-    documents = []
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            text = "\0"
-        if "\0" in text:
-            raise ValueError(f"--data {path} is not text (not UTF-8, or binary): pass .txt files.")
-        documents += [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-    return documents
+    return [d.strip() for text in read_texts(paths) for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
 def split_held_out(documents):
@@ -162,42 +135,15 @@ def train_tokenizer(documents, vocab_size):
     return tokenizer
 
 
-def save_tokenizer(tokenizer, folder, max_len):
-    """tokenizer.json, and the two files that name its special tokens, for load.py and transformers alike."""
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **SPECIAL_TOKENS}
-    config |= {"clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
-    write_json(os.path.join(folder, "tokenizer_config.json"), config)
-    write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKENS)
-
-
 @dataclass
 class Vocab:
-    """The ids training needs, read once from the tokenizer."""
+    """The ids training needs, read once from the tokenizer (read_vocab, below the banner)."""
 
     size: int  # the tokenizer's ids: random replacements are drawn from them
     mask: int
     pad: int
     cls: int
     sep: int
-
-    @classmethod
-    def of(cls, tokenizer):
-        special = tokenizer.special_tokens_map  # the checkpoint's own spellings: [MASK] or <mask>, [CLS] or <bos>
-
-        def find(*names):
-            return next((tokenizer.token_to_id(special[n]) for n in names if n in special), None)
-
-        ids = dict(mask=find("mask_token"), pad=find("pad_token"), cls=find("cls_token", "bos_token"))
-        ids["sep"] = find("sep_token", "eos_token")
-        missing = [role for role, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(
-                f"The tokenizer has no {' / '.join(missing)} token ({tokenizer.special_tokens_read} name none): "
-                "masked-language-model training needs a tokenizer with [MASK], [PAD], [CLS] and [SEP] (or their own "
-                "spellings: <mask>, <pad>, <bos>, <eos>)."
-            )
-        return cls(size=tokenizer.get_vocab_size(), **ids)
 
 
 def tokenize(tokenizer, vocab, documents, max_len):
@@ -241,14 +187,6 @@ def best_fit(lengths, budget, open_batches=8):
         batch[0] -= n
         batch[1].append(i)
     yield from (b[1] for b in sorted(batches, key=lambda b: b[0]))
-
-
-def check_budget(length, budget):
-    if length > budget:
-        raise ValueError(
-            f"--batch-tokens {budget} cannot hold one document of {length} tokens: raise --batch-tokens to at "
-            "least --max-len, or lower --max-len (documents are cut into pieces of --max-len tokens)."
-        )
 
 
 @dataclass
@@ -390,7 +328,7 @@ def learning_rate(peak, step, progress, warmup_steps, cooldown, final=0.001):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Training: one optimizer step over this process's batches; DDP averages the gradients across processes.
+# 7. Training: the step, evaluation, and the loop that joins the pieces
 
 
 def train_step(model, optimizer, batches, counts, autocast):
@@ -419,14 +357,6 @@ def train_step(model, optimizer, batches, counts, autocast):
     return step_loss
 
 
-def all_sum(x, device):
-    """The sum over all processes of a number (itself when there is one process)."""
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
 @torch.no_grad()
 def evaluate(model, batches, autocast):
     """Held-out loss and accuracy over the masked tokens (the same masks every time), with `model` unwrapped."""
@@ -444,16 +374,357 @@ def evaluate(model, batches, autocast):
     return (loss / count, correct / count) if count else (math.nan, math.nan)
 
 
-def most_frequent_token_accuracy(pieces, batches):
-    """The baseline: the accuracy of always answering the training data's most frequent token."""
-    counts = torch.bincount(torch.tensor([t for p in pieces for t in p]))
-    top = int(counts.argmax())
-    targets = torch.cat([b.labels[b.labels != IGNORE] for b in batches])
-    return top, (targets == top).float().mean().item()
+def train(settings):
+    """The whole run: sections 1 to 6 joined, then the loop. Returns (held-out loss, accuracy, baseline)."""
+    start = time.perf_counter()
+    rank, world, device = setup_processes(settings)  # one process, or torchrun's
+    autocast = mixed_precision(device, settings.get("dtype"))  # bf16: autocast, weights stay fp32
+    with tempfile.TemporaryDirectory() as tokenizer_tmp:
+        # documents -> tokenizer -> pieces, and the model: a new one, --init's, or the --resume'd run's
+        model, tokenizer_folder, vocab, pieces, held_pieces = build(settings, rank, tokenizer_tmp, device)
+        budget, per_step = settings["batch_tokens"], world * settings["accum"]
+        held_plan = enumerate(best_fit([len(p) for p in held_pieces], budget))
+        held_out = [batch(held_pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in held_plan]
+        top_token, baseline = most_frequent_token_accuracy(pieces, held_out)
+        held_out = [b.to(device) for b in held_out]
+        optimizer = StableAdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+        state = new_state(settings, budget * per_step)  # what trainer_state.json records
+        if settings["resume"]:
+            resume_state(state, optimizer, settings["out"])
+        seconds_left = settings.get("minutes", 0) * 60 - (time.perf_counter() - start)
+        clock = Clock(settings, state, world, device, seconds_left)  # how far the run is: steps, or --minutes
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
+        log = Log(settings, state, show=rank == 0)
+        log.start(pieces, held_pieces, vocab, model, device, world, clock)
+        interrupted = False
+        try:
+            while (progress := clock.progress_after_next_step()) <= 1.0:
+                t0 = time.perf_counter()
+                numbered = [next(stream) for _ in range(per_step)]
+                mine = [  # this process's share: batches rank, rank + world, ...
+                    batch(pieces, b, settings, vocab, settings["mask_rate"], n).to(device)
+                    for n, _, b in numbered[rank::world]
+                ]
+                counts = [int((b.labels != IGNORE).sum()) for b in mine]
+                lr = learning_rate(
+                    settings["lr"], state["global_step"], progress, clock.warmup_steps, settings["cooldown"]
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = train_step(ddp, optimizer, mine, (counts, all_sum(sum(counts), device)), autocast)
+                loss, tokens = all_sum(loss, device), all_sum(sum(int(b.real.sum()) for b in mine), device)
+                clock.step_done(time.perf_counter() - t0)
+                state["epoch"], state["tokens_seen"] = numbered[-1][1], state["tokens_seen"] + int(tokens)
+                log.step(loss, lr, tokens, progress, clock.last_seconds)
+                if log.eval_due(progress):
+                    log.eval(*evaluate(model, held_out, autocast))
+                if settings["save_every"] and state["global_step"] % settings["save_every"] == 0 and rank == 0:
+                    save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+        except KeyboardInterrupt:  # Ctrl-C: the steps done so far are saved, and --resume goes on
+            interrupted = True
+        log.close()
+        eval_loss, accuracy = evaluate(model, held_out, autocast)
+        log.eval(eval_loss, accuracy)
+        if rank == 0:
+            save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+    end_processes()
+    log.result(accuracy, baseline, top_token, time.perf_counter() - start, interrupted)
+    return eval_loss, accuracy, baseline
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The output folder: written in a temporary folder beside --out, then moved into place, trainer_state.json last,
+# PLUMBING. The recipe ends above, and a first reading may stop here. What follows serves it: the run's setup,
+# resuming, its clock, torchrun, the output folder, logging, samples and the command line.
+
+# ----------------------------------------------------------------------------------------------------
+# The run's setup: the data's files, the tokenizer's files and ids, and the model (new, --init's or --resume's).
+# Everything is checked before the model costs anything, and before anything is written.
+
+MODEL_FLAGS = {  # flag -> ModernBertConfig field, for a new model (and the check of a resumed one)
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+}
+
+
+def read_texts(paths):
+    """The text of each file of --data, a folder giving every .txt file under it; anything else is an error."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
+            if not found:
+                raise ValueError(f"--data {path}: the folder holds no .txt file.")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--data {path}: no such file or folder.")
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:
+            raise ValueError(f"--data {path} is not text (not UTF-8, or binary): pass .txt files.")
+        yield text
+
+
+def check_budget(length, budget):
+    if length > budget:
+        raise ValueError(
+            f"--batch-tokens {budget} cannot hold one document of {length} tokens: raise --batch-tokens to at "
+            "least --max-len, or lower --max-len (documents are cut into pieces of --max-len tokens)."
+        )
+
+
+def save_tokenizer(tokenizer, folder, max_len):
+    """tokenizer.json, and the two files that name its special tokens, for load.py and transformers alike."""
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, **SPECIAL_TOKENS}
+    config |= {"clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+    write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKENS)
+
+
+def read_vocab(tokenizer):
+    """The Vocab of a tokenizer, by the checkpoint's own spellings: [MASK] or <mask>, [CLS] or <bos>."""
+    special = tokenizer.special_tokens_map
+
+    def find(*names):
+        return next((tokenizer.token_to_id(special[n]) for n in names if n in special), None)
+
+    ids = dict(mask=find("mask_token"), pad=find("pad_token"), cls=find("cls_token", "bos_token"))
+    ids["sep"] = find("sep_token", "eos_token")
+    missing = [role for role, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(
+            f"The tokenizer has no {' / '.join(missing)} token ({tokenizer.special_tokens_read} name none): "
+            "masked-language-model training needs a tokenizer with [MASK], [PAD], [CLS] and [SEP] (or their own "
+            "spellings: <mask>, <pad>, <bos>, <eos>)."
+        )
+    return Vocab(size=tokenizer.get_vocab_size(), **ids)
+
+
+def build(settings, rank, tokenizer_folder, device):
+    """(model on `device`, tokenizer folder, vocab, pieces, held-out pieces). Data and tokenizer first: each is
+    checked before the model costs anything."""
+    documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
+    train_docs, held_docs = split_held_out(documents)
+    source = settings.get("init")
+    if settings["resume"]:
+        source = settings["out"]
+    if source is not None:
+        tokenizer_folder = load.resolve(source)
+    elif rank == 0 or not dist.is_initialized():
+        save_tokenizer(train_tokenizer(train_docs, settings["vocab"]), tokenizer_folder, settings["max_len"])
+    if dist.is_initialized() and source is None:  # one tokenizer for all: process 0's, sent to the others
+        text = [open(os.path.join(tokenizer_folder, "tokenizer.json")).read() if rank == 0 else None]
+        dist.broadcast_object_list(text, src=0)
+        if rank != 0:
+            save_tokenizer(Tokenizer.from_str(text[0]), tokenizer_folder, settings["max_len"])
+    tokenizer = load.load_tokenizer(tokenizer_folder)
+    tokenizer.no_padding()
+    vocab = read_vocab(tokenizer)
+    if source is not None:
+        model = ModernBertForMaskedLM.from_pretrained(source).train()
+        if settings["max_len"] > model.config.max_position_embeddings:
+            raise ValueError(
+                f"--max-len {settings['max_len']} is more than {source}'s max_position_embeddings "
+                f"{model.config.max_position_embeddings}."
+            )
+        if settings["resume"]:
+            check_same_model(model.config, settings)
+    else:
+        torch.manual_seed(settings["seed"])
+        model = ModernBertForMaskedLM(new_config(settings, vocab))
+    model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
+    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()}, vocab=vocab.size)
+    pieces = tokenize(tokenizer, vocab, train_docs, settings["max_len"])
+    held_pieces = tokenize(tokenizer, vocab, held_docs, settings["max_len"])
+    check_budget(max(map(len, pieces + held_pieces)), settings["batch_tokens"])
+    model.to(device)
+    if settings.get("compile"):
+        model.compile()
+    return model, tokenizer_folder, vocab, pieces, held_pieces
+
+
+def new_config(settings, vocab):
+    """A small ModernBERT: the official architecture (local window 128, global every 3rd layer, its RoPE bases)
+    at the size asked for, the vocabulary rounded up to a multiple of 64 as ModernBERT's (50,368 for 50,285)."""
+    sizes = {field: settings[flag] for flag, field in MODEL_FLAGS.items()}
+    return ModernBertConfig(
+        vocab_size=-(-vocab.size // 64) * 64,
+        max_position_embeddings=settings["max_len"],
+        pad_token_id=vocab.pad,
+        cls_token_id=vocab.cls,
+        bos_token_id=vocab.cls,
+        sep_token_id=vocab.sep,
+        eos_token_id=vocab.sep,
+        sparse_prediction=True,
+        **sizes,
+    )
+
+
+def mixed_precision(device, dtype):
+    """What each forward runs in: bf16 autocast (the weights stay fp32) for --dtype bf16, else nothing."""
+    dtype = torch.bfloat16 if dtype == "bf16" else None
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming: the run's state as trainer_state.json records it, and StableAdamW's moments back by parameter name.
+
+
+def new_state(settings, step_tokens):
+    """What trainer_state.json records, as the run goes."""
+    return dict(
+        log_history=[],
+        global_step=0,
+        epoch=0.0,
+        tokens_seen=0,
+        train_seconds=0.0,
+        eval_steps=0,
+        logging_steps=settings["log_every"],
+        save_steps=settings["save_every"],
+        max_steps=settings.get("steps") or 0,
+        batch_tokens=step_tokens,
+    )
+
+
+def resume_state(state, optimizer, out):
+    recorded = read_json_file(os.path.join(out, "trainer_state.json"))
+    state.update(log_history=recorded["log_history"], global_step=recorded["global_step"], epoch=recorded["epoch"])
+    state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=load_optimizer_state(optimizer, out))
+
+
+def load_optimizer_state(optimizer, folder):
+    """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
+    seconds. A file that does not match the model is an error, not a fresh start."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, "optimizer.safetensors")
+    with safe_open(path, "pt") as f:
+        meta, moments = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            m, v = moments.pop(f"{name}.exp_avg", None), moments.pop(f"{name}.exp_avg_sq", None)
+            if m is None or v is None or m.shape != p.shape or v.shape != p.shape:
+                raise ValueError(
+                    f"{path} has no state of the right shape for {name}: it does not belong to this model."
+                )
+            optimizer.state[p] = {"step": int(meta["step"]), "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
+    if moments:
+        raise ValueError(f"{path} holds state for parameters this model lacks: {sorted(moments)[:3]}.")
+    return float(meta["train_seconds"])
+
+
+def read_recorded_run(out):
+    missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(out, n))]
+    if missing:
+        raise ValueError(f"--resume: {out} is not a run of train.py to continue (it has no {missing[0]}).")
+    return read_json_file(os.path.join(out, "training_args.json"))
+
+
+def check_same_model(config, settings):
+    for flag, field in MODEL_FLAGS.items():
+        if settings.get(flag) is not None and settings[flag] != getattr(config, field):
+            raise ValueError(
+                f"--resume: {settings['out']}'s model has {field} {getattr(config, field)}, but --{flag} "
+                f"{settings[flag]} was given: drop it, or train into another --out."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's clock: how far along the run is, which the schedule and the evaluations follow.
+
+
+class Clock:
+    """How far the run is: by optimizer steps (--steps), or by training seconds (--minutes: what is
+    left of them after setup, less RESERVE_SECONDS for the end; a resumed run's --minutes add to the seconds
+    trained so far). Under torchrun every process uses the mean of their clocks, so all agree on the learning rate
+    and the end."""
+
+    def __init__(self, settings, state, world, device, seconds_left):
+        self.state, self.device, self.world, self.last_seconds = state, device, world, 0.0
+        self.total_steps = settings.get("steps")
+        if self.total_steps is None and "train_seconds" not in settings:
+            settings["train_seconds"] = state["train_seconds"] + max(seconds_left - RESERVE_SECONDS, 1.0)
+        self.total_seconds = settings.get("train_seconds")
+        if self.total_steps:
+            state["max_steps"] = self.total_steps
+        warmup = settings.get("warmup_steps")
+        self.warmup_steps = (
+            warmup if warmup is not None else round(0.05 * self.total_steps) if self.total_steps else 50
+        )
+
+    def progress_after_next_step(self):
+        """The fraction of the run done once the next step ends (time: guessing it lasts as long as the last)."""
+        if self.total_steps:
+            return (self.state["global_step"] + 1) / self.total_steps
+        seconds = all_sum(self.state["train_seconds"] + self.last_seconds, self.device) / self.world
+        return seconds / self.total_seconds
+
+    def step_done(self, seconds):
+        self.last_seconds = seconds
+        self.state["train_seconds"] += seconds
+        self.state["global_step"] += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Many processes: torchrun's environment, sums across processes, and the end.
+
+
+def setup_processes(settings):
+    """(rank, world size, device): torchrun's environment, one GPU per process; else one process. A resumed run
+    keeps its number of processes: another would change every step's batches."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = load.pick_device(settings.get("device"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)  # under torchrun, the process's own GPU
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(idle_cores())
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if settings.setdefault("processes", world) != world:
+        raise ValueError(
+            f"--resume: the run in {settings['out']} was trained by {settings['processes']} processes; "
+            f"continue it with {settings['processes']}, not {world}."
+        )
+    return rank, world, device
+
+
+def idle_cores():
+    """Threads for a CPU run: the cores that the 1-minute load average leaves idle, at least one. Each op's
+    threads wait for one another, and a thread the OS has parked on a busy machine stalls them all (README.md
+    has the numbers). On an idle machine every core is used. OMP_NUM_THREADS, where set, decides."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores - round(os.getloadavg()[0]))
+
+
+def all_sum(x, device):
+    """The sum over all processes of a number (itself when there is one process)."""
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def end_processes():
+    """Every process waits for process 0's save, then leaves the group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder: written in a temporary folder beside --out, then moved into place, trainer_state.json last,
 # so a folder with one holds a complete checkpoint of that step.
 
 RUN_FILES = ("trainer_state.json", "training_args.json", "optimizer.safetensors")
@@ -467,10 +738,7 @@ def save_run(folder, model, optimizer, state, settings, tokenizer_folder):
     staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint is readable
-        model.save_pretrained(staging)
-        for name in load.TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_folder, name)):
-                shutil.copyfile(os.path.join(tokenizer_folder, name), os.path.join(staging, name))
+        load.save_with_tokenizer(model, staging, tokenizer_folder)
         moments = {}
         for group in optimizer.param_groups:
             for name, p in zip(group["names"], group["params"]):
@@ -528,57 +796,130 @@ def write_json(path, content):
         json.dump(content, f, indent=2)
 
 
-def load_optimizer_state(optimizer, folder):
-    """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
-    seconds. A file that does not match the model is an error, not a fresh start."""
-    from safetensors import safe_open
+# ----------------------------------------------------------------------------------------------------
+# Logging: the run's plan, the loss curve, the evaluations, and the result against a baseline.
 
-    path = os.path.join(folder, "optimizer.safetensors")
-    with safe_open(path, "pt") as f:
-        meta, moments = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    for group in optimizer.param_groups:
-        for name, p in zip(group["names"], group["params"]):
-            m, v = moments.pop(f"{name}.exp_avg", None), moments.pop(f"{name}.exp_avg_sq", None)
-            if m is None or v is None or m.shape != p.shape or v.shape != p.shape:
-                raise ValueError(
-                    f"{path} has no state of the right shape for {name}: it does not belong to this model."
-                )
-            optimizer.state[p] = {"step": int(meta["step"]), "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
-    if moments:
-        raise ValueError(f"{path} holds state for parameters this model lacks: {sorted(moments)[:3]}.")
-    return float(meta["train_seconds"])
+
+class Log:
+    """The loss curve, in trainer_state.json's log_history (as transformers' Trainer logs it) and on the screen:
+    a progress bar where the output is a terminal, a line every --log-every steps and at each evaluation."""
+
+    def __init__(self, settings, state, show):
+        self.state, self.show, self.every, self.out = state, show, settings["log_every"], settings["out"]
+        self.evals, self.evals_passed = settings["evals"], 0
+        self.window = []  # (loss, tokens, seconds) of the steps since the last line
+        terminal = show and sys.stderr.isatty()
+        self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def start(self, pieces, held_pieces, vocab, model, device, world, clock):
+        """What the run trains, and what it will do."""
+        n_params = sum(p.numel() for p in model.parameters())
+        processes = f" x {world} processes" if world > 1 else ""
+        self.write(
+            f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
+            f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}"
+        )
+
+    def step(self, loss, lr, tokens, progress, seconds):
+        self.window.append((loss, tokens, seconds))
+        self.bar.n = int(1000 * min(progress, 1.0))
+        self.bar.set_postfix_str(
+            f"step {self.state['global_step']}, loss {loss:.3f}, lr {lr:.2e}, {tokens / seconds:,.0f} tok/s"
+        )
+        if self.state["global_step"] % self.every == 0:
+            self.line(lr)
+        self.lr = lr
+
+    def line(self, lr):
+        losses, tokens, seconds = zip(*self.window)
+        entry = {
+            "epoch": round(self.state["epoch"], 4),
+            "learning_rate": lr,
+            "loss": round(sum(losses) / len(losses), 4),
+        }
+        entry |= {"step": self.state["global_step"], "tokens_per_second": round(sum(tokens) / sum(seconds))}
+        self.state["log_history"].append(entry)
+        self.window = []
+        self.write(
+            f"step {entry['step']:>5}  loss {entry['loss']:.3f}  lr {lr:.2e}  {entry['tokens_per_second']:>6,} tok/s"
+        )
+
+    def eval_due(self, progress):
+        """Whether the run has passed another of its --evals points since the last evaluation (a resumed run starts
+        part way: one evaluation, not one per point passed). The end has its own, after the loop."""
+        passed = math.floor(progress * self.evals + 1e-9)
+        due = passed > self.evals_passed and progress < 1
+        self.evals_passed = max(self.evals_passed, passed)
+        return due
+
+    def eval(self, loss, accuracy):
+        entry = {
+            "epoch": round(self.state["epoch"], 4),
+            "eval_accuracy": round(accuracy, 4),
+            "eval_loss": round(loss, 4),
+        }
+        self.state["log_history"].append({**entry, "step": self.state["global_step"]})
+        self.write(
+            f"step {self.state['global_step']:>5}  held-out loss {loss:.3f}  masked-token accuracy {accuracy:.3f}"
+        )
+
+    def close(self):
+        if self.window:
+            self.line(self.lr)
+        self.bar.close()
+
+    def result(self, accuracy, baseline, top_token, seconds, interrupted):
+        """The held-out accuracy against always answering the most frequent token, after the folder is saved."""
+        if not self.show:
+            return
+        top = load.shown(load.load_tokenizer(self.out).id_to_token(top_token))
+        print(
+            f"held-out masked-token accuracy {accuracy:.3f}; always answering the most frequent token ({top}): "
+            f"{baseline:.3f}{f' ({accuracy / baseline:.1f}x)' if baseline else ''}. {self.state['global_step']} "
+            f"steps, {seconds / 60:.1f} minutes."
+        )
+        if interrupted:
+            print(f"Interrupted: step {self.state['global_step']} is saved in {self.out}; --resume continues it.")
+
+    def write(self, line):
+        if self.show:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+
+def most_frequent_token_accuracy(pieces, batches):
+    """The baseline: the accuracy of always answering the training data's most frequent token."""
+    counts = torch.bincount(torch.tensor([t for p in pieces for t in p]))
+    top = int(counts.argmax())
+    targets = torch.cat([b.labels[b.labels != IGNORE] for b in batches])
+    return top, (targets == top).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run: settings, the checks that come before anything is written, and the loop.
+# Samples: fill-mask on the saved folder at the end of a run.
 
-MODEL_FLAGS = {  # flag -> ModernBertConfig field, for a new model (and the check of a resumed one)
-    "layers": "num_hidden_layers",
-    "hidden": "hidden_size",
-    "heads": "num_attention_heads",
-    "intermediate": "intermediate_size",
-}
-DEFAULTS = dict(
-    out="trained-modernbert",
-    minutes=9.0,
-    layers=4,
-    hidden=256,
-    heads=4,
-    intermediate=384,
-    vocab=8192,
-    max_len=512,
-    batch_tokens=2048,
-    accum=1,
-    lr=1e-3,
-    weight_decay=3e-4,
-    warmup_steps=None,
-    cooldown=0.2,
-    mask_rate=0.3,
-    seed=0,
-    log_every=10,
-    evals=10,
-    save_every=0,
-)
+SAMPLES = [  # {mask} is the tokenizer's mask token
+    "Return the {mask} of the list.",
+    "Raise ValueError if the {mask} is not found.",
+    "If the file does not {mask}, it is created.",
+    "This module provides {mask} for working with dates and times.",
+]
+
+
+def samples(folder, texts=None):
+    """Fill-mask on the saved folder, as `python load.py --model folder` prints it."""
+    tokenizer = load.load_tokenizer(folder)
+    mask = load.mask_token(tokenizer)
+    texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
+    load.check_masks(texts, mask)
+    model = load.load_model(folder)
+    return load.format_results(tokenizer, texts, load.fill_mask(model, tokenizer, texts, top_k=5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: the settings of a new run (DEFAULTS, at the top) or a resumed one, checked before anything is
+# written.
+
 # What a resumed run may change; everything else it continues as recorded (an explicit different value is an error).
 RESUMABLE_CHANGES = ("steps", "minutes", "device", "dtype", "compile", "save_every", "log_every", "evals", "samples")
 RESERVE_SECONDS = 30  # of --minutes, kept for the last evaluation, saving and the samples
@@ -694,329 +1035,6 @@ def check_new_out(out):
             )
         names = ", ".join(sorted(os.listdir(out))[:3])
         raise ValueError(f"--out {out} holds other files ({names}, ...): give a new or empty folder.")
-
-
-def read_recorded_run(out):
-    missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(out, n))]
-    if missing:
-        raise ValueError(f"--resume: {out} is not a run of train.py to continue (it has no {missing[0]}).")
-    return read_json_file(os.path.join(out, "training_args.json"))
-
-
-def setup_processes(device_name):
-    """(rank, world size, device): torchrun's environment, one GPU per process; else one process."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = load.pick_device(device_name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)  # under torchrun, the process's own GPU
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(idle_cores())
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def idle_cores():
-    """Threads for a CPU run: the cores that the 1-minute load average leaves idle, at least one. Each op's
-    threads wait for one another, and a thread the OS has parked on a busy machine stalls them all (README.md
-    has the numbers). On an idle machine every core is used. OMP_NUM_THREADS, where set, decides."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores - round(os.getloadavg()[0]))
-
-
-def build(settings, rank, tokenizer_folder):
-    """(model, tokenizer, vocab, pieces, held-out pieces, init description). Data and tokenizer first: each is
-    checked before the model costs anything."""
-    documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
-    train_docs, held_docs = split_held_out(documents)
-    source = settings.get("init")
-    if settings["resume"]:
-        source = settings["out"]
-    if source is not None:
-        tokenizer_folder = load.resolve(source)
-    elif rank == 0 or not dist.is_initialized():
-        save_tokenizer(train_tokenizer(train_docs, settings["vocab"]), tokenizer_folder, settings["max_len"])
-    if dist.is_initialized() and source is None:  # one tokenizer for all: process 0's, sent to the others
-        text = [open(os.path.join(tokenizer_folder, "tokenizer.json")).read() if rank == 0 else None]
-        dist.broadcast_object_list(text, src=0)
-        if rank != 0:
-            save_tokenizer(Tokenizer.from_str(text[0]), tokenizer_folder, settings["max_len"])
-    tokenizer = load.load_tokenizer(tokenizer_folder)
-    tokenizer.no_padding()
-    vocab = Vocab.of(tokenizer)
-    if source is not None:
-        model = ModernBertForMaskedLM.from_pretrained(source).train()
-        if settings["max_len"] > model.config.max_position_embeddings:
-            raise ValueError(
-                f"--max-len {settings['max_len']} is more than {source}'s max_position_embeddings "
-                f"{model.config.max_position_embeddings}."
-            )
-        if settings["resume"]:
-            check_same_model(model.config, settings)
-    else:
-        torch.manual_seed(settings["seed"])
-        model = ModernBertForMaskedLM(new_config(settings, vocab))
-    model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
-    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()}, vocab=vocab.size)
-    pieces = tokenize(tokenizer, vocab, train_docs, settings["max_len"])
-    held_pieces = tokenize(tokenizer, vocab, held_docs, settings["max_len"])
-    check_budget(max(map(len, pieces + held_pieces)), settings["batch_tokens"])
-    return model, tokenizer_folder, vocab, pieces, held_pieces
-
-
-def new_config(settings, vocab):
-    """A small ModernBERT: the official architecture (local window 128, global every 3rd layer, its RoPE bases)
-    at the size asked for, the vocabulary rounded up to a multiple of 64 as ModernBERT's (50,368 for 50,285)."""
-    sizes = {field: settings[flag] for flag, field in MODEL_FLAGS.items()}
-    return ModernBertConfig(
-        vocab_size=-(-vocab.size // 64) * 64,
-        max_position_embeddings=settings["max_len"],
-        pad_token_id=vocab.pad,
-        cls_token_id=vocab.cls,
-        bos_token_id=vocab.cls,
-        sep_token_id=vocab.sep,
-        eos_token_id=vocab.sep,
-        sparse_prediction=True,
-        **sizes,
-    )
-
-
-def check_same_model(config, settings):
-    for flag, field in MODEL_FLAGS.items():
-        if settings.get(flag) is not None and settings[flag] != getattr(config, field):
-            raise ValueError(
-                f"--resume: {settings['out']}'s model has {field} {getattr(config, field)}, but --{flag} "
-                f"{settings[flag]} was given: drop it, or train into another --out."
-            )
-
-
-def new_state(settings, step_tokens):
-    """What trainer_state.json records, as the run goes."""
-    return dict(
-        log_history=[],
-        global_step=0,
-        epoch=0.0,
-        tokens_seen=0,
-        train_seconds=0.0,
-        eval_steps=0,
-        logging_steps=settings["log_every"],
-        save_steps=settings["save_every"],
-        max_steps=settings.get("steps") or 0,
-        batch_tokens=step_tokens,
-    )
-
-
-def resume_state(state, optimizer, out):
-    recorded = read_json_file(os.path.join(out, "trainer_state.json"))
-    state.update(log_history=recorded["log_history"], global_step=recorded["global_step"], epoch=recorded["epoch"])
-    state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=load_optimizer_state(optimizer, out))
-
-
-class Clock:
-    """How far the run is: by optimizer steps (--steps), or by training seconds (--minutes: what is left of them
-    after setup, less RESERVE_SECONDS for the end; a resumed run's --minutes add to the seconds trained so far).
-    Under torchrun every process uses the mean of their clocks, so all agree on the learning rate and the end."""
-
-    def __init__(self, settings, state, world, device, seconds_left):
-        self.state, self.device, self.world, self.last_seconds = state, device, world, 0.0
-        self.total_steps = settings.get("steps")
-        if self.total_steps is None and "train_seconds" not in settings:
-            settings["train_seconds"] = state["train_seconds"] + max(seconds_left - RESERVE_SECONDS, 1.0)
-        self.total_seconds = settings.get("train_seconds")
-        if self.total_steps:
-            state["max_steps"] = self.total_steps
-        warmup = settings.get("warmup_steps")
-        self.warmup_steps = (
-            warmup if warmup is not None else round(0.05 * self.total_steps) if self.total_steps else 50
-        )
-
-    def progress_after_next_step(self):
-        """The fraction of the run done once the next step ends (time: guessing it lasts as long as the last)."""
-        if self.total_steps:
-            return (self.state["global_step"] + 1) / self.total_steps
-        seconds = all_sum(self.state["train_seconds"] + self.last_seconds, self.device) / self.world
-        return seconds / self.total_seconds
-
-    def step_done(self, seconds):
-        self.last_seconds = seconds
-        self.state["train_seconds"] += seconds
-        self.state["global_step"] += 1
-
-
-class Log:
-    """The loss curve, in trainer_state.json's log_history (as transformers' Trainer logs it) and on the screen:
-    a progress bar where the output is a terminal, a line every --log-every steps and at each evaluation."""
-
-    def __init__(self, settings, state, show):
-        self.state, self.show, self.every = state, show, settings["log_every"]
-        self.evals, self.evals_passed = settings["evals"], 0
-        self.window = []  # (loss, tokens, seconds) of the steps since the last line
-        terminal = show and sys.stderr.isatty()
-        self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
-
-    def step(self, loss, lr, tokens, progress, seconds):
-        self.window.append((loss, tokens, seconds))
-        self.bar.n = int(1000 * min(progress, 1.0))
-        self.bar.set_postfix_str(
-            f"step {self.state['global_step']}, loss {loss:.3f}, lr {lr:.2e}, {tokens / seconds:,.0f} tok/s"
-        )
-        if self.state["global_step"] % self.every == 0:
-            self.line(lr)
-        self.lr = lr
-
-    def line(self, lr):
-        losses, tokens, seconds = zip(*self.window)
-        entry = {
-            "epoch": round(self.state["epoch"], 4),
-            "learning_rate": lr,
-            "loss": round(sum(losses) / len(losses), 4),
-        }
-        entry |= {"step": self.state["global_step"], "tokens_per_second": round(sum(tokens) / sum(seconds))}
-        self.state["log_history"].append(entry)
-        self.window = []
-        self.write(
-            f"step {entry['step']:>5}  loss {entry['loss']:.3f}  lr {lr:.2e}  {entry['tokens_per_second']:>6,} tok/s"
-        )
-
-    def eval_due(self, progress):
-        """Whether the run has passed another of its --evals points since the last evaluation (a resumed run starts
-        part way: one evaluation, not one per point passed). The end has its own, after the loop."""
-        passed = math.floor(progress * self.evals + 1e-9)
-        due = passed > self.evals_passed and progress < 1
-        self.evals_passed = max(self.evals_passed, passed)
-        return due
-
-    def eval(self, loss, accuracy):
-        entry = {
-            "epoch": round(self.state["epoch"], 4),
-            "eval_accuracy": round(accuracy, 4),
-            "eval_loss": round(loss, 4),
-        }
-        self.state["log_history"].append({**entry, "step": self.state["global_step"]})
-        self.write(
-            f"step {self.state['global_step']:>5}  held-out loss {loss:.3f}  masked-token accuracy {accuracy:.3f}"
-        )
-
-    def close(self):
-        if self.window:
-            self.line(self.lr)
-        self.bar.close()
-
-    def write(self, line):
-        if self.show:
-            tqdm.write(line, file=sys.stdout)
-            sys.stdout.flush()
-
-
-def describe_run(pieces, held_pieces, vocab, model, device, world):
-    n_params = sum(p.numel() for p in model.parameters())
-    processes = f" x {world} processes" if world > 1 else ""
-    print(
-        f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
-        f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}",
-        flush=True,
-    )
-
-
-def train(settings):
-    """The whole run. Returns (held-out loss, held-out accuracy, baseline accuracy)."""
-    start = time.perf_counter()
-    rank, world, device = setup_processes(settings.get("device"))
-    if settings.setdefault("processes", world) != world:  # another world size would change every step's batches
-        raise ValueError(
-            f"--resume: the run in {settings['out']} was trained by {settings['processes']} processes; "
-            f"continue it with {settings['processes']}, not {world}."
-        )
-    dtype = torch.bfloat16 if settings.get("dtype") == "bf16" else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    with tempfile.TemporaryDirectory() as tokenizer_tmp:
-        model, tokenizer_folder, vocab, pieces, held_pieces = build(settings, rank, tokenizer_tmp)
-        model.to(device)
-        if settings.get("compile"):
-            model.compile()
-        budget, per_step = settings["batch_tokens"], world * settings["accum"]
-        held_plan = best_fit([len(p) for p in held_pieces], budget)
-        held_out = [
-            batch(held_pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in enumerate(held_plan)
-        ]
-        top_token, baseline = most_frequent_token_accuracy(pieces, held_out)
-        held_out = [b.to(device) for b in held_out]
-        optimizer = StableAdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
-        state = new_state(settings, budget * per_step)
-        if settings["resume"]:
-            resume_state(state, optimizer, settings["out"])
-        clock = Clock(
-            settings,
-            state,
-            world,
-            device,
-            seconds_left=settings.get("minutes", 0) * 60 - (time.perf_counter() - start),
-        )
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
-        if rank == 0:
-            describe_run(pieces, held_pieces, vocab, model, device, world)
-        log = Log(settings, state, show=rank == 0)
-        interrupted = False
-        try:
-            while (progress := clock.progress_after_next_step()) <= 1.0:
-                t0 = time.perf_counter()
-                numbered = [next(stream) for _ in range(per_step)]
-                mine = [  # this process's share: batches rank, rank + world, ...
-                    batch(pieces, b, settings, vocab, settings["mask_rate"], n).to(device)
-                    for n, _, b in numbered[rank::world]
-                ]
-                counts = [int((b.labels != IGNORE).sum()) for b in mine]
-                lr = learning_rate(
-                    settings["lr"], state["global_step"], progress, clock.warmup_steps, settings["cooldown"]
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = train_step(ddp, optimizer, mine, (counts, all_sum(sum(counts), device)), autocast)
-                loss, tokens = all_sum(loss, device), all_sum(sum(int(b.real.sum()) for b in mine), device)
-                clock.step_done(time.perf_counter() - t0)
-                state["epoch"], state["tokens_seen"] = numbered[-1][1], state["tokens_seen"] + int(tokens)
-                log.step(loss, lr, tokens, progress, clock.last_seconds)
-                if log.eval_due(progress):
-                    log.eval(*evaluate(model, held_out, autocast))
-                if settings["save_every"] and state["global_step"] % settings["save_every"] == 0 and rank == 0:
-                    save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
-        except KeyboardInterrupt:
-            interrupted = True
-        log.close()
-        eval_loss, accuracy = evaluate(model, held_out, autocast)
-        log.eval(eval_loss, accuracy)
-        if rank == 0:
-            save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:
-        top = load.shown(load.load_tokenizer(settings["out"]).id_to_token(top_token))
-        print(
-            f"held-out masked-token accuracy {accuracy:.3f}; always answering the most frequent token ({top}): "
-            f"{baseline:.3f}{f' ({accuracy / baseline:.1f}x)' if baseline else ''}. {state['global_step']} steps, "
-            f"{(time.perf_counter() - start) / 60:.1f} minutes."
-        )
-        if interrupted:
-            print(f"Interrupted: step {state['global_step']} is saved in {settings['out']}; --resume continues it.")
-    return eval_loss, accuracy, baseline
-
-
-def samples(folder, texts=None):
-    """Fill-mask on the saved folder, as `python load.py --model folder` prints it."""
-    tokenizer = load.load_tokenizer(folder)
-    mask = load.mask_token(tokenizer)
-    texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
-    load.check_masks(texts, mask)
-    model = load.load_model(folder)
-    return load.format_results(tokenizer, texts, load.fill_mask(model, tokenizer, texts, top_k=5))
 
 
 def main(argv=None):

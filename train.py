@@ -1,6 +1,6 @@
 """Train a ModernBERT with the paper's pretraining recipe, in one file, from one CPU to many GPUs.
 
-    python train.py      # offline: a small model on the standard library's docstrings, in --minutes 9
+    python train.py      # offline: a small model, 720 steps on the standard library's docstrings, on any machine
     python train.py --data notes/ --out my-bert --minutes 60
     python train.py --init answerdotai/ModernBERT-base --data my-domain/ --out my-bert --steps 2000
     torchrun --nproc-per-node 8 train.py --data corpus/ --steps 50000 --dtype bf16 --compile
@@ -57,8 +57,9 @@ from tqdm import tqdm
 import load
 from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask, read_json_file
 
-# The default run. Each setting is a flag: batch_tokens is --batch-tokens.
-DEFAULTS = dict(out="trained-modernbert", minutes=9.0, seed=0, log_every=10, evals=10, save_every=0)
+# The default run: a fixed number of steps, the same run on every machine (--minutes N sizes a run by the clock
+# instead). Each setting is a flag: batch_tokens is --batch-tokens.
+DEFAULTS = dict(out="trained-modernbert", steps=720, seed=0, log_every=10, evals=10, save_every=0)
 DEFAULTS |= dict(layers=4, hidden=256, heads=4, intermediate=384, vocab=8192)  # Ettin 17M's shape, 4 layers of 7
 DEFAULTS |= dict(max_len=512, batch_tokens=2048, accum=1, mask_rate=0.3)  # pieces, packing, masking
 DEFAULTS |= dict(lr=1e-3, weight_decay=3e-4, warmup_steps=None, cooldown=0.2)  # StableAdamW; WSD (warmup: 5%)
@@ -643,7 +644,7 @@ def check_same_model(config, settings):
 
 
 class Clock:
-    """How far the run is: by optimizer steps (--steps), or by training seconds (--minutes: what is
+    """How far the run is: by optimizer steps (--steps, the default), or by training seconds (--minutes: what is
     left of them after setup, less RESERVE_SECONDS for the end; a resumed run's --minutes add to the seconds
     trained so far). Under torchrun every process uses the mean of their clocks, so all agree on the learning rate
     and the end."""
@@ -660,6 +661,7 @@ class Clock:
         self.warmup_steps = (
             warmup if warmup is not None else round(0.05 * self.total_steps) if self.total_steps else 50
         )
+        self.peak, self.cooldown = settings["lr"], settings["cooldown"]
 
     def progress_after_next_step(self):
         """The fraction of the run done once the next step ends (time: guessing it lasts as long as the last)."""
@@ -672,6 +674,21 @@ class Clock:
         self.last_seconds = seconds
         self.state["train_seconds"] += seconds
         self.state["global_step"] += 1
+
+    def plan(self):
+        """What the run will do, in a line: its length, the tokens of a step, where the schedule turns."""
+        tokens = f"{self.state['batch_tokens']:,} tokens"
+        if self.total_steps:
+            length = f"{self.total_steps:,} steps of {tokens}"
+            start = round(self.total_steps * (1 - self.cooldown))
+            cooldown = f"1-sqrt cooldown from step {start:,} to {self.total_steps:,}"
+        else:
+            length = f"steps of {tokens} for {self.total_seconds:,.0f} seconds of training (--minutes)"
+            cooldown = f"1-sqrt cooldown over the last {self.cooldown:.0%} of the time"
+        if self.state["global_step"]:
+            length += f", resumed after step {self.state['global_step']:,}"
+        warmup = f" after a {self.warmup_steps:,}-step warmup" if self.warmup_steps else ", no warmup"
+        return f"{length}: lr {self.peak:.2e}{warmup}, {cooldown if self.cooldown else 'no cooldown'}."
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -819,6 +836,7 @@ class Log:
             f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
             f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}"
         )
+        self.write(clock.plan())
 
     def step(self, loss, lr, tokens, progress, seconds):
         self.window.append((loss, tokens, seconds))
@@ -928,7 +946,8 @@ RESERVE_SECONDS = 30  # of --minutes, kept for the last evaluation, saving and t
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a ModernBERT masked language model with the paper's recipe (see the top of train.py). "
-        "Without arguments: a small model on this Python's standard-library docstrings, offline, in 9 minutes.",
+        f"Without arguments: a small model on this Python's standard-library docstrings, offline, {DEFAULTS['steps']} "
+        "steps: the same run on every machine.",
         argument_default=None,
     )
     p.add_argument(
@@ -943,8 +962,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", help=f"the output folder: new or empty, or a run to --resume (default: {DEFAULTS['out']})")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="the whole run's wall time, setup included (default: 9)")
-    budget.add_argument("--steps", type=int, help="optimizer steps, instead of --minutes")
+    budget.add_argument("--steps", type=int, help=f"optimizer steps (default: {DEFAULTS['steps']})")
+    budget.add_argument("--minutes", type=float, help="instead of --steps: the whole run's wall time, setup included")
     p.add_argument(
         "--resume", action="store_true", help="continue the run saved in --out: its step, optimizer, schedule"
     )
@@ -1006,8 +1025,8 @@ def settle(args):
     if "init" in given:  # the checkpoint's size; build() records it
         for name in (*MODEL_FLAGS, "vocab"):
             settings.pop(name)
-    if "steps" in given:
-        settings.pop("minutes")
+    if "minutes" in given:  # the clock sizes the run instead
+        settings.pop("steps")
     return check_settings(settings)
 
 

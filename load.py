@@ -183,9 +183,9 @@ def read_special_tokens(folder, tokenizer):
 
 
 def read_json(folder, name):
-    """A JSON file of a checkpoint folder as a dict; {} when the folder has no such file."""
-    path = os.path.join(folder, name)
-    return read_json_file(path) if os.path.isfile(path) else {}
+    """A JSON file of a checkpoint folder as a dict (modules.json: a list); empty when the folder has no such file."""
+    path, kind = os.path.join(folder, name), list if name == "modules.json" else dict
+    return read_json_file(path, kind) if os.path.isfile(path) else kind()
 
 
 def tokenizer_json(folder):

@@ -473,6 +473,8 @@ class ModernBertPreTrainedModel(nn.Module):
         super().__init__()
         # A transformers ModernBertConfig is read through its dict, like a config.json.
         self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
+        if torch.get_default_device().type == "cpu":  # on meta nothing is held: load_checkpoint checks before
+            check_fits_in_memory(self.config)
 
     @torch.no_grad()
     def init_weights(self, only=None):
@@ -1337,6 +1339,7 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
+    check_fits_in_memory(config)  # the weights are made on the CPU below, whatever the device asked for
     with torch.device("meta"):  # shapes only: no memory, and no random init of what the checkpoint overwrites
         model = cls(config)
     expected = model.state_dict()
@@ -1537,6 +1540,45 @@ def number_problem(name, value, bound=None):
 def refuse_config(problems):
     if problems := [p for p in problems if p]:
         raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems) + ".")
+
+
+def check_fits_in_memory(c):
+    """Refuses a config whose weights alone would not fit in the memory free now, before a layer is built: built
+    anyway, it takes memory until the system stops it. Weights are made in torch's default dtype, on the CPU."""
+    count, dtype, available = parameter_count(c), torch.get_default_dtype(), available_memory()
+    if available is not None and count * dtype.itemsize > available:
+        raise ValueError(
+            f"The weights alone would need about {count * dtype.itemsize / 1e9:,.1f} GB ({count:,} parameters in "
+            f"{str(dtype).removeprefix('torch.')}), more than the {available / 1e9:,.1f} GB of memory available: make "
+            f"the config smaller (num_hidden_layers {c.num_hidden_layers:,}, hidden_size {c.hidden_size:,}, "
+            f"intermediate_size {c.intermediate_size:,}, vocab_size {c.vocab_size:,})."
+        )
+
+
+def parameter_count(c):
+    """The parameters of a ModernBertForMaskedLM made from config c, from the shapes alone (the other classes differ
+    by a head): the embeddings, each layer's attention and MLP, 2 L + 2 norms (layer 0 has no attn_norm), the head
+    and the decoder (its weight the embeddings' when tied)."""
+    h, i, v, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    attention = 4 * h * h + 4 * h * c.attention_bias  # Wqkv (h, 3h), Wo (h, h)
+    mlp = 3 * h * i + (2 * i + h) * c.mlp_bias  # Wi (h, 2i), Wo (i, h)
+    norms = (2 * layers + 2) * h * (1 + c.norm_bias)
+    head = h * h + h * c.classifier_bias + v * c.decoder_bias + (0 if c.tie_word_embeddings else v * h)
+    return v * h + layers * (attention + mlp) + norms + head
+
+
+def available_memory():
+    """Bytes of memory free for new allocations now (Linux's MemAvailable counts the caches it can drop), or None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name (macOS)
+        return None
 
 
 def check_attn_implementation(name):  # at each forward too: the name can change after the config is made

@@ -1,10 +1,12 @@
 """Hostile config.json files: each a one-line error naming the key, the value and what to do, from Python and from
 load.py's command line; a config too big for memory is refused before a layer is built; every real config loads."""
 
+import contextlib
 import json
 import math
 import os
 import re
+import resource
 import shutil
 from pathlib import Path
 
@@ -147,6 +149,84 @@ def test_a_config_json_that_is_not_an_object_is_named(tiny_folder, tmp_path, cap
     assert_one_line_cli_error(folder, capsys, f"^error: {message}")
 
 
+@contextlib.contextmanager
+def address_space_limit(extra_bytes):
+    """At most `extra_bytes` more memory for this process while inside: should a refusal under test be lost, the test
+    fails with a MemoryError instead of filling the machine's memory."""
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the memory guard reads Linux's /proc")
+@pytest.mark.parametrize(
+    "change, keys",
+    [
+        ({"num_hidden_layers": 1_000_000, "hidden_size": 768, "num_attention_heads": 12}, "num_hidden_layers"),
+        ({"vocab_size": 10**12}, "vocab_size"),
+        ({"hidden_size": 2**20, "num_attention_heads": 2**10}, "hidden_size"),
+    ],
+    ids=["a-million-layers", "a-huge-vocabulary", "a-huge-hidden-size"],
+)
+def test_a_config_too_big_for_memory_is_refused_before_building(tiny_folder, tmp_path, capsys, change, keys):
+    folder = with_config(tiny_folder, tmp_path, change)
+    config = mb.ModernBertConfig.from_pretrained(folder)  # the config alone is fine: nothing is built
+    gigabytes = 4 * mb.parameter_count(config) / 1e9
+    message = rf"The weights alone would need about {gigabytes:,.1f} GB \(.*parameters in float32\), more than the"
+    with address_space_limit(2 * 2**30):
+        with pytest.raises(ValueError, match=f"^{message}.*{keys}"):
+            mb.ModernBertForMaskedLM(config)
+        with pytest.raises(ValueError, match=f"^{message}"):
+            mb.ModernBertForMaskedLM.from_pretrained(folder)
+        assert_one_line_cli_error(folder, capsys, f"^error: {message}.*{keys}")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        dict(tie_word_embeddings=False),
+        dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True),
+    ],
+    ids=["tied", "untied", "every-bias"],
+)
+def test_the_parameter_estimate_is_the_masked_lm_parameter_count(change):
+    config = mb.ModernBertConfig(**{**TINY, **change})
+    assert mb.parameter_count(config) == mb.ModernBertForMaskedLM(config).num_parameters()
+
+
+def test_the_memory_check_compares_with_the_memory_available(monkeypatch):
+    config = mb.ModernBertConfig(**TINY)
+    need = 4 * mb.parameter_count(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: need - 1)
+    with pytest.raises(
+        ValueError, match=r"would need about 0.0 GB \(.* parameters in float32\), more than the 0.0 GB"
+    ):
+        mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: need)
+    mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: None)  # not known here: no check
+    mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: 0)
+    with torch.device("meta"):  # shapes only: nothing to hold
+        mb.ModernBertForMaskedLM(config)
+
+
+def test_available_memory_is_read_where_the_system_says_it():
+    memory = mb.available_memory()
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            said = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        assert abs(memory - said) < 2**30  # read a moment apart
+    else:
+        assert memory is None or memory > 0
+
+
 def real_configs():
     """Every config.json this checkout can see: the official ones in shared/data and the golden fixtures'."""
     paths = sorted(SHARED_DATA.glob("*/config.json")) + sorted((HERE / "fixtures").glob("*/config.json"))
@@ -182,6 +262,7 @@ def test_every_real_config_still_loads():
     for name, d in configs.items():
         config = mb.ModernBertConfig.from_dict(d)
         assert mb.ModernBertConfig.from_dict(config.to_dict()) == config, name
+        assert mb.parameter_count(config) < 10**9, name  # none is refused by the memory check on a laptop
 
 
 @pytest.mark.slow  # imports transformers

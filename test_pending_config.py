@@ -276,3 +276,12 @@ def test_transformers_accepts_what_we_accept_among_the_real_configs():
             theirs.hidden_size,
             theirs.norm_eps,
         ), name
+
+
+@pytest.mark.parametrize("token_id", [-1, 10**12, 10**30])
+def test_a_special_token_id_no_token_has_is_not_read_as_one(tiny_folder, tmp_path, capsys, token_id):
+    """config.json's bos_token_id names no token of this tokenizer: it names none, as an id past the vocabulary
+    always did (the tokenizer used to overflow on these), and the checkpoint loads as transformers loads it."""
+    folder = with_config(tiny_folder, tmp_path, {"bos_token_id": token_id})
+    assert "bos_token" not in load.load_tokenizer(folder).special_tokens_map
+    assert load.main(["--model", str(folder), "--top-k", "1", "a [MASK] text ."]) == 0

@@ -173,8 +173,10 @@ def read_special_tokens(folder, tokenizer):
     config = read_json(folder, "config.json")
     for key in SPECIAL_TOKENS:
         i = config.get(f"{key}_id")
-        if key not in found and isinstance(i, int) and tokenizer.id_to_token(i) is not None:
-            found[key] = (tokenizer.id_to_token(i), f"config.json ({key}_id {i})")
+        if key in found or not isinstance(i, int) or not 0 <= i < tokenizer.get_vocab_size(with_added_tokens=True):
+            continue  # an id outside the vocabulary names no token (id_to_token overflows on one below 0 or huge)
+        if (token := tokenizer.id_to_token(i)) is not None:
+            found[key] = (token, f"config.json ({key}_id {i})")
     for key, (token, source) in found.items():
         if tokenizer.token_to_id(token) is None:
             raise ValueError(f"{source} in {folder!r} says {key} is {token!r}, but tokenizer.json has no such token.")
@@ -183,9 +185,9 @@ def read_special_tokens(folder, tokenizer):
 
 
 def read_json(folder, name):
-    """A JSON file of a checkpoint folder as a dict; {} when the folder has no such file."""
-    path = os.path.join(folder, name)
-    return read_json_file(path) if os.path.isfile(path) else {}
+    """A JSON file of a checkpoint folder as a dict (modules.json: a list); empty when the folder has no such file."""
+    path, kind = os.path.join(folder, name), list if name == "modules.json" else dict
+    return read_json_file(path, kind) if os.path.isfile(path) else kind()
 
 
 def tokenizer_json(folder):

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
@@ -62,10 +63,10 @@ class ModernBertConfig:
     norm_eps: float = 1e-5
     norm_bias: bool = False  # every LayerNorm is bias-free
     pad_token_id: int | None = 50283  # None: no padding row in the embeddings
-    bos_token_id: int = 50281
-    eos_token_id: int = 50282
-    cls_token_id: int = 50281
-    sep_token_id: int = 50282
+    bos_token_id: int | None = 50281
+    eos_token_id: int | list | None = 50282
+    cls_token_id: int | None = 50281
+    sep_token_id: int | None = 50282
     global_rope_theta: float = 160000.0
     local_rope_theta: float = 10000.0
     rope_parameters: dict | None = None  # RoPE scaling per layer type (long context: "RoPE scaling", below the banner)
@@ -94,6 +95,7 @@ class ModernBertConfig:
     attn_implementation: str | None = None  # one of ATTN_IMPLEMENTATIONS; None picks (see attention_kernels)
 
     def __post_init__(self):
+        check_config_types(self)  # before anything below computes with a value: "768" and True are no sizes
         every = self.global_attn_every_n_layers
         if self.layer_types is None and every >= 1:  # v4 configs: the pattern from global_attn_every_n_layers
             self.layer_types = [
@@ -471,6 +473,8 @@ class ModernBertPreTrainedModel(nn.Module):
         super().__init__()
         # A transformers ModernBertConfig is read through its dict, like a config.json.
         self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
+        if torch.get_default_device().type == "cpu":  # on meta nothing is held: load_checkpoint checks before
+            check_fits_in_memory(self.config)
 
     @torch.no_grad()
     def init_weights(self, only=None):
@@ -795,6 +799,8 @@ def config_from_dict(cls, d):
     """A config.json of either official format: v4 (`global_rope_theta`, `global_attn_every_n_layers`, `rope_scaling`
     into both layer types, as transformers reads it) or v5 (`layer_types`, `rope_parameters`). Others are ignored."""
     kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+    if d.get("rope_scaling") and not isinstance(d["rope_scaling"], dict):
+        refuse_config([f"rope_scaling must be a dict or null, got {d['rope_scaling']!r}"])
     if d.get("rope_scaling"):
         rope = kwargs.get("rope_parameters") or {}
         kwargs["rope_parameters"] = {t: {**(rope.get(t) or {}), **d["rope_scaling"]} for t in LAYER_TYPES}
@@ -1268,13 +1274,19 @@ def checkpoint_folder(
         ) from None
 
 
-def read_json_file(path):
-    """A checkpoint's JSON file; one that does not parse is an error naming it."""
+def read_json_file(path, kind=dict):
+    """A checkpoint's JSON file: an object ({"key": value, ...}), or a list where `kind` says so (Sentence
+    Transformers' modules.json); one that does not parse, or holds anything else, is an error naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
         raise ValueError(f"{path} is not valid JSON ({e}): fix it, or fetch the checkpoint again.") from None
+    if not isinstance(value, kind):
+        names = {dict: 'a JSON object {"key": value, ...}', list: "a list", str: "a string", type(None): "null"}
+        held = "true or false" if isinstance(value, bool) else names.get(type(value), "a number")
+        raise ValueError(f"{path} holds {held}, not {names[kind]}: fix it, or fetch the checkpoint again.")
+    return value
 
 
 def read_safetensors(folder):
@@ -1327,6 +1339,7 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     if "num_labels" in config_overrides:  # a new label count replaces the checkpoint's label map
         d.pop("id2label", None), d.pop("label2id", None)
     config = ModernBertConfig.from_dict({**d, **config_overrides, "attn_implementation": attn_implementation})
+    check_fits_in_memory(config)  # the weights are made on the CPU below, whatever the device asked for
     with torch.device("meta"):  # shapes only: no memory, and no random init of what the checkpoint overwrites
         model = cls(config)
     expected = model.state_dict()
@@ -1441,9 +1454,61 @@ def current_umask():
 # torch.export) cannot raise on data, so they run only in eager mode: check inputs eagerly before compiling.
 
 
+SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", dict: "a dict", list: "a list"}
+# The float settings and the values each may take (LayerNorm divides by sqrt(variance + norm_eps): 0 makes NaN of a
+# constant input, below 0 of most), then the numbers a RoPE scaling entry may hold.
+FLOAT_RANGES = {
+    "norm_eps": "above 0",
+    "global_rope_theta": "above 0",
+    "local_rope_theta": "above 0",
+    "initializer_range": "0 or above",
+    "initializer_cutoff_factor": "above 0",
+    **dict.fromkeys(("attention_dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout"), "in [0, 1]"),
+}
+ROPE_RANGES = {"factor": "above 0", "original_max_position_embeddings": "above 0", "attention_factor": "0 or above"}
+ROPE_NUMBERS = (*ROPE_RANGES, "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+IN_RANGE = {"above 0": lambda v: v > 0, "0 or above": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def check_config_types(c):
+    """Each value of the kind its field is annotated with, before anything computes with it: "768" is no size, and
+    neither is True (an int to Python). Float settings wait for check_config: a rope_parameters entry may set one."""
+    problems = []
+    for f in fields(c):
+        value, kinds = getattr(c, f.name), typing.get_args(f.type) or (f.type,)
+        if float not in kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            problems.append(f"{f.name} must be {KIND_NAMES[kinds[0]]}, got {value!r} ({type(value).__name__})")
+    for t in LAYER_TYPES if isinstance(c.rope_parameters, dict) else ():  # other keys: normalize_rope says so
+        if not isinstance(rope := c.rope_parameters.get(t), (dict, type(None))):
+            problems.append(f"rope_parameters[{t!r}] must be a dict, got {rope!r}")
+    refuse_config(problems)
+
+
 def check_config(c):
     check_attn_implementation(c.attn_implementation)
-    problems = []
+    # The sizes first: the checks below divide by them.
+    refuse_config([f"{k} must be a positive integer, got {getattr(c, k)}" for k in SIZES if getattr(c, k) <= 0])
+    problems = [number_problem(name, getattr(c, name), bound) for name, bound in FLOAT_RANGES.items()]
+    for t, rope in c.rope_parameters.items():
+        where, kind = f"rope_parameters[{t!r}]", rope["rope_type"]
+        given = [k for k in ROPE_NUMBERS if rope.get(k) is not None]  # None: yarn computes its factors itself
+        problems += [number_problem(f"{where}: {k}", rope[k], ROPE_RANGES.get(k)) for k in given]
+        if kind not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"{where}: rope_type {kind!r} is not computed here; use {', '.join(SUPPORTED_ROPE_TYPES)}")
+        elif kind != "default" and "factor" not in rope:
+            problems.append(f"{where}: rope_type {kind!r} needs a factor")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            problems.append(f"{where}: partial_rotary_factor must be 1.0 (ModernBERT rotates whole heads)")
+        if kind == "yarn" and rope.get("truncate", True) is not True:
+            problems.append(f"{where}: truncate=False is ignored by transformers in a layer type's entry: remove it")
     if c.hidden_size % c.num_attention_heads:
         problems.append(f"hidden_size {c.hidden_size} is not divisible by num_attention_heads {c.num_attention_heads}")
     elif c.head_dim % 2:
@@ -1461,20 +1526,59 @@ def check_config(c):
         problems.append(f"layer_types must list {c.num_hidden_layers} of {LAYER_TYPES}, got {c.layer_types}")
     if c.classifier_pooling not in ("cls", "mean"):
         problems.append(f"classifier_pooling {c.classifier_pooling!r} must be 'cls' or 'mean'")
-    if min(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.max_position_embeddings) <= 0:
-        problems.append("sizes must be positive")
-    for t, rope in c.rope_parameters.items():
-        where, kind = f"rope_parameters[{t!r}]", rope["rope_type"]
-        if kind not in SUPPORTED_ROPE_TYPES:
-            problems.append(f"{where}: rope_type {kind!r} is not computed here; use {', '.join(SUPPORTED_ROPE_TYPES)}")
-        elif kind != "default" and "factor" not in rope:
-            problems.append(f"{where}: rope_type {kind!r} needs a factor")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            problems.append(f"{where}: partial_rotary_factor must be 1.0 (ModernBERT rotates whole heads)")
-        if kind == "yarn" and rope.get("truncate", True) is not True:
-            problems.append(f"{where}: truncate=False is ignored by transformers in a layer type's entry: remove it")
-    if problems:
-        raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems))
+    refuse_config(problems)
+
+
+def number_problem(name, value, bound=None):
+    """What is wrong with a float setting, or None: not a finite number, or outside `bound` (a key of IN_RANGE)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if bound is not None and not IN_RANGE[bound](value):
+        return f"{name} must be {bound}, got {value}"
+
+
+def refuse_config(problems):
+    if problems := [p for p in problems if p]:
+        raise ValueError("Invalid ModernBertConfig: " + "; ".join(problems) + ".")
+
+
+def check_fits_in_memory(c):
+    """Refuses a config whose weights alone would not fit in the memory free now, before a layer is built: built
+    anyway, it takes memory until the system stops it. Weights are made in torch's default dtype, on the CPU."""
+    count, dtype, available = parameter_count(c), torch.get_default_dtype(), available_memory()
+    if available is not None and count * dtype.itemsize > available:
+        raise ValueError(
+            f"The weights alone would need about {count * dtype.itemsize / 1e9:,.1f} GB ({count:,} parameters in "
+            f"{str(dtype).removeprefix('torch.')}), more than the {available / 1e9:,.1f} GB of memory available: make "
+            f"the config smaller (num_hidden_layers {c.num_hidden_layers:,}, hidden_size {c.hidden_size:,}, "
+            f"intermediate_size {c.intermediate_size:,}, vocab_size {c.vocab_size:,})."
+        )
+
+
+def parameter_count(c):
+    """The parameters of a ModernBertForMaskedLM made from config c, from the shapes alone (the other classes differ
+    by a head): the embeddings, each layer's attention and MLP, 2 L + 2 norms (layer 0 has no attn_norm), the head
+    and the decoder (its weight the embeddings' when tied)."""
+    h, i, v, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    attention = 4 * h * h + 4 * h * c.attention_bias  # Wqkv (h, 3h), Wo (h, h)
+    mlp = 3 * h * i + (2 * i + h) * c.mlp_bias  # Wi (h, 2i), Wo (i, h)
+    norms = (2 * layers + 2) * h * (1 + c.norm_bias)
+    head = h * h + h * c.classifier_bias + v * c.decoder_bias + (0 if c.tie_word_embeddings else v * h)
+    return v * h + layers * (attention + mlp) + norms + head
+
+
+def available_memory():
+    """Bytes of memory free for new allocations now (Linux's MemAvailable counts the caches it can drop), or None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name (macOS)
+        return None
 
 
 def check_attn_implementation(name):  # at each forward too: the name can change after the config is made

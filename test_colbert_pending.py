@@ -434,28 +434,21 @@ def test_colbert_cli_in_a_subprocess_reads_standard_input(colbert_folder):
 # tokenizer, prefixes it already has), then the command line on it. Run here as printed, from a checkout's root.
 COLBERT_RECIPE = """\
 python - <<'EOF'
-import json, os, shutil
-import torch
+import json, os, shutil, torch
 from safetensors.torch import save_file
 from modernbert import ModernBertConfig, ModernBertModel
-
-folder, tokenizer = "tiny-colbert", "../shared/data/modernbert-base"
-torch.manual_seed(0)
-config = ModernBertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
-ModernBertModel(config).save_pretrained(folder)
+ModernBertModel(ModernBertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4)).save_pretrained("tiny")
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(os.path.join(tokenizer, name), folder)
-os.makedirs(f"{folder}/1_Dense")
-save_file({"linear.weight": torch.randn(16, 64) / 8}, f"{folder}/1_Dense/model.safetensors")
-dense = {"in_features": 64, "out_features": 16, "bias": False}
-json.dump(dense, open(f"{folder}/1_Dense/config.json", "w"))
-modules = [{"path": "", "type": "sentence_transformers.models.Transformer"}]
-modules += [{"path": "1_Dense", "type": "pylate.models.Dense.Dense"}]
-json.dump(modules, open(f"{folder}/modules.json", "w"))
-settings = {"model_type": "ColBERT", "query_prefix": "[unused0]", "document_prefix": "[unused1]"}
-json.dump(settings, open(f"{folder}/config_sentence_transformers.json", "w"))
+    shutil.copy(f"../shared/data/modernbert-base/{name}", "tiny")
+os.makedirs("tiny/1_Dense")
+save_file({"linear.weight": torch.randn(16, 64) / 8}, "tiny/1_Dense/model.safetensors")
+json.dump({"in_features": 64, "out_features": 16, "bias": False}, open("tiny/1_Dense/config.json", "w"))
+T, D = "sentence_transformers.models.Transformer", "pylate.models.Dense.Dense"
+json.dump([{"path": "", "type": T}, {"path": "1_Dense", "type": D}], open("tiny/modules.json", "w"))
+prefixes = {"query_prefix": "[unused0]", "document_prefix": "[unused1]"}  # tokens the tokenizer has
+json.dump(prefixes, open("tiny/config_sentence_transformers.json", "w"))
 EOF
-python embed.py colbert --model tiny-colbert --query "What is ModernBERT?" "An encoder." "A city in France."
+python embed.py colbert --model tiny --query "What is ModernBERT?" "An encoder." "A city in France."
 """
 
 
@@ -475,6 +468,6 @@ def test_colbert_recipe_runs_as_printed(tmp_path):
     lines = colbert_cli_lines(p.stdout)
     assert [i for _, i, _ in lines] in ([0, 1], [1, 0]), p.stdout  # the two documents, best first
     assert lines[0][0] >= lines[1][0], p.stdout
-    model = embed.load_colbert(root / "tiny-colbert")
+    model = embed.load_colbert(root / "tiny")
     assert (model.query_length, model.document_length, model.dimension) == (32, 180, 16)
     assert model.encode("What is ModernBERT?").shape == (32, 16)  # [MASK]-expanded to query_length

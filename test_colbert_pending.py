@@ -113,6 +113,9 @@ def test_colbert_matches_pylate_on_its_own_saves(colbert_case):
     """Every token id PyLate's model reads (prefix after [CLS], [MASK] expansion, truncation, stripped and
     lowercased text), its attention and skip-list masks, every vector of encode, every MaxSim score: to 1e-5."""
     assert colbert_differences(colbert_case.model, colbert_case) == []
+    model, theirs = colbert_case.model, colbert_case.meta["token_ids"]  # PyLate's ids: [UNK] for a word it lacks
+    ours = [model.query_prefix_id, model.document_prefix_id, model.skiplist, model.expansion_id]
+    assert ours == [theirs["query_prefix"], theirs["document_prefix"], theirs["skiplist"], theirs["expansion"]]
     arguments = colbert_case.meta["colbert_arguments"]
     for key in ("query_prefix", "document_prefix", "query_length", "document_length", "attend_to_expansion_tokens"):
         if key in arguments:  # what PyLate was told is what the folder says and what we read

@@ -27,7 +27,8 @@ fixtures/<setting>/:
                              query_vectors.i / document_vectors.i (encode's matrices); scores (Q, D): MaxSim of
                              each query against each document alone; rerank_ids, rerank_scores (Q, D): rank.rerank
                              of all documents for each query; padded_*: colbert_scores on a zero-padded batch
-    golden.json              the texts, PyLate's arguments, the versions and the machine
+    golden.json              the texts, PyLate's arguments, the token ids it uses (prefixes, skip-list, expansion),
+                             the versions and the machine
 
 The weights are drawn once per setting from a fixed seed, so a rerun on another CPU moves the outputs in their last
 digits only (see fixtures/VERSIONS.json); the tests' tolerance is 1e-5.
@@ -202,7 +203,7 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def write_fixture(saved, tokenizer_dir, name, kwargs, changes, golden):
+def write_fixture(saved, tokenizer_dir, name, kwargs, changes, golden, token_ids):
     import pylate
     import safetensors.torch
     import sentence_transformers
@@ -234,6 +235,7 @@ def write_fixture(saved, tokenizer_dir, name, kwargs, changes, golden):
         "changed_before_saving": changes,
         "tiny_config": TINY,
         "files": {"model.safetensors": sha256(os.path.join(saved, "model.safetensors"))},
+        "token_ids": token_ids,
         "tokenizer.json": "model.vocab and model.merges removed; they are the real tokenizer's",
         "versions": {
             "pylate": pylate.__version__,
@@ -262,7 +264,13 @@ def main():
         with tempfile.TemporaryDirectory() as work:
             saved = build(args.tokenizer, seed, kwargs, changes, work)
             model, golden = goldens(saved)
-            folder = write_fixture(saved, args.tokenizer, name, kwargs, changes, golden)
+            token_ids = {  # what PyLate's loaded model uses: its prefix ids, skip-list ids and expansion (pad) id
+                "query_prefix": model.query_prefix_id,
+                "document_prefix": model.document_prefix_id,
+                "skiplist": sorted(set(model.skiplist)),
+                "expansion": model.tokenizer.pad_token_id,
+            }
+            folder = write_fixture(saved, args.tokenizer, name, kwargs, changes, golden, token_ids)
         clamped = (golden["rerank_scores"] - golden["scores"].gather(1, golden["rerank_ids"])).abs().max()
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
         print(

@@ -28,6 +28,7 @@ error prints them too, before its traceback and exit status 1.
     python bench.py --workloads a,c --dtypes fp32 --repeats 1 --no-memory   # a quick look
     python bench.py --device cpu --time-limit 3600   # the CPU tables on a GPU machine, at most an hour
     python bench.py --embeddings --device cpu        # sentence embeddings: load_embedder vs SentenceTransformer
+    python bench.py --colbert --device cpu           # ColBERT documents: load_colbert vs PyLate (in PyLate's venv)
     python bench.py --train --device cpu             # a training step: train.py's against transformers' (run_mlm)
     python bench.py --build                          # seconds to build ModernBERT-base for masked LM from a config
     python bench.py --long-context                   # the 32K config: one 32,768-token forward's memory and time
@@ -468,7 +469,15 @@ def parse_args(argv=None):
         "sparse prediction, StableAdamW) against transformers' padded (run_mlm.py) and padding-free "
         "(DataCollatorWithFlattening) batches; default B = 8 on CPU (fp32, workloads a,c), 64 on CUDA (bf16, a,c,f)",
     )
-    p.add_argument("--texts", type=int, default=256, help="--embeddings: texts in the corpus (default 256)")
+    p.add_argument(
+        "--colbert",
+        action="store_true",
+        help="instead of the models: ColBERT documents, embed.load_colbert's encode against PyLate's ColBERT.encode "
+        "on a random ettin-encoder-32m-sized model (--texts, --repeats, --device); needs PyLate's environment",
+    )
+    p.add_argument(
+        "--texts", type=int, help="--embeddings, --colbert: texts in the corpus (default 256; --colbert: 2000)"
+    )
     p.add_argument(
         "--kernels",
         action="store_true",
@@ -501,7 +510,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    modes = ("build", "kernels", "embeddings", "long_context", "train")
+    modes = ("build", "kernels", "embeddings", "colbert", "long_context", "train")
     modes = [f"--{m.replace('_', '-')}" for m in modes if vars(args)[m]]
     if len(modes) > 1:
         p.error(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
@@ -958,6 +967,16 @@ def embedding_corpus(tokenizer, n, seed=1234):
     return [" ".join(words[i] for i in torch.randint(len(words), (L - 2,), generator=g).tolist()) for L in lengths]
 
 
+def shared_tokenizer_json(flag):
+    """../shared/data/modernbert-base/tokenizer.json (or under MODERNBERT_SHARED_DATA), which `flag` needs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    shared = os.environ.get("MODERNBERT_SHARED_DATA", os.path.join(here, "..", "shared", "data"))
+    tokenizer_json = os.path.join(shared, "modernbert-base", "tokenizer.json")
+    if not os.path.isfile(tokenizer_json):
+        raise SystemExit(f"{flag} needs the ModernBERT tokenizer: no {tokenizer_json} (MODERNBERT_SHARED_DATA)")
+    return tokenizer_json
+
+
 def bench_embeddings(args, device):
     """Builds a random ettin-encoder-32m-sized embedding model (mean pooling + Normalize) with
     sentence-transformers, loads it both ways, checks the embeddings agree, times encode interleaved (best of
@@ -973,12 +992,8 @@ def bench_embeddings(args, device):
     import embed
     import load
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    shared = os.environ.get("MODERNBERT_SHARED_DATA", os.path.join(here, "..", "shared", "data"))
-    tokenizer_json = os.path.join(shared, "modernbert-base", "tokenizer.json")
-    if not os.path.isfile(tokenizer_json):
-        raise SystemExit(f"--embeddings needs the ModernBERT tokenizer: no {tokenizer_json} (MODERNBERT_SHARED_DATA)")
-    texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts)
+    tokenizer_json = shared_tokenizer_json("--embeddings")
+    texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts or 256)
     with tempfile.TemporaryDirectory() as folder:
         random_init()
         transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(folder)
@@ -1008,6 +1023,79 @@ def bench_embeddings(args, device):
         f"Best of {args.repeats}, interleaved.\n"
     )
     columns = ["texts", "tokens", "ours s", "theirs s", "ours tok/s", "theirs tok/s", "ours/theirs", "max abs diff"]
+    row = {"secs": secs, "tok": total}
+    cells = [n, total, fmt(secs["ours"], ".2f"), fmt(secs["theirs"], ".2f"), speed(row, "ours"), speed(row, "theirs")]
+    print(md_header(columns) + "\n" + md_row(cells + [f"**{ratio(row, 'ours', 'theirs')}**", f"{diff:.1e}"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --colbert: embed.load_colbert's encode of documents against PyLate's ColBERT.encode with its defaults (batches of
+# 32 texts, padded), on the same random weights and texts, checked to agree before timing. PyLate pins
+# sentence-transformers 5.3 and transformers <= 5.3, so this runs in PyLate's own environment (the recipe is at
+# the top of tools/make_pylate_goldens.py), not in the tests'.
+
+
+def bench_colbert(args, device):
+    """Saves a random ettin-encoder-32m-sized ColBERT with PyLate (its defaults but GTE-ModernColBERT's document
+    length, 300), loads it both ways, checks the document vectors agree, times encode(is_query=False)
+    interleaved (best of --repeats) and prints the table."""
+    import logging
+    import shutil
+    import tempfile
+    from importlib.metadata import version
+
+    from tokenizers import Tokenizer
+
+    import embed
+    import load
+
+    try:
+        from pylate import models
+    except ImportError:
+        raise SystemExit("--colbert needs PyLate: run it in PyLate's environment (tools/make_pylate_goldens.py)")
+    logging.getLogger("pylate").setLevel(logging.ERROR)  # its notes on adding the Dense and the prefix tokens
+    tokenizer_json = shared_tokenizer_json("--colbert")
+    texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts or 2000)
+    with tempfile.TemporaryDirectory() as work:
+        base, folder = os.path.join(work, "base"), os.path.join(work, "colbert")
+        random_init()
+        transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(base)
+        for name in load.TOKENIZER_FILES:
+            shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(base, name))
+        colbert = models.ColBERT(base, device=device.type, embedding_size=128, document_length=300)
+        colbert.save(folder, create_model_card=False)
+        theirs = models.ColBERT(folder, device=device.type)  # as users load it
+        ours = embed.load_colbert(folder, device=device)
+        tokens = [len(ids) for ids in ours.tokenize(texts, is_query=False)[0]]
+        n, total = len(texts), sum(tokens)
+        print(f"  {n} documents, {total} tokens (mean {total / n:.0f}, longest {max(tokens)})", file=sys.stderr)
+        fns = {
+            "ours": lambda: ours.encode(texts, is_query=False, convert_to_tensor=True),
+            "theirs": lambda: theirs.encode(texts, is_query=False, convert_to_tensor=True),
+        }
+        secs, outs, _ = time_interleaved(fns, args.repeats, device, warmup=device.type == "cuda")
+    assert [len(m) for m in outs["ours"]] == [len(m) for m in outs["theirs"]], "other tokens kept"
+    diff = max((a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in zip(outs["ours"], outs["theirs"]))
+    assert diff < 1e-4, f"ours and PyLate's ColBERT.encode differ by {diff:.2e}"  # fp32, unit vectors
+    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
+    print(
+        f"Corpus: {n} documents of random words, lengths log-uniform in [16, 2048] tokens, truncated at 300 "
+        f"({total} tokens, mean {total / n:.0f}). Model: ettin-encoder-32m's shape {ETTIN_32M}, random weights, "
+        "a Dense to 128, saved by PyLate (document_length 300, its punctuation skip-list), fp32. Theirs: "
+        f"ColBERT.encode(texts, is_query=False) with its defaults (pylate {version('pylate')}: batches of 32 texts, "
+        "padded). Ours: load_colbert(folder).encode(texts, is_query=False) (packed batches of up to "
+        f"{embed.BATCH_TOKENS} tokens). Best of {args.repeats}, interleaved.\n"
+    )
+    columns = [
+        "documents",
+        "tokens",
+        "ours s",
+        "theirs s",
+        "ours tok/s",
+        "theirs tok/s",
+        "ours/theirs",
+        "max abs diff",
+    ]
     row = {"secs": secs, "tok": total}
     cells = [n, total, fmt(secs["ours"], ".2f"), fmt(secs["theirs"], ".2f"), speed(row, "ours"), speed(row, "theirs")]
     print(md_header(columns) + "\n" + md_row(cells + [f"**{ratio(row, 'ours', 'theirs')}**", f"{diff:.1e}"]))
@@ -1130,7 +1218,8 @@ def main():
 
 
 def run_mode(args, device, start):
-    """The mode the flags ask for: --build, --kernels, --embeddings, --long-context, --train, or the forwards."""
+    """The mode the flags ask for: --build, --kernels, --embeddings, --colbert, --long-context, --train, or the
+    forwards."""
     if args.build:
         build_table(args)
         return
@@ -1139,6 +1228,9 @@ def run_mode(args, device, start):
         return
     if args.embeddings:
         bench_embeddings(args, device)
+        return
+    if args.colbert:
+        bench_colbert(args, device)
         return
     if args.long_context:
         long_context_table(args)

@@ -24,6 +24,16 @@ From Python:
     reranker = load_reranker("Alibaba-NLP/gte-reranker-modernbert-base")
     reranker.rank("What is ModernBERT?", ["An encoder.", "A city."])  # [{"corpus_id": 0, "score": ...}, ...]
 
+ColBERT (late-interaction) models keep one vector per token and score by MaxSim; their folders are PyLate's,
+and load_colbert computes what PyLate computes (see "Late interaction" below):
+
+    from embed import load_colbert
+    colbert = load_colbert("lightonai/GTE-ModernColBERT-v1")
+    queries = colbert.encode(["What is ModernBERT?"], is_query=True)  # [numpy (32, 128)]: padded with [MASK]
+    documents = colbert.encode(["An encoder.", "A city."], is_query=False)  # [(5, 128), (5, 128)]
+    colbert.similarity(queries, documents)  # (1, 2): MaxSim
+    colbert.rank("What is ModernBERT?", ["An encoder.", "A city."])  # as reranker.rank
+
 How it runs fast: all texts are tokenized first, sorted by length and cut into batches by a token budget,
 and each batch runs packed: the texts back to back as input_ids (1, T) with their boundaries in cu_seqlens, so
 no padding is ever computed (Sentence Transformers pads each batch of 32 texts to its longest). The rows come
@@ -34,10 +44,11 @@ The command line (texts as arguments, or one per line from --input FILE, or from
 
     python embed.py embed --model M [--prompt-name query] [--input FILE|-] [--output FILE.safetensors|.npy] [TEXT ...]
     python embed.py rerank --model M --query Q [--top-k K] [--input FILE|-] [DOC ...]
+    python embed.py colbert --model M --query Q [--top-k K] [--input FILE|-] [DOC ...]
 
 Builds on load.py (checkpoint folders, tokenizers; load.py never imports this file) and depends on what it
 depends on (and tqdm, for the progress bar); never on transformers or sentence-transformers, which the tests
-compare against.
+compare against (nor on pylate).
 """
 
 import argparse
@@ -52,7 +63,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown, with_warnings_at_caller
-from modernbert import ModernBertForSequenceClassification, ModernBertModel
+from modernbert import (
+    LAYER_TYPES,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
+    Packing,
+    attention_kernels,
+    rope_frequencies,
+    rope_tables,
+)
 
 # Sentence Transformers' pooling modes, in the order its older config keys concatenate them.
 LEGACY_POOLING_KEYS = {
@@ -89,6 +108,7 @@ def read_modules(folder, model_type):
         use = {
             "SentenceTransformer": "load_embedder, or on the command line `python embed.py embed`",
             "CrossEncoder": "load_reranker, or on the command line `python embed.py rerank`",
+            "ColBERT": "load_colbert, or on the command line `python embed.py colbert`",
         }
         hint = f": load it with {use[written]}" if written in use else ", which this loader does not run"
         raise ValueError(f"{folder!r} holds a {written} (config_sentence_transformers.json){hint}.")
@@ -602,7 +622,315 @@ class Reranker(Pipeline):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: `python embed.py embed ...` and `python embed.py rerank ...`
+# Late interaction (ColBERT), as PyLate computes it
+#
+# A ColBERT model keeps one vector per token instead of pooling them, and scores a query against a document
+# by MaxSim: each query vector's best dot product with the document's vectors, summed over the query's vectors.
+# PyLate's folder is a Transformer module and one or more Dense modules, run on every token, with its own
+# settings in config_sentence_transformers.json. Queries and documents are encoded differently:
+#
+#   query     [CLS] [Q] what is it ? [SEP] [MASK] [MASK] ... [MASK]    query_length tokens, every one kept
+#                                          '-- expansion: each sees the real tokens, and no real token
+#                                              sees them unless attend_to_expansion_tokens
+#   document  [CLS] [D] it is an encoder . [SEP]                       at most document_length tokens; the
+#                                                                      skip-list's (".") dropped after encoding
+#
+# The prefix is a token put after [CLS] ("" for none), not text; texts are stripped of surrounding whitespace
+# (Sentence Transformers 5, which PyLate runs on, does so), then truncated to leave room for the prefix.
+
+# PyLate's defaults, for what config_sentence_transformers.json does not say.
+COLBERT_DEFAULTS = {
+    "query_prefix": "[Q] ",
+    "document_prefix": "[D] ",
+    "query_length": 32,
+    "document_length": 180,
+    "do_query_expansion": True,
+    "attend_to_expansion_tokens": False,
+    "skiplist_words": list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"),  # string.punctuation
+}
+COLBERT_SETTING_TYPES = dict(zip(COLBERT_DEFAULTS, (str, str, int, int, bool, bool, list)))
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+# modules.json's types -> what runs them; PyLate keeps the Transformer and the Dense modules and drops the others
+COLBERT_MODULES = {
+    "sentence_transformers.models.Transformer": "Transformer",
+    "pylate.models.Dense.Dense": "Dense",
+    "sentence_transformers.models.Dense": "Dense",  # run on every token, as PyLate's own Dense
+    "sentence_transformers.models.Normalize": None,  # dropped: encode normalises unless told not to
+}
+
+
+def load_colbert(name_or_folder, device=None, dtype=None, revision=None):
+    """Token vectors and MaxSim scores as PyLate computes them: a ColBERT (encode(texts, is_query=...),
+    similarity, rank), from a folder or hub id that PyLate saved (lightonai/GTE-ModernColBERT-v1, ...)."""
+    return with_warnings_at_caller(ColBERT.load, name_or_folder, device=device, dtype=dtype, revision=revision)
+
+
+def read_colbert_settings(folder):
+    """config_sentence_transformers.json -> (PyLate's settings, each checked, its defaults for those not
+    written; the whole file)."""
+    config = read_json(folder, "config_sentence_transformers.json")
+    where = f"config_sentence_transformers.json in {folder!r}"
+    if config.get("model_type", "ColBERT") != "ColBERT":
+        raise ValueError(f"{where} says it holds a {config['model_type']}, not a ColBERT: load it with load_embedder.")
+    settings = {key: default if config.get(key) is None else config[key] for key, default in COLBERT_DEFAULTS.items()}
+    for key, kind in COLBERT_SETTING_TYPES.items():
+        if not isinstance(settings[key], kind) or (kind is int and isinstance(settings[key], bool)):
+            raise ValueError(f"{where}: {key} is {settings[key]!r}, which is not {TYPE_NAMES[kind]}.")
+    if bad := [word for word in settings["skiplist_words"] if not isinstance(word, str)]:
+        raise ValueError(f"{where}: skiplist_words holds {bad[0]!r}, which is not a string.")
+    if config.get("similarity_fn_name") not in (None, "MaxSim"):
+        raise ValueError(f"{where}: similarity_fn_name {config['similarity_fn_name']!r}; PyLate's ColBERT has MaxSim.")
+    if not settings["do_query_expansion"]:  # as PyLate: no expansion tokens to attend to
+        settings["attend_to_expansion_tokens"] = False
+    return settings, config
+
+
+def read_colbert_modules(folder):
+    """modules.json as [(kind, path)]: the Transformer, then one or more Dense modules."""
+    modules = []
+    for entry in read_json(folder, "modules.json"):
+        if entry["type"] not in COLBERT_MODULES:
+            raise ValueError(
+                f"modules.json in {folder!r}: module {entry.get('name')!r} has type {entry['type']!r}, which "
+                f"this loader does not run (it runs {', '.join(COLBERT_MODULES)})."
+            )
+        path = os.path.normpath(entry.get("path") or ".")
+        if os.path.isabs(path) or path.startswith(".."):
+            raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
+        if COLBERT_MODULES[entry["type"]]:
+            modules.append((COLBERT_MODULES[entry["type"]], path))
+    kinds = [kind for kind, _ in modules]
+    if kinds[:1] != ["Transformer"] or set(kinds[1:]) != {"Dense"}:
+        raise ValueError(
+            f"{folder!r} has modules {kinds} (modules.json): a ColBERT here is a Transformer, then Dense modules "
+            "(PyLate would give a folder without a Dense an untrained one)."
+        )
+    return modules
+
+
+def encode_with_unseen_tokens(model, input_ids, cu_seqlens, is_real):
+    """model.encode on packed input (1, T) where the tokens with is_real (T,) False are computed like the others
+    but are keys to none: each sees the real tokens of its sequence, no token sees it. transformers computes a
+    padded position so, which PyLate keeps as a query's expansion. ModernBertModel.encode makes every token of
+    cu_seqlens real, so its loop runs here on a Packing that says which are not (keeps_padding: no kernel that
+    would ignore is_real is picked)."""
+    c, T = model.config, input_ids.shape[1]
+    longest = int(cu_seqlens.diff().max())
+    packing = Packing(
+        torch.arange(T, device=input_ids.device), cu_seqlens, longest, (1, T), is_real, keeps_padding=True
+    )
+    x = model.embeddings(input_ids[0])  # (T, hidden)
+    kernels = attention_kernels(c.attn_implementation, x.device, x.dtype, packing, c.half_window)
+    ropes = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}
+    for layer, layer_type in zip(model.layers, c.layer_types):
+        x = layer(x, ropes[layer_type], packing, kernels[layer_type])
+    return model.final_norm(x)
+
+
+def colbert_scores(queries_embeddings, documents_embeddings):
+    """MaxSim, (Q, D): for query i's matrix (n, dim) and document j's (m, dim), the sum over the query's vectors
+    of each one's best dot product with the document's vectors. Lists of matrices (numpy or torch; a 3-D array
+    counts as one). Equal to PyLate's colbert_scores on each pair alone. On a batch padded with zero vectors,
+    as its rank.rerank pads the documents, PyLate scores a query vector's best match as 0 where it is negative,
+    so that a document's score depends on the others given with it: here padding never reaches a score."""
+    queries, documents = ([torch.as_tensor(m) for m in ms] for ms in (queries_embeddings, documents_embeddings))
+    if not queries or not documents:
+        return torch.zeros(len(queries), len(documents))
+    device, dtype = queries[0].device, torch.promote_types(queries[0].dtype, torch.float32)  # no fp16 ties
+    docs = torch.cat([d.to(device, dtype) for d in documents])  # (T, dim): the documents back to back
+    lengths = torch.tensor([len(d) for d in documents], device=device)
+    doc_of = torch.repeat_interleave(torch.arange(len(documents), device=device), lengths)  # (T,)
+    scores = []
+    for q in queries:
+        sims = q.to(device, dtype) @ docs.T  # (n, T)
+        best = sims.new_full((sims.shape[0], len(documents)), float("-inf"))  # (n, D)
+        scores.append(best.scatter_reduce_(1, doc_of.expand_as(sims), sims, "amax").sum(dim=0))
+    return torch.stack(scores)
+
+
+def rerank(documents_ids, queries_embeddings, documents_embeddings):
+    """PyLate's rank.rerank: for each query, its documents best first by MaxSim as [{"id": ..., "score": ...}],
+    documents_ids[i] naming the documents of query i (the matrices documents_embeddings[i])."""
+    results = []
+    for ids, query, documents in zip(documents_ids, queries_embeddings, documents_embeddings):
+        scores = colbert_scores([query], documents)[0].tolist()
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        results.append([{"id": ids[i], "score": scores[i]} for i in order])
+    return results
+
+
+class ColBERT(Pipeline):
+    """A ModernBERT encoder with PyLate's Dense modules on every token, and its settings for queries and
+    documents (query_prefix, query_length, ...: the names of config_sentence_transformers.json). Make it with
+    load_colbert."""
+
+    max_seq_length = None  # PyLate's two lengths take its place: query_length and document_length
+
+    @classmethod
+    def load(cls, name_or_folder, device=None, dtype=None, revision=None):
+        """A folder or hub id that PyLate saved: modules.json (a Transformer, then Dense modules),
+        config_sentence_transformers.json (its settings), the tokenizer holding the prefix tokens."""
+        folder = resolve(name_or_folder, revision)
+        settings, config = read_colbert_settings(folder)
+        modules = read_colbert_modules(folder)
+        root = os.path.join(folder, modules[0][1])
+        model = ModernBertModel.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+        self = cls()
+        self.model, self.folder = model, folder
+        for key, value in settings.items():
+            setattr(self, key, value)
+        width, dense = model.config.hidden_size, []
+        for _, path in modules[1:]:  # each one's input: the tokens' width, then the Dense before it
+            if (n_in := read_json(os.path.join(folder, path), "config.json").get("in_features")) != width:
+                raise ValueError(
+                    f"{path}/config.json in {folder!r}: in_features is {n_in}, but its input has {width}."
+                )
+            dense.append(Dense(os.path.join(folder, path)))
+            width = dense[-1].linear.out_features
+        self.dense = nn.Sequential(*dense).to(device=model.device, dtype=model.dtype)
+        _, self.lowercase = transformer_settings(root, "feature-extraction", model.config)
+        self.tokenizer = load_tokenizer(root)
+        self.tokenizer.no_padding()
+        self.read_prompts(config, {})
+        self.query_prefix_id = self.token_id("query_prefix", self.query_prefix)
+        self.document_prefix_id = self.token_id("document_prefix", self.document_prefix)
+        self.skiplist = sorted({self.token_id("skiplist_words", word) for word in self.skiplist_words})
+        # PyLate expands queries with the mask token, else the end-of-sequence one, else the padding one
+        names = ("mask_token", "eos_token", "pad_token")
+        expansion = next(
+            (self.tokenizer.special_tokens_map[n] for n in names if n in self.tokenizer.special_tokens_map), None
+        )
+        if expansion is None:
+            raise ValueError(f"The tokenizer in {root!r} has no mask, end or padding token to expand queries with.")
+        self.expansion_id = self.tokenizer.token_to_id(expansion)
+        specials = self.tokenizer.num_special_tokens_to_add(False)  # [CLS] and [SEP]
+        for key, prefix in (("query_length", self.query_prefix_id), ("document_length", self.document_prefix_id)):
+            if getattr(self, key) - (prefix is not None) < specials:
+                raise ValueError(
+                    f"config_sentence_transformers.json in {folder!r}: {key} {getattr(self, key)} leaves no room for "
+                    f"the {specials} special tokens" + (" and the prefix." if prefix is not None else ".")
+                )
+        return self
+
+    def token_id(self, setting, token):
+        """The id of a prefix or a skip-list word, as PyLate's tokenizer gives it (convert_tokens_to_ids): one
+        it does not have is the unknown token, but a prefix must be there (PyLate would add it untrained)."""
+        if setting != "skiplist_words" and token == "":
+            return None  # no prefix
+        found = self.tokenizer.token_to_id(token)
+        unknown = self.tokenizer.special_tokens_map.get("unk_token")
+        if found is None and setting == "skiplist_words" and unknown is not None:
+            found = self.tokenizer.token_to_id(unknown)
+        if found is None or found >= self.model.config.vocab_size:
+            raise ValueError(
+                f"{setting} {token!r} (config_sentence_transformers.json) is not a token of {self.folder!r}'s "
+                "tokenizer and model: PyLate would add it with an untrained embedding. Use a folder PyLate saved."
+            )
+        return found
+
+    def tokenize(self, texts, is_query):
+        """The ids PyLate's model reads for each text, and how many of them are real (the rest: expansion)."""
+        length = self.query_length if is_query else self.document_length
+        prefix = self.query_prefix_id if is_query else self.document_prefix_id
+        self.tokenizer.enable_truncation(length - (prefix is not None), strategy="longest_first")
+        texts = [text.strip().lower() if self.lowercase else text.strip() for text in texts]
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        if prefix is not None:
+            ids = [i[:1] + [prefix] + i[1:] for i in ids]  # after [CLS]
+        real = [len(i) for i in ids]
+        if is_query and self.do_query_expansion:
+            ids = [i + [self.expansion_id] * (length - len(i)) for i in ids]
+        return ids, real
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        sentences,
+        prompt_name=None,
+        prompt=None,
+        batch_size=None,
+        show_progress_bar=None,
+        *,
+        is_query=True,
+        convert_to_numpy=True,
+        convert_to_tensor=False,
+        normalize_embeddings=True,
+        batch_tokens=BATCH_TOKENS,
+    ):
+        """One matrix per text, (tokens, dim), as PyLate's encode returns it: a list of numpy arrays by default,
+        of tensors with convert_to_tensor=True or convert_to_numpy=False; one matrix for a single str, a list of
+        lists for a list of lists. is_query picks the query's settings or the document's (see the drawing
+        above); the prompt (see resolve_prompt) goes before every text. The rows are L2-normalised unless
+        normalize_embeddings=False. Batches hold at most batch_tokens tokens (and batch_size texts, if given)."""
+        if isinstance(sentences, list) and sentences and isinstance(sentences[0], list):
+            options = dict(is_query=is_query, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor)
+            options |= dict(normalize_embeddings=normalize_embeddings, batch_tokens=batch_tokens)
+            return [self.encode(s, prompt_name, prompt, batch_size, show_progress_bar, **options) for s in sentences]
+        single = isinstance(sentences, str)
+        texts = texts_list(sentences)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        ids, real = self.tokenize([(prompt or "") + text for text in texts], is_query)
+        unseen = is_query and self.do_query_expansion and not self.attend_to_expansion_tokens
+        device = self.model.device
+        skiplist = torch.tensor([] if is_query else self.skiplist, dtype=torch.long, device=device)
+        out, batches = [None] * len(ids), token_batches([len(i) for i in ids], batch_tokens, batch_size)
+        if show_progress_bar is None:  # on long inputs, in a terminal
+            show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
+        if show_progress_bar:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(ids), desc="Encoding", unit=" texts", file=sys.stderr)
+        for batch in batches:
+            input_ids = torch.tensor([t for i in batch for t in ids[i]], device=device)[None]  # (1, T)
+            lengths = torch.tensor([len(ids[i]) for i in batch], device=device)
+            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            seq = torch.repeat_interleave(torch.arange(len(batch), device=device), lengths)  # (T,) each token's text
+            if unseen:
+                position = torch.arange(seq.shape[0], device=device) - cu_seqlens[seq]
+                is_real = position < torch.tensor([real[i] for i in batch], device=device)[seq]
+                hidden = encode_with_unseen_tokens(self.model, input_ids, cu_seqlens, is_real)
+            else:
+                hidden = self.model.encode(input_ids, cu_seqlens=cu_seqlens)[0]  # (T, hidden)
+            keep = ~torch.isin(input_ids[0], skiplist)  # (T,): queries keep every token
+            vectors = self.dense(hidden[keep])  # (T_kept, dim)
+            if normalize_embeddings:
+                vectors = F.normalize(vectors, p=2, dim=-1)
+            for i, matrix in zip(batch, vectors.split(torch.bincount(seq[keep], minlength=len(batch)).tolist())):
+                out[i] = matrix
+            if show_progress_bar:
+                progress.update(len(batch))
+        if show_progress_bar:
+            progress.close()
+        if convert_to_numpy and not convert_to_tensor:
+            out = [(m.float() if m.dtype == torch.bfloat16 else m).cpu().numpy() for m in out]  # numpy has no bf16
+        return out[0] if single else out
+
+    def similarity(self, queries_embeddings, documents_embeddings):
+        """MaxSim scores (Q, D) of queries' matrices against documents' (see colbert_scores)."""
+        return colbert_scores(queries_embeddings, documents_embeddings)
+
+    def rank(self, query, documents, top_k=None, return_documents=False, **kwargs):
+        """The documents best first by MaxSim against the query, as Reranker.rank returns them: [{"corpus_id":
+        index in documents, "score": ...}], with "text" too if return_documents; top_k keeps the first k."""
+        documents = texts_list(documents, "documents")
+        options = dict(convert_to_tensor=True, **kwargs)
+        scores = self.similarity(
+            [self.encode(query, is_query=True, **options)], self.encode(documents, is_query=False, **options)
+        )
+        results = [
+            {"corpus_id": i, "score": s} | ({"text": documents[i]} if return_documents else {})
+            for i, s in enumerate(scores[0].tolist())
+        ]
+        return sorted(results, key=lambda r: r["score"], reverse=True)[:top_k]
+
+    @property
+    def dimension(self):
+        """The length of one token vector."""
+        return self.dense[-1].linear.out_features
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: `python embed.py embed ...`, `python embed.py rerank ...` and `python embed.py colbert ...`
 
 
 def parse_args(argv=None):
@@ -633,7 +961,16 @@ def parse_args(argv=None):
     reranking.add_argument("texts", nargs="*", metavar="DOC", help="the documents to rank (instead of --input)")
     reranking.add_argument("--query", required=True, help="the query")
     reranking.add_argument("--top-k", type=int, default=None, help="print only the best k (default: all)")
-    for command in (embedding, reranking):
+    late = commands.add_parser(
+        "colbert",
+        help="documents ranked by a ColBERT model's MaxSim score for a query",
+        description="The documents ranked by MaxSim against the query, best first, as PyLate scores them "
+        "(load_colbert).",
+    )
+    late.add_argument("texts", nargs="*", metavar="DOC", help="the documents to rank (instead of --input)")
+    late.add_argument("--query", required=True, help="the query")
+    late.add_argument("--top-k", type=int, default=None, help="print only the best k (default: all)")
+    for command in (embedding, reranking, late):
         command.add_argument("--model", required=True, help="hub id or local checkpoint folder")
         command.add_argument(
             "--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)"
@@ -685,18 +1022,21 @@ def embed_command(args):
         print(f"{args.output}: {len(texts)} embeddings of {embedder.dimension} float32 values")
 
 
-def rerank_command(args):
+def rerank_command(args, load=load_reranker):
+    """The documents ranked for the query by a reranker, or by a ColBERT model (load=load_colbert)."""
     documents = read_texts(args)
-    reranker = load_reranker(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
+    reranker = load(args.model, device=pick_device(args.device), dtype=args.dtype, revision=args.revision)
     for r in reranker.rank(args.query, documents, top_k=args.top_k):
         print(f"{r['score']:.4f}  {r['corpus_id']}  {shown(documents[r['corpus_id']])}")
 
 
 def main(argv=None):
-    """`embed ...` or `rerank ...`: 0, or 2 with a one-line message on any error the user can fix."""
+    """`embed ...`, `rerank ...` or `colbert ...`: 0, or 2 with a one-line message on any error the user can fix."""
     args = parse_args(argv)
+    commands = {"embed": embed_command, "rerank": rerank_command}
+    commands["colbert"] = lambda args: rerank_command(args, load=load_colbert)
     try:
-        {"embed": embed_command, "rerank": rerank_command}[args.command](args)
+        commands[args.command](args)
     except (ValueError, OSError, RuntimeError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

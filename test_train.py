@@ -1,22 +1,33 @@
 """Tests of train.py, in its order: documents, the tokenizer, best-fit packing (no attention across documents),
 masking, StableAdamW (against torch's AdamW, its own formula and optimi's implementation), the schedule, the training
 step (the same losses as transformers' ModernBertForMaskedLM in this loop); then the plumbing: the run's plan (a fixed
-number of steps by default), the output folder in load.py and transformers, --resume, two processes against one, and
-the one-line errors. Tiny models. Tests marked slow run real training runs or subprocesses; the rest take seconds.
+number of steps by default), the output folder in load.py and transformers, kept whole under kills (SIGKILL anywhere,
+inside saves too), one writer at a time, a loss that is not finite; --resume after SIGINT and SIGTERM bit for bit,
+other data and damaged checkpoints refused; two processes against one, and one of them interrupted or killed; and
+the one-line errors. Tiny models. Tests marked slow run real training runs, forked runs or subprocesses; the rest take
+seconds.
 """
 
 import contextlib
+import glob
 import importlib.util
 import itertools
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import traceback
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import load
 import modernbert as mb
@@ -45,13 +56,16 @@ VOCAB = train.Vocab(size=500, mask=4, pad=3, cls=1, sep=2)
 SMALL = {**TINY_MODEL, "vocab_size": VOCAB.size, "pad_token_id": VOCAB.pad, "initializer_range": 0.1}
 
 
+def docstrings_file(folder, n):
+    """n docstrings of the standard library, one document each, as a .txt file."""
+    path = folder / "docs.txt"
+    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in itertools.islice(train.stdlib_docstrings(), n)))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    """400 docstrings of the standard library, one document each, as a .txt file."""
-    docs = itertools.islice(train.stdlib_docstrings(), 400)
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
-    return str(path)
+    return docstrings_file(tmp_path_factory.mktemp("data"), 400)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +108,115 @@ def motif_pieces(n, seed=0):
 
 def settings(**overrides):
     return {"seed": 0, "batch_tokens": 512, "max_len": 128, **overrides}
+
+
+@pytest.fixture(scope="module")
+def small_text_file(tmp_path_factory):
+    """60 docstrings: a run of one small layer on them takes a fraction of a second."""
+    return docstrings_file(tmp_path_factory.mktemp("small"), 60)
+
+
+# One layer of width 64 (the runs that are killed, interrupted or restarted many times)
+ONE_LAYER = ["--layers", "1", "--hidden", "64", "--heads", "2", "--intermediate", "96", "--vocab", "300"]
+ONE_LAYER += ["--max-len", "64", "--batch-tokens", "256", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
+
+
+def fork(run):
+    """Starts run() in a forked copy of this process (a run that may be killed, or kill itself); returns its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        # tqdm's lock is shared with every process forked from this one: a kill while holding it would hang the rest
+        tqdm.set_lock(threading.RLock())
+        code = 1
+        try:
+            code = run()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+    return pid
+
+
+def exit_status(pid):
+    """What the forked run returned, or minus the signal that ended it."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# What a save may change in the file system, each a point where a kill can land
+FILE_CHANGES = [(os, n) for n in ("replace", "rename", "remove", "unlink", "link", "rmdir", "mkdir")]
+FILE_CHANGES += [(shutil, "copyfile"), (json, "dump")]
+
+
+def kill_inside_saves(at):
+    """From now on, in this (forked) process: SIGKILL just before the `at`-th change (0, 1, ...) that save_run makes
+    to the file system, counting over all its saves."""
+    from safetensors import torch as safetensors_torch
+
+    count, saving = itertools.count(), [False]
+    for module, name in [*FILE_CHANGES, (safetensors_torch, "save_file")]:
+
+        def change(*args, _original=getattr(module, name), **kwargs):
+            if saving[0] and next(count) == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _original(*args, **kwargs)
+
+        setattr(module, name, change)
+    save_run = train.save_run
+
+    def watched_save(*args):
+        saving[0] = True
+        try:
+            return save_run(*args)
+        finally:
+            saving[0] = False
+
+    train.save_run = watched_save
+
+
+def resumed(out):
+    """(step, weights, StableAdamW's moments) as --resume finds them in `out`, read as train.py reads them."""
+    settings = train.settle(train.parse_args(["--out", out, "--resume"]))
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        model, *_ = train.build(settings, 0, tokenizer_folder, torch.device("cpu"))
+    optimizer = train.StableAdamW(train.param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+    state = train.new_state(settings, settings["batch_tokens"])
+    train.resume_state(state, optimizer, out)
+    return state["global_step"], model.state_dict(), moments(optimizer)
+
+
+def moments(optimizer):
+    """StableAdamW's moments by parameter name, copied."""
+    return {
+        name: (optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
+        for group in optimizer.param_groups
+        for name, p in zip(group["names"], group["params"])
+        if optimizer.state[p]
+    }
+
+
+def equal(a, b):
+    """Two dicts of tensors, or of tuples of tensors, bit for bit."""
+
+    def flat(d):
+        return {(k, i): t for k, v in d.items() for i, t in enumerate(v if isinstance(v, tuple) else (v,))}
+
+    a, b = flat(a), flat(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def files_named(folder, name):
+    """The files called `name` anywhere in `folder` (the run's files, wherever the layout puts them)."""
+    return glob.glob(os.path.join(folder, "**", name), recursive=True)
+
+
+def one_line(err):
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,11 +591,19 @@ def test_evaluations_fall_once_per_tenth_and_a_resumed_run_does_not_catch_up():
 # ----------------------------------------------------------------------------------------------------
 # The output folder (a real training run: slow)
 
+MODEL_FILES = {"config.json", "model.safetensors", *load.TOKENIZER_FILES, "trainer_state.json"}  # at the top of --out
+
 
 @pytest.mark.slow
 def test_the_folder_holds_a_checkpoint_its_tokenizer_and_the_trainer_state(trained, capsys):
-    names = set(os.listdir(trained))
-    assert {"config.json", "model.safetensors", *load.TOKENIZER_FILES, *train.RUN_FILES} == names
+    """The model, its tokenizer and trainer_state.json at the top (what load.py and transformers read), and the same
+    files, linked, with the optimizer's state and the settings in checkpoint-4, which --resume reads."""
+    assert set(os.listdir(trained)) == {*MODEL_FILES, "checkpoint-4"}
+    checkpoint = os.path.join(trained, "checkpoint-4")
+    assert train.get_last_checkpoint(trained) == checkpoint
+    assert set(os.listdir(checkpoint)) == {*MODEL_FILES, *train.RUN_FILES}
+    for name in MODEL_FILES:
+        assert os.path.samefile(os.path.join(trained, name), os.path.join(checkpoint, name))
     state = json.load(open(os.path.join(trained, "trainer_state.json")))
     assert state["global_step"] == 4 and state["max_steps"] == 4
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
@@ -506,36 +637,338 @@ def test_transformers_loads_the_folder_with_the_same_logits(trained):
     assert state.global_step == 4 and state.log_history[0]["loss"] > 0
 
 
+@pytest.mark.slow
+def test_a_kill_anywhere_in_a_save_leaves_the_last_whole_checkpoint(tmp_path, small_text_file):
+    """A save of step 2 over the folder that holds step 1, killed (SIGKILL) just before each change it makes to the
+    file system in turn: --resume then finds one whole checkpoint, step 1's or step 2's (weights, optimizer and
+    step of one step), never a mix of the two and never none."""
+    base = str(tmp_path / "base" / "out")
+    settings = train.settle(train.parse_args(["--data", small_text_file, "--out", base, *ONE_LAYER]))
+    tokenizer_folder = str(tmp_path / "tokenizer")
+    os.makedirs(tokenizer_folder)
+    model, _, vocab, pieces, _ = train.build(settings, 0, tokenizer_folder, torch.device("cpu"))
+    optimizer = train.StableAdamW(train.param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+    state = train.new_state(settings, settings["batch_tokens"])
+    plan, expected = train.epoch_plan(pieces, settings["batch_tokens"], seed=0, epoch=0), {}
+
+    def step():
+        b = train.batch(pieces, plan[state["global_step"]], settings, vocab, 0.3, state["global_step"])
+        n = int((b.labels != train.IGNORE).sum())
+        train.train_step(model, optimizer, [b], ([n], n), contextlib.nullcontext)
+        state["global_step"] += 1
+        expected[state["global_step"]] = ({k: v.clone() for k, v in model.state_dict().items()}, moments(optimizer))
+
+    step()
+    train.save_run(base, model, optimizer, state, settings, tokenizer_folder)
+    step()
+    for at in itertools.count():
+        out = str(tmp_path / str(at) / "out")
+        shutil.copytree(base, out)
+
+        def save_step_2(out=out, at=at):
+            kill_inside_saves(at)
+            train.save_run(out, model, optimizer, state, settings, tokenizer_folder)
+            return 0
+
+        status = exit_status(fork(save_step_2))
+        found, weights, found_moments = resumed(out)
+        assert equal(weights, expected[found][0]) and equal(found_moments, expected[found][1]), (at, found)
+        if status == 0:  # the save went through: no change left to kill it at
+            assert found == 2
+            break
+        assert status == -signal.SIGKILL
+    assert at > 10  # the save was killed at every one of its changes
+
+
+@pytest.mark.slow
+def test_twenty_kills_at_random_moments_lose_no_checkpoint_and_resume_to_the_same_weights(
+    tmp_path, small_text_file, capsys
+):
+    """A run of 12 steps saved every 2, killed (SIGKILL) 20 times at random moments: half by the clock, anywhere in
+    the run, half inside its saves, at a random change to the file system (the first before its first checkpoint
+    is whole). After each kill the folder's last whole checkpoint is at least the last save that had ended (none
+    lost), with the uninterrupted run's weights of that step exactly, or, before any save, --resume is refused in
+    one line and a new run starts in the folder over what the kill left; every run resumed to its end has the
+    uninterrupted run's final weights exactly."""
+    args = ["--data", small_text_file, "--steps", "12", "--save-every", "2", *ONE_LAYER]
+    saved, save_run = {}, train.save_run  # the uninterrupted run's weights at each save
+
+    def save_and_keep(out, model, optimizer, state, *rest):
+        save_run(out, model, optimizer, state, *rest)
+        weights = model.state_dict()
+        saved[state["global_step"]] = {k: v.clone() for k, v in weights.items() if k != "decoder.weight"}  # tied
+
+    train.save_run = save_and_keep
+    try:
+        t0 = time.perf_counter()
+        assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
+        run_seconds = time.perf_counter() - t0
+    finally:
+        train.save_run = save_run
+    final = mb.read_safetensors(str(tmp_path / "straight"))
+    rng, kills, in_saves, refused, chains = random.Random(0), 0, 0, 0, 0
+    out, log = str(tmp_path / "0" / "out"), str(tmp_path / "0" / "saved")
+    while True:
+        if train.get_last_checkpoint(out) is None and os.path.exists(out):  # killed before its first save
+            assert train.main(["--out", out, "--resume"]) == 2
+            assert "start the run without --resume" in one_line(capsys.readouterr().err)
+            refused += 1
+        in_save = kills < 20 and kills % 2 == 0
+        at = 3 if kills == 0 else rng.randrange(40)  # drawn here (a forked run's draws do not come back); the first
+        # kill lands in the first save, before its checkpoint is whole
+
+        def attempt(out=out, log=log, in_save=in_save, at=at):
+            save_run = train.save_run
+
+            def save_and_log(out, model, optimizer, state, *rest):
+                save_run(out, model, optimizer, state, *rest)
+                with open(log, "a") as f:
+                    f.write(f"{state['global_step']}\n")
+
+            train.save_run = save_and_log
+            if in_save:
+                kill_inside_saves(at)
+            resume = ["--resume"] if train.get_last_checkpoint(out) else []
+            return train.main([*args, "--out", out, *resume])
+
+        pid = fork(attempt)
+        if kills < 20 and not in_save:
+            time.sleep(rng.uniform(0, run_seconds))
+            os.kill(pid, signal.SIGKILL)
+        status = exit_status(pid)
+        if status == 0:  # the run reached its end
+            assert equal(mb.read_safetensors(out), final), f"chain {chains}: resumed to other weights"
+            assert set(os.listdir(out)) == {*MODEL_FILES, "checkpoint-12"}  # what the kills left is gone
+            if kills >= 20:
+                break
+            chains += 1
+            out, log = str(tmp_path / str(chains) / "out"), str(tmp_path / str(chains) / "saved")
+            continue
+        assert status == -signal.SIGKILL, status
+        kills, in_saves = kills + 1, in_saves + in_save
+        last_saved = max(map(int, open(log).read().split()), default=0) if os.path.exists(log) else 0
+        last = train.get_last_checkpoint(out)
+        step = int(last.rsplit("-", 1)[1]) if last else 0
+        assert step >= last_saved, f"kill {kills}: the checkpoint of step {last_saved} is lost"
+        if last:
+            assert equal(mb.read_safetensors(last), saved[step]), f"kill {kills}: step {step} is not the run's"
+    assert kills == 20 and in_saves == 10 and refused >= 1
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_taken_over(
+    tmp_path, small_text_file, capsys
+):
+    """While a run trains into --out, a second one into it (new or --resume) is refused at once, naming the process
+    that holds it; once that run is killed, --resume takes its lock over, saying so, and goes on."""
+    out = str(tmp_path / "out")
+    args = ["--data", small_text_file, "--out", out, "--steps", "3", "--save-every", "1", *ONE_LAYER]
+    ready, holding = os.pipe()
+
+    def run_that_holds_the_folder():
+        log_step = train.Log.step
+
+        def step_then_hold(self, *a):
+            log_step(self, *a)
+            if self.state["global_step"] == 2:  # step 1 is saved
+                os.write(holding, b"1")
+                time.sleep(600)
+
+        train.Log.step = step_then_hold
+        return train.main(args)
+
+    pid = fork(run_that_holds_the_folder)
+    try:
+        assert os.read(ready, 1) == b"1"
+        for second in (args, ["--out", out, "--resume"]):
+            assert train.main(second) == 2
+            err = one_line(capsys.readouterr().err)
+            assert f"in use by process {pid}" in err, err
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        assert exit_status(pid) == -signal.SIGKILL
+    assert train.main(["--out", out, "--resume"]) == 0
+    assert f"left by process {pid}" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "trainer_state.json")))["global_step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["in the loss", "in the weights"])
+def test_a_loss_or_weights_not_finite_stop_the_run_and_keep_the_last_checkpoint(
+    where, tmp_path, small_text_file, capsys, monkeypatch
+):
+    """A NaN weight before step 3's forward (its loss is NaN), or after step 3's update (its loss is finite, its
+    weights are not): the run stops at step 3 in one line naming the step and the learning rate, exit status 2,
+    and step 2's checkpoint stays, the folder's model with it."""
+    out = str(tmp_path / "out")
+    train_step, update = train.train_step, train.StableAdamW.step
+    calls = itertools.count(1)
+
+    def poison(params):
+        with torch.no_grad():
+            next(iter(params)).view(-1)[0] = math.nan
+
+    if where == "in the loss":
+
+        def train_step_poisoned(model, *args):
+            if next(calls) == 3:
+                poison(model.parameters())
+            return train_step(model, *args)
+
+        monkeypatch.setattr(train, "train_step", train_step_poisoned)
+    else:
+
+        def update_poisoned(self):
+            update(self)
+            if next(calls) == 3:
+                poison(self.param_groups[0]["params"])
+
+        monkeypatch.setattr(train.StableAdamW, "step", update_poisoned)
+    args = ["--data", small_text_file, "--out", out, "--steps", "4", "--save-every", "1", *ONE_LAYER]
+    assert train.main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "step 3" in err and "learning rate" in err, err
+    step, weights, found_moments = resumed(out)
+    assert step == 2 and all(t.isfinite().all() for t in weights.values())
+    assert all(m.isfinite().all() and v.isfinite().all() for m, v in found_moments.values())
+    assert all(t.isfinite().all() for t in mb.read_safetensors(out).values())
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_text_file, capsys, monkeypatch):
+    """The disk fills up in the middle of the save of step 2 (safetensors raises its own error): one line, exit
+    status 2, and step 1's checkpoint whole."""
+    from safetensors import SafetensorError
+    from safetensors import torch as safetensors_torch
+
+    out = str(tmp_path / "out")
+    save_file, calls = safetensors_torch.save_file, itertools.count(1)
+
+    def save_file_until_the_disk_is_full(*args, **kwargs):
+        if next(calls) == 3:  # step 1: the model's file and the optimizer's
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors_torch, "save_file", save_file_until_the_disk_is_full)
+    args = ["--data", small_text_file, "--out", out, "--steps", "3", "--save-every", "1", *ONE_LAYER]
+    assert train.main(args) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "No space left on device" in err and "step 2" in err, err
+    assert resumed(out)[0] == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resuming, and many processes
 
 
 @pytest.mark.slow
-def test_resume_continues_step_optimizer_and_schedule(tmp_path, text_file, trained, monkeypatch):
-    """Interrupted after step 2 of 4 (Ctrl-C saves), then --resume: the same weights and losses as the run that
-    went through."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_ends_its_step_saves_it_and_resume_is_the_straight_run(sig, tmp_path, text_file, trained, capfd):
+    """SIGINT (Ctrl-C) or SIGTERM (how a cluster preempts a job) in the middle of step 2, after its update, and again
+    during the save: the run ends step 2, saves it (weights, optimizer, step and data position of step 2) and exits
+    with 128 + the signal's number, saying so in one line; --resume then ends with the weights and losses of the
+    run that went through, bit for bit."""
     out = str(tmp_path / "out")
-    step = train.Log.step
 
-    def interrupt_after_step_2(self, *args):
-        step(self, *args)
-        if self.state["global_step"] == 2:
-            raise KeyboardInterrupt
+    def interrupted_run():
+        update, save_run, calls = train.StableAdamW.step, train.save_run, itertools.count(1)
 
-    with monkeypatch.context() as m:
-        m.setattr(train.Log, "step", interrupt_after_step_2)
-        assert train.main(["--data", text_file, "--out", out, "--steps", "4", *TINY]) == 0
-    assert json.load(open(os.path.join(out, "trainer_state.json")))["global_step"] == 2
+        def update_then_signal(self):
+            update(self)
+            if next(calls) == 2:
+                os.kill(os.getpid(), sig)
+
+        def signal_then_save(*args):
+            os.kill(os.getpid(), sig)
+            return save_run(*args)
+
+        train.StableAdamW.step, train.save_run = update_then_signal, signal_then_save
+        return train.main(["--data", text_file, "--out", out, "--steps", "4", *TINY])
+
+    capfd.readouterr()
+    assert exit_status(fork(interrupted_run)) == 128 + sig
+    err = capfd.readouterr().err.strip().splitlines()
+    assert f"Interrupted by {sig.name} after step 2: saved in {out}; --resume continues it." in err, err
+    assert resumed(out)[0] == 2
     assert train.main(["--out", out, "--resume"]) == 0
-    resumed, straight = (json.load(open(os.path.join(f, "trainer_state.json"))) for f in (out, trained))
-    assert resumed["global_step"] == 4
+    resumed_run, straight = (json.load(open(os.path.join(f, "trainer_state.json"))) for f in (out, trained))
+    assert resumed_run["global_step"] == 4
 
     def losses(state):
         return [e["loss"] for e in state["log_history"] if "loss" in e]
 
-    assert losses(resumed) == losses(straight)
+    assert losses(resumed_run) == losses(straight)
     a, b = (mb.read_safetensors(f) for f in (out, trained))
-    assert all(torch.equal(a[k], b[k]) for k in b), {k: (a[k] - b[k]).abs().max().item() for k in b}
+    assert equal(a, b), {k: (a[k] - b[k]).abs().max().item() for k in b}
+
+
+@pytest.mark.slow
+def test_resume_refuses_data_whose_content_changed(tmp_path, text_file, trained, capsys):
+    """The run records a hash of its documents: the same path holding other text is refused in one line; the same
+    text at another path goes on."""
+    data, out = tmp_path / "docs.txt", str(tmp_path / "out")
+    shutil.copyfile(text_file, data)
+    shutil.copytree(trained, out)
+    for path in files_named(out, "training_args.json"):
+        json.dump({**json.load(open(path)), "data": [str(data)]}, open(path, "w"))
+    text = data.read_text()
+    data.write_text(text.replace("Return", "Give back", 1))  # one word of one document
+    assert train.main(["--out", out, "--resume", "--steps", "5"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "content" in err and str(data) in err, err
+    data.write_text(text)
+    assert train.main(["--out", out, "--resume", "--steps", "5"]) == 0
+
+
+def not_safetensors(path):
+    open(path, "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+
+
+def without_metadata(path):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), path)
+
+
+def edit_json(path, edit):
+    content = json.load(open(path))
+    json.dump(edit(content), open(path, "w"))
+
+
+DAMAGED = {  # case: (file, how it is damaged)
+    "optimizer not safetensors": ("optimizer.safetensors", not_safetensors),
+    "optimizer without its step": ("optimizer.safetensors", without_metadata),
+    "trainer state a list": ("trainer_state.json", lambda p: edit_json(p, lambda c: [c])),
+    "trainer state's step a string": (
+        "trainer_state.json",
+        lambda p: edit_json(p, lambda c: {**c, "global_step": "4"}),
+    ),
+    "trainer state's log not a list": (
+        "trainer_state.json",
+        lambda p: edit_json(p, lambda c: {**c, "log_history": 1}),
+    ),
+    "training args a list": ("training_args.json", lambda p: edit_json(p, lambda c: [c])),
+    "training args' lr a string": ("training_args.json", lambda p: edit_json(p, lambda c: {**c, "lr": "1e-3"})),
+    "training args without the batch": (
+        "training_args.json",
+        lambda p: edit_json(p, lambda c: c.pop("batch_tokens") and c),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_checkpoint_is_refused_in_one_line(case, tmp_path, trained, capsys):
+    """--resume of a checkpoint whose files are damaged (not the format, or values of the wrong type): one line
+    naming the file, exit status 2, never a traceback."""
+    out = str(tmp_path / "out")
+    shutil.copytree(trained, out)
+    name, damage = DAMAGED[case]
+    for path in files_named(out, name):
+        damage(path)
+    assert train.main(["--out", out, "--resume", "--steps", "5"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert name in err, err
 
 
 @pytest.mark.slow
@@ -567,6 +1000,56 @@ def test_two_processes_learn_as_one(tmp_path, text_file):
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     a, b = (mb.read_safetensors(f) for f in (one, two))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+INTERRUPT_PROCESS_1 = """import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+update, calls = train.StableAdamW.step, []
+def update_then_signal(self):
+    update(self)
+    calls.append(1)
+    if len(calls) == {at} and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.{sig})
+train.StableAdamW.step = update_then_signal
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_an_interrupt_or_a_kill_on_one_torchrun_process_ends_both_and_keeps_the_checkpoint(
+    sig, tmp_path, small_text_file
+):
+    """torchrun, 2 processes; process 1 alone gets SIGINT in the middle of step 2, or is killed (SIGKILL) in the
+    middle of step 3 after step 2 was saved: both processes end (no 30-minute wait for gloo's timeout), with a
+    non-zero status, and --out holds step 2 whole. An interrupt is saved after its step, and process 0 says in one
+    line where it came from."""
+    out, script = str(tmp_path / "out"), tmp_path / "signal_process_1.py"
+    script.write_text(INTERRUPT_PROCESS_1.format(here=HERE, at=2 if sig == "SIGINT" else 3, sig=sig))
+    args = ["--data", small_text_file, "--out", out, "--steps", "4", "--save-every", "2", *ONE_LAYER]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    group = subprocess.Popen(  # a session of its own: on a hang, every process of it is killed
+        [*run, str(script), *args],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = group.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(group.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun still runs after 240 s: {group.communicate()[1][-2000:]}") from None
+    assert group.returncode != 0
+    # step 2 saved (twice on an interrupt: --save-every, then the stop); a lock left only by a process killed
+    assert set(os.listdir(out)) - {train.LOCK} == {*MODEL_FILES, "checkpoint-2"}
+    if sig == "SIGINT":
+        assert f"Interrupted by SIGINT on process 1 after step 2: saved in {out}; --resume continues it." in err, err
+    assert resumed(out)[0] == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,8 +1118,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, text_file, req
         args = ["--out", trained, "--resume", "--steps", "-1"]
     elif case == "resume by another number of processes":
         shutil.copytree(trained, out)
-        recorded = json.load(open(os.path.join(out, "training_args.json")))
-        json.dump({**recorded, "processes": 2}, open(os.path.join(out, "training_args.json"), "w"))
+        path = os.path.join(train.get_last_checkpoint(out), "training_args.json")
+        json.dump({**json.load(open(path)), "processes": 2}, open(path, "w"))
         trained, args = out, ["--out", out, "--resume", "--steps", "8"]
 
     def files(folder):

@@ -28,23 +28,28 @@ arXiv:2507.11412: ModernBERT's recipe at small scale) with 4 layers instead of 7
 its learning rate is 1e-3, not Ettin's 3e-3, which suits batches of 4.7M tokens: with batches of 2,048 tokens,
 3e-3 kept the default run long on the plateau of unigram guesses (README.md has both runs).
 
-Below the PLUMBING banner: the output folder (a checkpoint that load.py and transformers read, and
-trainer_state.json as transformers' Trainer writes it), --resume, torchrun (each process takes its share of the
-packed batches; process 0 writes the folder), logging and the command line. Depends on torch, tokenizers, tqdm,
-modernbert.py and load.py; never on transformers.
+Below the PLUMBING banner: the output folder (the last saved model, which load.py and transformers read, and
+checkpoint-<step>, which --resume reads: a kill at any moment leaves the last whole one), --resume, stopping
+(Ctrl-C or SIGTERM: the step ends and is saved; a loss that is not finite: nothing saved), torchrun (each process
+takes its share of the packed batches; process 0 writes the folder), logging and the command line. Depends on
+torch, tokenizers, tqdm, modernbert.py and load.py; never on transformers.
 """
 
 import argparse
 import ast
 import contextlib
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -398,9 +403,8 @@ def train(settings):
         stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
         log = Log(settings, state, show=rank == 0)
         log.start(pieces, held_pieces, vocab, model, device, world, clock)
-        interrupted = False
-        try:
-            while (progress := clock.progress_after_next_step()) <= 1.0:
+        with StopOnSignal(device) as stop:  # SIGINT, SIGTERM: noted, and the run stops after its step
+            while not stop.agreed() and (progress := clock.progress_after_next_step()) <= 1.0:
                 t0 = time.perf_counter()
                 numbered = [next(stream) for _ in range(per_step)]
                 mine = [  # this process's share: batches rank, rank + world, ...
@@ -415,6 +419,7 @@ def train(settings):
                     group["lr"] = lr
                 loss = train_step(ddp, optimizer, mine, (counts, all_sum(sum(counts), device)), autocast)
                 loss, tokens = all_sum(loss, device), all_sum(sum(int(b.real.sum()) for b in mine), device)
+                check_finite(loss, lr, state["global_step"] + 1, settings["out"])  # a NaN stops the run, unsaved
                 clock.step_done(time.perf_counter() - t0)
                 state["epoch"], state["tokens_seen"] = numbered[-1][1], state["tokens_seen"] + int(tokens)
                 log.step(loss, lr, tokens, progress, clock.last_seconds)
@@ -422,15 +427,15 @@ def train(settings):
                     log.eval(*evaluate(model, held_out, autocast))
                 if settings["save_every"] and state["global_step"] % settings["save_every"] == 0 and rank == 0:
                     save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
-        except KeyboardInterrupt:  # Ctrl-C: the steps done so far are saved, and --resume goes on
-            interrupted = True
-        log.close()
-        eval_loss, accuracy = evaluate(model, held_out, autocast)
-        log.eval(eval_loss, accuracy)
-        if rank == 0:
-            save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+            log.close()
+            if not stop.stopped:  # an interrupted run saves at once: a cluster's grace period is short
+                eval_loss, accuracy = evaluate(model, held_out, autocast)
+                log.eval(eval_loss, accuracy)
+            if rank == 0:
+                save_run(settings["out"], model, optimizer, state, settings, tokenizer_folder)
+            stop.raise_if_stopped(state["global_step"], settings["out"])  # main says so, and exits
     end_processes()
-    log.result(accuracy, baseline, top_token, time.perf_counter() - start, interrupted)
+    log.result(accuracy, baseline, top_token, time.perf_counter() - start)
     return eval_loss, accuracy, baseline
 
 
@@ -514,11 +519,14 @@ def build(settings, rank, tokenizer_folder, device):
     """(model on `device`, tokenizer folder, vocab, pieces, held-out pieces). Data and tokenizer first: each is
     checked before the model costs anything."""
     documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
+    check_same_data(documents, settings)
     train_docs, held_docs = split_held_out(documents)
-    source = settings.get("init")
-    if settings["resume"]:
-        source = settings["out"]
-    if source is not None:
+    source = get_last_checkpoint(settings["out"]) if settings["resume"] else settings.get("init")
+    if settings["resume"]:  # a copy: the run removes its checkpoint folders as it saves new ones
+        for name in load.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(tokenizer_folder, name))
+    elif source is not None:
         tokenizer_folder = load.resolve(source)
     elif rank == 0 or not dist.is_initialized():
         save_tokenizer(train_tokenizer(train_docs, settings["vocab"]), tokenizer_folder, settings["max_len"])
@@ -551,6 +559,20 @@ def build(settings, rank, tokenizer_folder, device):
     if settings.get("compile"):
         model.compile()
     return model, tokenizer_folder, vocab, pieces, held_pieces
+
+
+def check_same_data(documents, settings):
+    """A new run records the sha256 of its documents; a resumed one must read the same text (another text, even at
+    the same path, would change every batch)."""
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(document.encode() + b"\0")
+    if settings.setdefault("data_sha256", digest.hexdigest()) != digest.hexdigest():
+        data = " ".join(settings.get("data") or ["this Python's standard-library docstrings"])
+        raise ValueError(
+            f"--resume: the content of {data} is not the text the run in {settings['out']} was trained on (it "
+            "changed since): resume with that text, or start a new run in another --out."
+        )
 
 
 def new_config(settings, vocab):
@@ -597,37 +619,102 @@ def new_state(settings, step_tokens):
 
 
 def resume_state(state, optimizer, out):
-    recorded = read_json_file(os.path.join(out, "trainer_state.json"))
+    """The step, log and tokens seen of out's last checkpoint, and StableAdamW's moments (build loads its weights)."""
+    folder = get_last_checkpoint(out)
+    path = os.path.join(folder, "trainer_state.json")
+    recorded = read_json_file(path)
+    fields = {"global_step": int, "epoch": (int, float), "num_input_tokens_seen": int, "log_history": list}
+    for name, kind in fields.items():
+        value = recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) or (name == "global_step" and value < 0):
+            raise damaged(path, f"its {name} is {value!r}")
+    if not all(isinstance(entry, dict) for entry in recorded["log_history"]):
+        raise damaged(path, "its log_history holds something else than entries")
     state.update(log_history=recorded["log_history"], global_step=recorded["global_step"], epoch=recorded["epoch"])
-    state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=load_optimizer_state(optimizer, out))
+    seconds = load_optimizer_state(optimizer, folder, recorded["global_step"])
+    state.update(tokens_seen=recorded["num_input_tokens_seen"], train_seconds=seconds)
 
 
-def load_optimizer_state(optimizer, folder):
+def load_optimizer_state(optimizer, folder, step):
     """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
-    seconds. A file that does not match the model is an error, not a fresh start."""
-    from safetensors import safe_open
+    seconds. A file that does not match the model, or this step, is an error, not a fresh start."""
+    from safetensors import SafetensorError, safe_open
 
     path = os.path.join(folder, "optimizer.safetensors")
-    with safe_open(path, "pt") as f:
-        meta, moments = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, "pt") as f:
+            meta, moments = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        saved_step, seconds = int(meta["step"]), float(meta["train_seconds"])
+    except KeyError as e:
+        raise damaged(path, f"no {e} in its metadata") from None
+    except (SafetensorError, ValueError) as e:
+        raise damaged(path, str(e)) from None
+    if saved_step != step:
+        raise damaged(path, f"its step is {saved_step}, trainer_state.json's {step}")
+    if not all(t.isfinite().all() for t in moments.values()):
+        raise damaged(path, "moments that are not finite")
     for group in optimizer.param_groups:
         for name, p in zip(group["names"], group["params"]):
             m, v = moments.pop(f"{name}.exp_avg", None), moments.pop(f"{name}.exp_avg_sq", None)
+            if step == 0 and m is None and v is None:
+                continue  # saved before the first step: no moments yet
             if m is None or v is None or m.shape != p.shape or v.shape != p.shape:
                 raise ValueError(
                     f"{path} has no state of the right shape for {name}: it does not belong to this model."
                 )
-            optimizer.state[p] = {"step": int(meta["step"]), "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
+            optimizer.state[p] = {"step": saved_step, "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
     if moments:
         raise ValueError(f"{path} holds state for parameters this model lacks: {sorted(moments)[:3]}.")
-    return float(meta["train_seconds"])
+    return seconds
 
 
 def read_recorded_run(out):
-    missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(out, n))]
+    """The settings of the run in out, as its last checkpoint recorded them in training_args.json."""
+    folder = get_last_checkpoint(out)
+    if folder is None:
+        raise ValueError(
+            f"--resume: {out} holds no saved run to continue (no checkpoint-<step> folder with its "
+            "trainer_state.json): start the run without --resume."
+        )
+    missing = [n for n in RUN_FILES if not os.path.isfile(os.path.join(folder, n))]
     if missing:
-        raise ValueError(f"--resume: {out} is not a run of train.py to continue (it has no {missing[0]}).")
-    return read_json_file(os.path.join(out, "training_args.json"))
+        raise damaged(os.path.join(folder, missing[0]), "the file is missing")
+    path = os.path.join(folder, "training_args.json")
+    recorded = read_json_file(path)
+    if not isinstance(recorded, dict):
+        raise damaged(path, f"a JSON {type(recorded).__name__}, not an object")
+    for name in RECORDED_REQUIRED:
+        if recorded.get(name) is None:
+            raise damaged(path, f"no {name}")
+    for name, kind in RECORDED_TYPES.items():
+        if recorded.get(name) is not None and not of_kind(recorded[name], kind):
+            raise damaged(path, f"its {name} is {recorded[name]!r}, not of type {kind.__name__}")
+    return recorded
+
+
+# What training_args.json holds, beside the flags of DEFAULTS: what the run recorded about itself
+RECORDED_TYPES = {name: type(value) for name, value in DEFAULTS.items() if value is not None}
+RECORDED_TYPES |= dict(data=list, init=str, minutes=float, warmup_steps=int, train_seconds=float, processes=int)
+RECORDED_TYPES |= dict(device=str, dtype=str, compile=bool, samples=list, data_sha256=str)
+RECORDED_REQUIRED = [name for name in DEFAULTS if name not in ("out", "steps", "warmup_steps", "vocab", *MODEL_FLAGS)]
+
+
+def of_kind(value, kind):
+    """JSON's value as the flag's type: an int is a float too, a bool is not a number, a list holds strings."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def damaged(path, what):
+    return ValueError(
+        f"{path} is damaged ({what}): it is not as train.py writes it. Resume from a copy of the folder, or start a "
+        "new run in another --out."
+    )
 
 
 def check_same_model(config, settings):
@@ -741,45 +828,277 @@ def end_processes():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The output folder: written in a temporary folder beside --out, then moved into place, trainer_state.json last,
-# so a folder with one holds a complete checkpoint of that step.
+# Stopping: on a signal (Ctrl-C, a cluster's preemption) after the step in progress, saved; on a loss or weights
+# that are no longer finite at once, unsaved.
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving its step; main says so and exits with `code`, 128 + its number."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StopOnSignal:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (how clusters preempt a job) are noted, not acted on: the step in
+    progress ends, and before the next one every process learns whether any of them had one (a sum over processes),
+    so all stop after the same step, which process 0 saves: weights, optimizer, step and data position of that one
+    step. A second signal during the save is noted too; a kill (SIGKILL) cannot be, and loses nothing either (see
+    save_run). Outside the loop and its save (setup, the samples) the signals act as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, device):
+        self.device, self.noted, self.stopped, self.previous = device, 0, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # the only thread Python gives signals to
+            self.previous = {s: signal.signal(s, self.note) for s in self.SIGNALS}
+        return self
+
+    def note(self, signum, frame):
+        self.noted = self.noted or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self):
+        """Whether any process has had a signal; self.stopped is then (process, signal, world size) of the first."""
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        noted = torch.zeros(world, dtype=torch.int64, device=self.device)
+        noted[rank] = self.noted
+        if world > 1:
+            dist.all_reduce(noted)
+        if noted.any():
+            process = int(noted.nonzero()[0])
+            self.stopped = (process, signal.Signals(int(noted[process])), world)
+        return self.stopped is not None
+
+    def raise_if_stopped(self, step, out):
+        if self.stopped:
+            process, received, world = self.stopped
+            where = f" on process {process}" if world > 1 else ""
+            message = (
+                f"Interrupted by {received.name}{where} after step {step}: saved in {out}; --resume continues it."
+            )
+            raise Interrupted(message, 128 + received)
+
+
+def check_finite(loss, lr, step, out):
+    """A loss that is not finite stops the run at its step, before anything of that step is saved."""
+    if not math.isfinite(loss):
+        raise diverged(f"the loss is {loss}", step, lr, out)
+
+
+def diverged(what, step, lr, out):
+    last = get_last_checkpoint(out)
+    kept = f"keeps {os.path.basename(last)}" if last else "holds no checkpoint of it"
+    return ValueError(
+        f"step {step}: {what}, at learning rate {lr:.3g}: the run stops here, and {out} {kept}. Lower --lr or "
+        "--weight-decay, or check the data."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder. Each save writes a whole checkpoint into a new folder, checkpoint-<step> (as transformers'
+# Trainer does), its trainer_state.json last: a checkpoint folder that has one is whole. Then its model, tokenizer
+# and trainer_state.json are linked at the top of --out, for load.py, transformers and --init; last, the previous
+# checkpoint goes. So a kill at any moment leaves the last whole checkpoint, which --resume takes.
+#
+#   trained-modernbert/             the last saved model: load.py, transformers' from_pretrained
+#     config.json  model.safetensors  tokenizer.json  tokenizer_config.json  special_tokens_map.json
+#     trainer_state.json            the loss curve, as transformers' Trainer writes it
+#     checkpoint-720/               what --resume reads: the same files (linked, not copied), and
+#       optimizer.safetensors         StableAdamW's moments, its step and the seconds trained
+#       training_args.json            the run's settings
+#     .lock                         while a run writes the folder
 
 RUN_FILES = ("trainer_state.json", "training_args.json", "optimizer.safetensors")
+PUBLISHED = ("config.json", "model.safetensors", *load.TOKENIZER_FILES, "trainer_state.json")  # trainer_state last
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+LOCK = ".lock"
 
 
-def save_run(folder, model, optimizer, state, settings, tokenizer_folder):
+def save_run(out, model, optimizer, state, settings, tokenizer_folder):
+    """The run at its step, as out/checkpoint-<step>, made the folder's model; then the checkpoint before it goes.
+    The same step saved again (a run's end just after its last save) rewrites its two JSON files only, each at
+    once. A save that fails is one error, and leaves the last whole checkpoint."""
+    from safetensors import SafetensorError
+
+    step, lr = state["global_step"], optimizer.param_groups[0]["lr"]
+    if not all(p.isfinite().all() for p in model.parameters()):
+        raise diverged("the weights are no longer finite", step, lr, out)
+    folder = os.path.join(out, f"checkpoint-{step}")
+    try:
+        if not is_whole(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # what a killed save of this step left
+            load.save_with_tokenizer(model, folder, tokenizer_folder)  # config.json + model.safetensors appear at once
+            save_optimizer_state(optimizer, state, folder)
+        write_json(os.path.join(folder, "training_args.json"), {k: v for k, v in settings.items() if k != "resume"})
+        write_json(os.path.join(folder, "trainer_state.json"), trainer_state(state))  # now the checkpoint is whole
+        publish(folder, out)
+    except (OSError, SafetensorError) as e:
+        if not is_whole(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        last = get_last_checkpoint(out)
+        raise OSError(
+            f"saving step {step} in {out} failed ({e}); {os.path.basename(last) if last else 'no checkpoint'} is "
+            "the last whole one there."
+        ) from None
+    for name in os.listdir(out):
+        if CHECKPOINT.fullmatch(name) and name != os.path.basename(folder):
+            remove_checkpoint(os.path.join(out, name))
+
+
+def save_optimizer_state(optimizer, state, folder):
+    """StableAdamW's moments by parameter name, with its step and the seconds trained, in optimizer.safetensors."""
     from safetensors.torch import save_file
 
-    folder = os.path.abspath(folder)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".saving-", dir=os.path.dirname(folder))
+    moments = {}
+    for group in optimizer.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            if optimizer.state[p]:
+                moments[f"{name}.exp_avg"] = optimizer.state[p]["exp_avg"].contiguous()
+                moments[f"{name}.exp_avg_sq"] = optimizer.state[p]["exp_avg_sq"].contiguous()
+    meta = {"step": str(state["global_step"]), "train_seconds": repr(state["train_seconds"])}
+    path = os.path.join(folder, "optimizer.safetensors")
+    save_file(moments, path, metadata=meta)
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors makes its files private; a checkpoint is readable
+
+
+def publish(folder, out):
+    """The checkpoint's model, tokenizer and trainer_state.json at the top of out too, each linked (copied where
+    the file system has no links) under a temporary name, then renamed over the one there."""
+    for name in PUBLISHED:
+        source, temporary = os.path.join(folder, name), os.path.join(out, ".saving-" + name)
+        target = os.path.join(out, name)
+        if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+            # (renaming a link over the same file leaves both names: POSIX rename does nothing then)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+            try:
+                os.link(source, temporary)
+            except OSError:
+                shutil.copyfile(source, temporary)
+            os.replace(temporary, target)
+
+
+def get_last_checkpoint(out):
+    """The folder of out's last whole checkpoint, or None: transformers' get_last_checkpoint, whole ones only."""
+    steps = [int(m[1]) for name in listdir(out) if (m := CHECKPOINT.fullmatch(name)) and is_whole(out, name)]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def is_whole(*folder):
+    return os.path.isfile(os.path.join(*folder, "trainer_state.json"))
+
+
+def listdir(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def remove_checkpoint(folder):
+    """Its trainer_state.json first: a kill in the middle leaves a folder that nothing takes for a checkpoint."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, "trainer_state.json"))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def left_by_a_killed_run(out, name):
+    """A file of out that a run killed in the middle of writing left there: its lock, a temporary .saving-*
+    file or folder, or a checkpoint folder that is not whole."""
+    return name == LOCK or name.startswith(".saving-") or bool(CHECKPOINT.fullmatch(name) and not is_whole(out, name))
+
+
+def tidy(out):
+    """Removes what killed runs left in out (this run holds its lock): their temporary files and folders, checkpoints
+    that are not whole, and any before the last whole one. Says so in one line."""
+    last = get_last_checkpoint(out)
+    left = [n for n in listdir(out) if n != LOCK and left_by_a_killed_run(out, n)]
+    left += [n for n in listdir(out) if CHECKPOINT.fullmatch(n) and is_whole(out, n) and os.path.join(out, n) != last]
+    if last:
+        left += [os.path.join(os.path.basename(last), n) for n in listdir(last) if n.startswith(".saving-")]
+    for name in left:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            remove_checkpoint(path)
+        else:
+            os.remove(path)
+    if left:
+        print(f"{out}: removed what a killed run left there: {', '.join(left)}.")
+
+
+@contextlib.contextmanager
+def one_writer(out, rank):
+    """Holds out/.lock while this run writes out (process 0, which saves), so that a second run into it is refused
+    at once. The lock is the operating system's (flock): a killed run's is free again, and the next run takes it
+    over, saying so. A new folder that the run leaves empty (an error before any save) is removed."""
+    if rank != 0 or os.name == "nt":  # Windows has no flock: no lock there
+        yield
+        return
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    lock = take_lock(path, out)
     try:
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint is readable
-        load.save_with_tokenizer(model, staging, tokenizer_folder)
-        moments = {}
-        for group in optimizer.param_groups:
-            for name, p in zip(group["names"], group["params"]):
-                if optimizer.state[p]:
-                    moments[f"{name}.exp_avg"] = optimizer.state[p]["exp_avg"].contiguous()
-                    moments[f"{name}.exp_avg_sq"] = optimizer.state[p]["exp_avg_sq"].contiguous()
-        steps = {optimizer.state[p].get("step", 0) for g in optimizer.param_groups for p in g["params"]}
-        meta = {"step": str(max(steps)), "train_seconds": repr(state["train_seconds"])}
-        save_file(moments, os.path.join(staging, "optimizer.safetensors"), metadata=meta)
-        os.chmod(os.path.join(staging, "optimizer.safetensors"), 0o666 & ~current_umask())
-        write_json(os.path.join(staging, "training_args.json"), {k: v for k, v in settings.items() if k != "resume"})
-        write_json(os.path.join(staging, "trainer_state.json"), trainer_state(state))
-        if not os.path.exists(folder):
-            os.replace(staging, folder)
-            return
-        # The old trainer_state.json goes first and the new one comes last: a crash between leaves no run to resume
-        # (--resume says so) rather than new weights under the old step.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, "trainer_state.json"))
-        names = sorted(os.listdir(staging), key=lambda n: n == "trainer_state.json")
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        tidy(out)
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # before unlocking: a run that opened it meanwhile opens anew
+            os.remove(path)
+        os.close(lock)
+        if made and not os.listdir(out):
+            os.rmdir(out)
+
+
+def take_lock(path, out):
+    """The lock file's descriptor, locked; the file names the process holding it, for a run refused."""
+    import fcntl
+
+    while True:
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use(out, lock) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(lock), os.stat(path)):
+                break
+        os.close(lock)  # the run that held it removed it as this one opened it: open the new one
+    if previous := os.read(lock, 200).decode(errors="replace"):
+        print(f"{out}: taking over its lock, left by {previous}, which ended without releasing it.")
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return lock
+
+
+def check_not_in_use(out):
+    """The error of a run into out while another writes it, before anything else (nothing written: one_writer
+    takes the lock later)."""
+    if os.name == "nt":  # Windows has no flock: no lock there
+        return
+    import fcntl
+
+    try:
+        lock = os.open(os.path.join(out, LOCK), os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run there
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise in_use(out, lock) from None
+    os.close(lock)
+
+
+def in_use(out, lock):
+    holder = os.read(lock, 200).decode(errors="replace") or "another run"
+    os.close(lock)
+    return ValueError(
+        f"--out {out} is in use by {holder}: one run at a time writes a folder. Wait for it to end, or use another "
+        "--out."
+    )
 
 
 def trainer_state(state):
@@ -809,8 +1128,11 @@ def trainer_state(state):
 
 
 def write_json(path, content):
-    with open(path, "w") as f:
+    """Written beside `path` under a temporary name, then renamed over it: a reader finds the old file or the new."""
+    temporary = os.path.join(os.path.dirname(path), ".saving-" + os.path.basename(path))
+    with open(temporary, "w") as f:
         json.dump(content, f, indent=2)
+    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -886,7 +1208,7 @@ class Log:
             self.line(self.lr)
         self.bar.close()
 
-    def result(self, accuracy, baseline, top_token, seconds, interrupted):
+    def result(self, accuracy, baseline, top_token, seconds):
         """The held-out accuracy against always answering the most frequent token, after the folder is saved."""
         if not self.show:
             return
@@ -896,8 +1218,6 @@ class Log:
             f"{baseline:.3f}{f' ({accuracy / baseline:.1f}x)' if baseline else ''}. {self.state['global_step']} "
             f"steps, {seconds / 60:.1f} minutes."
         )
-        if interrupted:
-            print(f"Interrupted: step {self.state['global_step']} is saved in {self.out}; --resume continues it.")
 
     def write(self, line):
         if self.show:
@@ -1047,13 +1367,12 @@ def check_settings(settings):
 def check_new_out(out):
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file: give a new or empty folder.")
-    if os.path.isdir(out) and os.listdir(out):
-        if os.path.isfile(os.path.join(out, "trainer_state.json")):
-            raise ValueError(
-                f"--out {out} already holds a training run: add --resume to continue it, or use another --out."
-            )
-        names = ", ".join(sorted(os.listdir(out))[:3])
-        raise ValueError(f"--out {out} holds other files ({names}, ...): give a new or empty folder.")
+    if get_last_checkpoint(out):
+        raise ValueError(
+            f"--out {out} already holds a training run: add --resume to continue it, or use another --out."
+        )
+    if names := [n for n in listdir(out) if not left_by_a_killed_run(out, n)]:  # those a next run removes (tidy)
+        raise ValueError(f"--out {out} holds other files ({', '.join(names[:3])}, ...): give a new or empty folder.")
 
 
 def main(argv=None):
@@ -1062,17 +1381,31 @@ def main(argv=None):
     before anything is written."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
+        if rank == 0:
+            check_not_in_use(args.out or DEFAULTS["out"])
         settings = settle(args)
-        train(settings)
-        if int(os.environ.get("RANK", 0)) == 0:
+        with one_writer(settings["out"], rank):
+            train(settings)
+        if rank == 0:
             print(samples(settings["out"], settings.get("samples")))
+    except Interrupted as e:  # SIGINT or SIGTERM in the loop: its step is saved
+        if rank == 0:
+            print(e, file=sys.stderr)
+        end_processes()  # the others wait for this line: torchrun ends them all once one exits
+        return e.code
+    except KeyboardInterrupt:  # Ctrl-C outside the loop: during setup, or the samples after the save
+        print("Interrupted by SIGINT outside the training loop: nothing more was saved.", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, OSError, RuntimeError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        if rank == 0 or isinstance(e, RuntimeError):  # a process that fails alone says so, naming itself
+            print(f"error: {f'process {rank}: ' if world > 1 else ''}{e}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)  # idle_cores() chose for this run only
+        if dist.is_initialized():  # a run that failed: its processes leave the group without waiting
+            dist.destroy_process_group()
     return 0
 
 

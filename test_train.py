@@ -16,8 +16,10 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,7 @@ needs_optimi = pytest.mark.skipif(
 # A tiny model and a small budget, so a run of a few steps takes seconds.
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "2", "--intermediate", "96", "--vocab", "512"]
 TINY += ["--max-len", "128", "--batch-tokens", "512", "--log-every", "1", "--evals", "1", "--samples", "A [MASK]."]
+TINY_SHAPE = dict(layers=2, hidden=64, intermediate=96, vocab=512)  # TINY's model, for the memory estimate
 VOCAB = train.Vocab(size=500, mask=4, pad=3, cls=1, sep=2)
 # test_modernbert's tiny model (its +-8 window is crossed by the documents here) with weights 5x the official
 # init's spread, so that every layer moves the stream visibly
@@ -1072,14 +1075,41 @@ def no_mask_checkpoint(folder, text_file):
 BAD_INPUT = {  # case: what the one line says
     "no text": "holds 0 document",
     "not text": "is not text",
+    "data is a FIFO": "is a FIFO, not a regular file",
     "no mask token": "no mask token",
     "budget too small": "--batch-tokens 64 cannot hold one document",
     "out holds something else": "holds other files",
+    "out is empty": "--out is empty",
+    "out is under a file": "is a file, not a folder",
+    "out cannot be written": "cannot be written",
     "a number out of range": "--evals must be positive, got 0",
+    "a sample without a mask": "--samples: Text 1 has no [MASK]",
+    "a sample longer than --max-len": "more than the model's 128 tokens",
+    "a model too big for memory": "needs at least",
+    "a batch too big for memory": "needs at least",
+    "a vocabulary below the alphabet": "--vocab 5 is less than the 261",
+    "a vocabulary too large": "--vocab 1000000000 is more than 1,000,000",
+    "a mask rate that masks nothing": "--mask-rate 1e-09 masks",
+    "a learning rate not finite": "--lr must be a finite number, got inf",
+    "a weight decay of 1 or more": "--weight-decay must be at least 0 and less than 1",
+    "a weight decay not finite": "--weight-decay must be a finite number, got nan",
     "resume with another size": "--resume continues the run",
     "out holds a run": "add --resume",
     "resume with a negative end": "--steps must be positive, got -1",
     "resume by another number of processes": "trained by 2 processes; continue it with 2, not 1",
+}
+FLAGS = {  # cases that are a flag more
+    "a number out of range": ["--evals", "0"],
+    "a sample without a mask": ["--samples", "A sample with nothing to fill."],
+    "a sample longer than --max-len": ["--samples", "[MASK] " + "word " * 200],
+    "a model too big for memory": ["--layers", "1e8"],  # 1e6 needs 560 GB: more than here, not than anywhere
+    "a batch too big for memory": ["--batch-tokens", "1e9"],
+    "a vocabulary below the alphabet": ["--vocab", "5"],
+    "a vocabulary too large": ["--vocab", "1e9"],
+    "a mask rate that masks nothing": ["--mask-rate", "1e-9"],
+    "a learning rate not finite": ["--lr", "inf"],
+    "a weight decay of 1 or more": ["--weight-decay", "1e9"],
+    "a weight decay not finite": ["--weight-decay", "nan"],
 }
 NEEDS_A_RUN = ("resume with another size", "out holds a run", "resume with a negative end")
 NEEDS_A_RUN += ("resume by another number of processes",)
@@ -1088,18 +1118,21 @@ NEEDS_A_RUN += ("resume by another number of processes",)
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.slow) if c in NEEDS_A_RUN else c for c in BAD_INPUT]
 )
-def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, text_file, request, capsys):
-    """Each mistake is one line and exit status 2, with nothing written to --out nor to a run it names (the
-    cases that need a trained run are slow)."""
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, text_file, request, capsys, monkeypatch):
+    """Each mistake is one line and exit status 2, before training, with nothing written to --out, nor to a run
+    it names, nor beside it (the cases that need a trained run are slow)."""
     out = str(tmp_path / "out")
     trained = request.getfixturevalue("trained") if case in NEEDS_A_RUN else None
-    args = ["--data", text_file, "--out", out, "--steps", "1", *TINY]
+    args = ["--data", text_file, "--out", out, "--steps", "1", *TINY, *FLAGS.get(case, [])]
     if case == "no text":
         (tmp_path / "empty.txt").write_text("\n\n  \n")
         args[1] = str(tmp_path / "empty.txt")
     elif case == "not text":
         (tmp_path / "data.bin").write_bytes(bytes(range(256)))
         args[1] = str(tmp_path / "data.bin")
+    elif case == "data is a FIFO":
+        os.mkfifo(tmp_path / "fifo.txt")
+        args[1] = str(tmp_path / "fifo.txt")
     elif case == "no mask token":
         no_mask_checkpoint(str(tmp_path / "ckpt"), text_file)
         args = ["--init", str(tmp_path / "ckpt"), "--data", text_file, "--out", out, "--steps", "1", "--max-len", "64"]
@@ -1110,10 +1143,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, text_file, req
     elif case == "out holds something else":
         os.makedirs(out)
         open(os.path.join(out, "notes.txt"), "w").write("mine")
+    elif case == "out is empty":  # an unset shell variable: nothing may land in the current folder
+        monkeypatch.chdir(tmp_path)
+        args[3] = ""
+    elif case == "out is under a file":
+        (tmp_path / "afile").write_text("mine")
+        args[3] = str(tmp_path / "afile" / "sub")
+    elif case == "out cannot be written":
+        args[3] = "/proc/x"
     elif case == "out holds a run":
         args[3] = trained
-    elif case == "a number out of range":
-        args += ["--evals", "0"]
     elif case == "resume with a negative end":
         args = ["--out", trained, "--resume", "--steps", "-1"]
     elif case == "resume by another number of processes":
@@ -1125,13 +1164,83 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, text_file, req
     def files(folder):
         return {f: os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)} if folder else None
 
-    before = files(trained)
+    before, around = files(trained), sorted(os.listdir(tmp_path))
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and BAD_INPUT[case] in err, err
     if case == "out holds something else":
         assert os.listdir(out) == ["notes.txt"]
-    elif trained != out:
-        assert not os.path.exists(out)
-    assert before == files(trained)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".saving-")]
+    assert before == files(trained) and around == sorted(os.listdir(tmp_path))  # nor a probe, nor a .saving- folder
+
+
+def test_a_count_flag_takes_1e3_and_refuses_what_is_not_a_whole_number(capsys):
+    args = train.parse_args(["--steps", "1e3", "--batch-tokens", "4096"])
+    assert (args.steps, args.batch_tokens) == (1000, 4096)
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(["--layers", "1.5"])
+    assert exit.value.code == 2 and "argument --layers: 1.5 is not a whole number" in capsys.readouterr().err
+
+
+def test_reading_data_skips_what_is_not_a_regular_file_one_line_a_kind(tmp_path, capsys):
+    """A FIFO or a socket under a --data folder is skipped, saying so, instead of blocking in open()."""
+    (tmp_path / "a.txt").write_text("one\n\ntwo")
+    os.mkfifo(tmp_path / "pipe.txt")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "socket.txt"))
+    # were the FIFO opened, this unblocks it after a while, so that the test fails instead of hanging
+    unblock = threading.Timer(10, lambda: os.close(os.open(tmp_path / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.daemon = True
+    unblock.start()
+    try:
+        documents = train.read_documents([str(tmp_path)])
+    finally:
+        unblock.cancel()
+    assert documents == ["one", "two"]
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert len(lines) == 2 and "skipped 1 FIFO" in lines[0] and "skipped 1 socket" in lines[1], lines
+    assert all("not a regular file" in line for line in lines), lines
+
+
+def test_the_tokenizer_trainer_sees_no_word_longer_than_its_limit():
+    """Text without whitespace reaches the BPE trainer in pieces of at most LONGEST_WORD characters, all of it."""
+    n = train.LONGEST_WORD
+    doc = "short words " + "x" * (3 * n + 5) + " then " + "\t" * (n + 1) + "more"
+    pieces = list(train.cut_long_words(["plain text", doc]))
+    assert pieces[0] == "plain text" and "".join(pieces[1:]) == doc
+    longest = max(len(w) for p in pieces for w in re.findall(r"\S+|\s+", p))
+    assert longest == n, longest
+
+
+@pytest.mark.slow
+def test_5_mb_without_whitespace_trains_the_tokenizer():
+    """5 MB of letters with no space between them: BPE rescans a word at every merge that touches it, so one
+    5-MB word kept the trainer busy for hours; cut into LONGEST_WORD pieces, it is as any 5 MB of text."""
+    letters = re.sub(r"[^A-Za-z]", "", "".join(itertools.islice(train.stdlib_docstrings(), 3000)))
+    doc = (letters * (5_000_000 // len(letters) + 1))[:5_000_000]
+    tokenizer = train.train_tokenizer([doc, "a second document"], 4096)
+    assert tokenizer.get_vocab_size() == 4096
+    assert max(len(t) for t in tokenizer.get_vocab()) <= train.LONGEST_WORD
+
+
+@pytest.mark.slow
+def test_a_vocabulary_larger_than_the_data_gives_resumes_with_the_same_command(tmp_path, text_file, capsys):
+    """--vocab is what was asked, recorded as asked: the data may give fewer tokens, and the same command with
+    --resume continues the run instead of refusing it for another --vocab."""
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(itertools.islice(train.stdlib_docstrings(), 20)))
+    args = ["--data", str(small), "--out", str(tmp_path / "out"), *TINY, "--vocab", "5000"]
+    assert train.main([*args, "--steps", "1"]) == 0
+    first = capsys.readouterr().out
+    assert train.main([*args, "--steps", "2", "--resume"]) == 0, capsys.readouterr().err
+    assert load.load_tokenizer(str(tmp_path / "out")).get_vocab_size() < 5000
+    assert "(the data gave no more of the --vocab 5,000 asked)" in first, first
+
+
+@pytest.mark.parametrize("shape", [dict(layers=4, hidden=256, intermediate=384, vocab=8192), TINY_SHAPE])
+def test_the_memory_estimate_counts_the_models_parameters(shape):
+    """The estimate's parameters are the model's (within 1%: it leaves out the norms), and a batch adds to it."""
+    config = train.new_config({**shape, "heads": 2, "max_len": 128}, train.Vocab(shape["vocab"], 4, 3, 1, 2))
+    real = mb.ModernBertForMaskedLM(config).num_parameters()
+    needed, params = train.memory_needed(shape, batch_tokens=2048, accum=1, mask_rate=0.3, bf16=False)
+    assert abs(params - real) / real < 0.01, (params, real)
+    assert 16 * params < needed < train.memory_needed(shape, 4096, 1, 0.3, False)[0]

@@ -46,6 +46,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -131,7 +132,7 @@ def train_tokenizer(documents, vocab_size):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )
-    tokenizer.train_from_iterator(documents, trainer)
+    tokenizer.train_from_iterator(cut_long_words(documents), trainer)  # megabytes without a space, in pieces
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
@@ -456,16 +457,30 @@ MODEL_FLAGS = {  # flag -> ModernBertConfig field, for a new model (and the chec
 
 
 def read_texts(paths):
-    """The text of each file of --data, a folder giving every .txt file under it; anything else is an error."""
+    """The text of each file of --data, a folder giving every .txt file under it. In a folder, what is not a regular
+    file is skipped, one line a kind saying so (a FIFO would block open() until something writes to it); named,
+    it is an error."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".txt"))
-            if not found:
-                raise ValueError(f"--data {path}: the folder holds no .txt file.")
-            files += found
+            by_kind = {}  # "file", "FIFO", "socket", ... -> paths
+            for name in found:
+                by_kind.setdefault(file_kind(name), []).append(name)
+            regular = by_kind.pop("file", [])
+            for kind, names in by_kind.items():
+                n, shown = len(names), ", ".join(names[:2]) + ", ..." * (len(names) > 2)
+                what = "not regular files" if n > 1 else "not a regular file"
+                say(f"--data {path}: skipped {n} {kind}{'s' * (n > 1)} ({shown}): {what}.")
+            if not regular:
+                raise ValueError(
+                    f"--data {path}: the folder holds no .txt file{' that is a regular file' * bool(found)}."
+                )
+            files += regular
         elif os.path.isfile(path):
             files.append(path)
+        elif os.path.exists(path):
+            raise ValueError(f"--data {path} is a {file_kind(path)}, not a regular file: pass .txt files or folders.")
         else:
             raise FileNotFoundError(f"--data {path}: no such file or folder.")
     for path in files:
@@ -479,12 +494,108 @@ def read_texts(paths):
         yield text
 
 
+def file_kind(path):
+    """What a path is: "file" (a regular file, or a link to one), "FIFO", "socket", "device", ..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "broken link"
+    kinds = {stat.S_ISREG: "file", stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}
+    kinds |= {stat.S_ISCHR: "device", stat.S_ISBLK: "device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")
+
+
+def say(line):
+    """A note on stderr, from process 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+
+
+LONGEST_WORD = 100  # characters: the longest run without whitespace that the tokenizer trainer sees whole
+
+
+def cut_long_words(documents):
+    """The documents as the tokenizer trainer reads them: each run of more than LONGEST_WORD characters without
+    whitespace (or of whitespace) cut into pieces of LONGEST_WORD, each its own text. BPE training rescans a whole
+    word at every merge that touches it, so one word of megabytes (text without spaces) kept it busy for hours;
+    in pieces it costs what any text of that size does. The standard library's docstrings have no such run."""
+    long_run = re.compile(rf"\S{{{LONGEST_WORD + 1},}}|\s{{{LONGEST_WORD + 1},}}")
+    for document in documents:
+        start = 0
+        for run in long_run.finditer(document):
+            for cut in range(run.start() + LONGEST_WORD, run.end(), LONGEST_WORD):
+                yield document[start:cut]
+                start = cut
+        yield document[start:]
+
+
 def check_budget(length, budget):
     if length > budget:
         raise ValueError(
             f"--batch-tokens {budget} cannot hold one document of {length} tokens: raise --batch-tokens to at "
             "least --max-len, or lower --max-len (documents are cut into pieces of --max-len tokens)."
         )
+
+
+def memory_needed(sizes, batch_tokens, accum, mask_rate, bf16):
+    """(bytes, parameters): the least a training step holds, for `sizes` {layers, hidden, intermediate, vocab}.
+    16 bytes a parameter (fp32 weights, their gradients, StableAdamW's two moments); per token of a batch, what
+    backward keeps of each layer even where torch.compile recomputes what it can (the residual stream at both norms,
+    q, k, v and the attention's output: 6 x hidden; GeGLU's input: 2 x intermediate) and the masked rows' logits;
+    the step's batches (ids and labels in int64, a bool: 17 bytes a token)."""
+    layers, hidden, intermediate, vocab = (sizes[k] for k in ("layers", "hidden", "intermediate", "vocab"))
+    params = vocab * hidden + layers * (4 * hidden**2 + 3 * hidden * intermediate) + hidden**2 + vocab  # tied decoder
+    per_token = (layers * (6 * hidden + 2 * intermediate) + 2 * hidden + mask_rate * vocab) * (2 if bf16 else 4)
+    return int(16 * params + batch_tokens * per_token + accum * batch_tokens * 17), params
+
+
+def check_memory(settings, config, device):
+    """A model or batch that cannot fit is an error before the data is read, not a MemoryError (or a machine that
+    swaps for minutes) after it: memory_needed against the memory free on the device."""
+    sizes = settings
+    if config is not None:  # --init's or --resume's checkpoint
+        sizes = {flag: getattr(config, field) for flag, field in MODEL_FLAGS.items()} | {"vocab": config.vocab_size}
+    bf16 = settings.get("dtype") == "bf16"
+    needed, params = memory_needed(sizes, settings["batch_tokens"], settings["accum"], settings["mask_rate"], bf16)
+    if device.type == "cpu":  # torchrun's processes on this machine share its memory
+        needed *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    free = free_memory(device)
+    if free is not None and needed > free:
+        accum = f" x --accum {settings['accum']:,}" if settings["accum"] > 1 else ""
+        raise ValueError(
+            f"This run needs at least {needed / 2**30:,.1f} GiB ({params / 1e6:,.1f}M parameters at 16 bytes each for "
+            f"weights, gradients and StableAdamW's moments, and the activations of --batch-tokens "
+            f"{settings['batch_tokens']:,}{accum}), more than the "
+            f"{free / 2**30:,.1f} GiB free on {device}: make the model, --batch-tokens or --accum smaller."
+        )
+
+
+def free_memory(device):
+    """Bytes free for this run on the device (MemAvailable on a CPU), or None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.isfile("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            found = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.MULTILINE)
+        return int(found[1]) * 1024 if found else None
+    return None
+
+
+def check_samples(texts, tokenizer, longest):
+    """--samples are checked before training rather than found wrong after it: each has a mask to fill, and is no
+    longer than the model's `longest` tokens."""
+    if not texts:
+        return
+    try:
+        texts = sample_texts(texts, load.mask_token(tokenizer))
+    except ValueError as e:
+        raise ValueError(f"--samples: {e}") from None
+    for i, encoding in enumerate(tokenizer.encode_batch(texts)):
+        if len(encoding.ids) > longest:
+            raise ValueError(
+                f"--samples: text {i + 1} is {len(encoding.ids)} tokens long, more than the model's {longest} tokens: "
+                "shorten it."
+            )
 
 
 def save_tokenizer(tokenizer, folder, max_len):
@@ -516,12 +627,14 @@ def read_vocab(tokenizer):
 
 
 def build(settings, rank, tokenizer_folder, device):
-    """(model on `device`, tokenizer folder, vocab, pieces, held-out pieces). Data and tokenizer first: each is
-    checked before the model costs anything."""
+    """(model on `device`, tokenizer folder, vocab, pieces, held-out pieces). The memory the run needs, then data and
+    tokenizer, then the samples: each is checked before the model costs anything."""
+    source = get_last_checkpoint(settings["out"]) if settings["resume"] else settings.get("init")
+    config = ModernBertConfig.from_pretrained(source) if source is not None else None  # else settings say the size
+    check_memory(settings, config, device)
     documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
     check_same_data(documents, settings)
     train_docs, held_docs = split_held_out(documents)
-    source = get_last_checkpoint(settings["out"]) if settings["resume"] else settings.get("init")
     if settings["resume"]:  # a copy: the run removes its checkpoint folders as it saves new ones
         for name in load.TOKENIZER_FILES:
             if os.path.isfile(os.path.join(source, name)):
@@ -538,6 +651,9 @@ def build(settings, rank, tokenizer_folder, device):
     tokenizer = load.load_tokenizer(tokenizer_folder)
     tokenizer.no_padding()
     vocab = read_vocab(tokenizer)
+    check_samples(
+        settings.get("samples"), tokenizer, config.max_position_embeddings if config else settings["max_len"]
+    )
     if source is not None:
         model = ModernBertForMaskedLM.from_pretrained(source).train()
         if settings["max_len"] > model.config.max_position_embeddings:
@@ -551,7 +667,9 @@ def build(settings, rank, tokenizer_folder, device):
         torch.manual_seed(settings["seed"])
         model = ModernBertForMaskedLM(new_config(settings, vocab))
     model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
-    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()}, vocab=vocab.size)
+    settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()})
+    # --init's vocabulary; a new run records the --vocab asked (the data may give fewer), so its command resumes it
+    settings.setdefault("vocab", vocab.size)
     pieces = tokenize(tokenizer, vocab, train_docs, settings["max_len"])
     held_pieces = tokenize(tokenizer, vocab, held_docs, settings["max_len"])
     check_budget(max(map(len, pieces + held_pieces)), settings["batch_tokens"])
@@ -1146,6 +1264,7 @@ class Log:
     def __init__(self, settings, state, show):
         self.state, self.show, self.every, self.out = state, show, settings["log_every"], settings["out"]
         self.evals, self.evals_passed = settings["evals"], 0
+        self.vocab_asked = settings.get("vocab") or 0
         self.window = []  # (loss, tokens, seconds) of the steps since the last line
         terminal = show and sys.stderr.isatty()
         self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
@@ -1154,9 +1273,10 @@ class Log:
         """What the run trains, and what it will do."""
         n_params = sum(p.numel() for p in model.parameters())
         processes = f" x {world} processes" if world > 1 else ""
+        fewer = f" (the data gave no more of the --vocab {self.vocab_asked:,} asked)" * (vocab.size < self.vocab_asked)
         self.write(
             f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
-            f"vocabulary {vocab.size:,}; {n_params / 1e6:.1f}M parameters on {device}{processes}"
+            f"vocabulary {vocab.size:,}{fewer}; {n_params / 1e6:.1f}M parameters on {device}{processes}"
         )
         self.write(clock.plan())
 
@@ -1247,11 +1367,16 @@ SAMPLES = [  # {mask} is the tokenizer's mask token
 def samples(folder, texts=None):
     """Fill-mask on the saved folder, as `python load.py --model folder` prints it."""
     tokenizer = load.load_tokenizer(folder)
-    mask = load.mask_token(tokenizer)
-    texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
-    load.check_masks(texts, mask)
+    texts = sample_texts(texts, load.mask_token(tokenizer))
     model = load.load_model(folder)
     return load.format_results(tokenizer, texts, load.fill_mask(model, tokenizer, texts, top_k=5))
+
+
+def sample_texts(texts, mask):
+    """--samples with [MASK] written as this tokenizer's mask (or SAMPLES); an error names one without a mask."""
+    texts = [t.replace("[MASK]", mask) for t in texts] if texts else [s.format(mask=mask) for s in SAMPLES]
+    load.check_masks(texts, mask)
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1282,7 +1407,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", help=f"the output folder: new or empty, or a run to --resume (default: {DEFAULTS['out']})")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help=f"optimizer steps (default: {DEFAULTS['steps']})")
+    budget.add_argument("--steps", type=whole, help=f"optimizer steps (default: {DEFAULTS['steps']})")
     budget.add_argument("--minutes", type=float, help="instead of --steps: the whole run's wall time, setup included")
     p.add_argument(
         "--resume", action="store_true", help="continue the run saved in --out: its step, optimizer, schedule"
@@ -1291,38 +1416,52 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: autocast, weights stay fp32 (default: fp32)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each encoder layer")
     size = p.add_argument_group("model size (a new model; --init and --resume take the checkpoint's)")
-    size.add_argument("--layers", type=int, help="encoder layers (default: 4; every 3rd from 0 is global)")
-    size.add_argument("--hidden", type=int, help="hidden size (default: 256)")
-    size.add_argument("--heads", type=int, help="attention heads (default: 4)")
-    size.add_argument("--intermediate", type=int, help="GeGLU intermediate size (default: 384)")
-    size.add_argument("--vocab", type=int, help="BPE vocabulary to train (default: 8192)")
+    size.add_argument("--layers", type=whole, help="encoder layers (default: 4; every 3rd from 0 is global)")
+    size.add_argument("--hidden", type=whole, help="hidden size (default: 256)")
+    size.add_argument("--heads", type=whole, help="attention heads (default: 4)")
+    size.add_argument("--intermediate", type=whole, help="GeGLU intermediate size (default: 384)")
+    size.add_argument("--vocab", type=whole, help="BPE vocabulary to train (default: 8192)")
     run = p.add_argument_group("the recipe")
     run.add_argument(
-        "--max-len", type=int, help="tokens per piece: longer documents are cut (default 512; a new model's longest)"
+        "--max-len", type=whole, help="tokens per piece: longer documents are cut (default 512; a new model's longest)"
     )
-    run.add_argument("--batch-tokens", type=int, help="tokens per packed batch, per process (default: 2048)")
-    run.add_argument("--accum", type=int, help="packed batches per process per optimizer step (default: 1)")
+    run.add_argument("--batch-tokens", type=whole, help="tokens per packed batch, per process (default: 2048)")
+    run.add_argument("--accum", type=whole, help="packed batches per process per optimizer step (default: 1)")
     run.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3)")
     run.add_argument(
         "--weight-decay", type=float, help="fully decoupled: the shrink per step at peak lr (default 3e-4)"
     )
-    run.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of --steps; 50 with --minutes)")
+    run.add_argument("--warmup-steps", type=whole, help="linear warmup (default: 5%% of --steps; 50 with --minutes)")
     run.add_argument(
         "--cooldown", type=float, help="the final fraction of the run spent in 1-sqrt decay (default: 0.2)"
     )
     run.add_argument("--mask-rate", type=float, help="fraction of tokens masked (default: 0.3)")
-    run.add_argument("--seed", type=int, help="model init, data order and masks (default: 0)")
-    run.add_argument("--log-every", type=int, help="steps between loss lines (default: 10)")
-    run.add_argument("--evals", type=int, help="held-out evaluations over the run, the last at the end (default: 10)")
-    run.add_argument("--save-every", type=int, help="steps between saves; 0: at the end only (default: 0)")
+    run.add_argument("--seed", type=whole, help="model init, data order and masks (default: 0)")
+    run.add_argument("--log-every", type=whole, help="steps between loss lines (default: 10)")
+    run.add_argument(
+        "--evals", type=whole, help="held-out evaluations over the run, the last at the end (default: 10)"
+    )
+    run.add_argument("--save-every", type=whole, help="steps between saves; 0: at the end only (default: 0)")
     run.add_argument("--samples", nargs="+", metavar="TEXT", help="fill-mask texts for the end ([MASK] is replaced)")
     return p.parse_args(argv)
+
+
+def whole(text):
+    """An int flag's value: 2048, or 1e6 (a float that is a whole number)."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        if float(text).is_integer():
+            return int(float(text))
+    raise argparse.ArgumentTypeError(f"{text} is not a whole number")
 
 
 def settle(args):
     """The run's settings: a new run's defaults, or a resumed run's recorded settings. Errors before any writing."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     out = given.get("out", DEFAULTS["out"])
+    if not out:
+        raise ValueError("--out is empty (an unset shell variable?): name the output folder.")
     if "data" in given:  # recorded for --resume, which may start elsewhere
         given["data"] = [os.path.abspath(p) for p in given["data"]]
     if args.resume:
@@ -1337,31 +1476,85 @@ def settle(args):
         if "steps" in given or "minutes" in given:  # a new end for the run
             for name in ("steps", "minutes", "train_seconds"):
                 recorded.pop(name, None)
-        return check_settings({**recorded, **given, "resume": True})
-    check_new_out(out)
-    if "init" in given and (clash := [k for k in (*MODEL_FLAGS, "vocab") if k in given]):
-        raise ValueError(f"--init {given['init']} fixes the model's size and tokenizer: drop --{clash[0]}.")
-    settings = {**DEFAULTS, **given, "resume": False}
-    if "init" in given:  # the checkpoint's size; build() records it
-        for name in (*MODEL_FLAGS, "vocab"):
-            settings.pop(name)
-    if "minutes" in given:  # the clock sizes the run instead
-        settings.pop("steps")
-    return check_settings(settings)
+        settings = {**recorded, **given, "resume": True}
+    else:
+        check_new_out(out)
+        if "init" in given and (clash := [k for k in (*MODEL_FLAGS, "vocab") if k in given]):
+            raise ValueError(f"--init {given['init']} fixes the model's size and tokenizer: drop --{clash[0]}.")
+        settings = {**DEFAULTS, **given, "resume": False}
+        if "init" in given:  # the checkpoint's size; build() records it
+            for name in (*MODEL_FLAGS, "vocab"):
+                settings.pop(name)
+        if "minutes" in given:  # the clock sizes the run instead
+            settings.pop("steps")
+    check_settings(settings)
+    check_writable(out)  # last: it makes (and removes) a folder
+    return settings
 
 
 def check_settings(settings):
-    """Every number in range, for a new run and a resumed one alike (a resumed run may set a new end)."""
+    """Every number in range, for a new run and a resumed one alike (a resumed run may set a new end), and no
+    setting that cannot train: a mask rate that masks nothing, a weight decay that zeroes the weights."""
+    for name in ("minutes", "lr", "weight_decay", "cooldown", "mask_rate"):
+        if settings.get(name) is not None and not math.isfinite(settings[name]):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {settings[name]}.")
     positive = ("minutes", "steps", "batch_tokens", "accum", "layers", "hidden", "heads", "vocab", "lr", "log_every")
     rules = {name: (lambda v: v > 0, "positive") for name in (*positive, "evals")}
-    rules |= {name: (lambda v: v >= 0, "0 or more") for name in ("warmup_steps", "save_every", "weight_decay")}
+    rules |= {name: (lambda v: v >= 0, "0 or more") for name in ("warmup_steps", "save_every")}
     rules["max_len"] = (lambda v: v > 2, "more than 2 ([CLS] and [SEP] take two tokens)")
     rules["mask_rate"] = (lambda v: 0 < v < 1, "between 0 and 1")
     rules["cooldown"] = (lambda v: 0 <= v <= 1, "from 0 to 1")
+    # fully decoupled: each step multiplies the weights by 1 - weight_decay at the peak learning rate
+    rules["weight_decay"] = (lambda v: 0 <= v < 1, "at least 0 and less than 1 (the shrink of a step at peak lr)")
+    rules["seed"] = (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1")
     for name, (ok, words) in rules.items():
         if settings.get(name) is not None and not ok(settings[name]):
             raise ValueError(f"--{name.replace('_', '-')} must be {words}, got {settings[name]}.")
+    rate, budget = settings["mask_rate"], settings["batch_tokens"]
+    if rate * budget < 1:
+        raise ValueError(
+            f"--mask-rate {rate} masks {rate * budget:.2g} of a batch's {budget:,} tokens on average: nothing to "
+            f"learn from. Give at least 1/{budget} = {1 / budget:.2g} (the recipe's is {DEFAULTS['mask_rate']})."
+        )
+    if settings.get("vocab") is not None and not settings.get("init"):  # a tokenizer trained here
+        check_vocab(settings["vocab"])
     return settings
+
+
+MOST_VOCAB = 1_000_000  # about 4x the largest vocabulary in use (Gemma's, 262,144)
+
+
+def check_vocab(size):
+    """A vocabulary the BPE trainer can reach: its bytes and special tokens at least, MOST_VOCAB at most (the trainer
+    reserves memory for the size asked, and aborts the whole process, no error to catch, where it cannot)."""
+    least = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if size < least:
+        raise ValueError(
+            f"--vocab {size} is less than the {least} tokens a trained tokenizer starts with (256 bytes and "
+            f"{len(SPECIAL_TOKENS)} special tokens): give at least {least}."
+        )
+    if size > MOST_VOCAB:
+        raise ValueError(
+            f"--vocab {size} is more than {MOST_VOCAB:,}, the most this trains: about four times the largest "
+            "vocabulary in use, and the tokenizer trainer reserves memory for every token asked."
+        )
+
+
+def check_writable(out):
+    """An --out that cannot be written is an error before the run, not after it: a folder is made and removed in
+    --out and beside it (where a save is prepared), or in the nearest folder above that exists; nothing is left."""
+    folder = os.path.abspath(out)
+    for place in (folder, os.path.dirname(folder)):
+        while not os.path.exists(place):
+            place = os.path.dirname(place)
+        if not os.path.isdir(place):
+            raise ValueError(f"--out {out}: {place} is a file, not a folder: give a folder.")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=place))
+        except OSError as e:
+            raise ValueError(
+                f"--out {out} cannot be written ({e.strerror} in {place}): give a folder you can write."
+            ) from None
 
 
 def check_new_out(out):

@@ -402,7 +402,7 @@ def train(settings):
         clock = Clock(settings, state, world, device, seconds_left)  # how far the run is: steps, or --minutes
         ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
-        log = Log(settings, state, show=rank == 0)
+        log = Log(settings, state, show=rank == 0, baseline=baseline)
         log.start(pieces, held_pieces, vocab, model, device, world, clock)
         with StopOnSignal(device) as stop:  # SIGINT, SIGTERM: noted, and the run stops after its step
             while not stop.agreed() and (progress := clock.progress_after_next_step()) <= 1.0:
@@ -1261,8 +1261,9 @@ class Log:
     """The loss curve, in trainer_state.json's log_history (as transformers' Trainer logs it) and on the screen:
     a progress bar where the output is a terminal, a line every --log-every steps and at each evaluation."""
 
-    def __init__(self, settings, state, show):
+    def __init__(self, settings, state, show, baseline=None):
         self.state, self.show, self.every, self.out = state, show, settings["log_every"], settings["out"]
+        self.baseline = baseline  # recorded beside each evaluation, so a plot of the run can draw it
         self.evals, self.evals_passed = settings["evals"], 0
         self.vocab_asked = settings.get("vocab") or 0
         self.window = []  # (loss, tokens, seconds) of the steps since the last line
@@ -1318,6 +1319,8 @@ class Log:
             "eval_accuracy": round(accuracy, 4),
             "eval_loss": round(loss, 4),
         }
+        if self.baseline is not None:
+            entry["eval_most_frequent_token_accuracy"] = round(self.baseline, 4)
         self.state["log_history"].append({**entry, "step": self.state["global_step"]})
         self.write(
             f"step {self.state['global_step']:>5}  held-out loss {loss:.3f}  masked-token accuracy {accuracy:.3f}"

@@ -62,7 +62,7 @@ def mmbert_checkpoint(tmp_path_factory):
 # fetches
 
 
-def test_load_model_tasks_and_dtypes(demo_checkpoint):
+def test_load_model_builds_each_task_and_reads_dtype_names(demo_checkpoint):
     with pytest.warns(
         UserWarning, match=r"dropped \['decoder.bias'\]; initialised fresh \['classifier.weight', 'classifier.bias'\]"
     ):
@@ -232,7 +232,7 @@ def test_tokenize_pads_the_batch_and_never_truncates():
 # save_with_tokenizer: a folder transformers reads
 
 
-def test_round_trip_through_transformers(demo_checkpoint, demo, tmp_path):
+def test_save_with_tokenizer_writes_a_folder_transformers_reads_with_the_same_logits(demo_checkpoint, demo, tmp_path):
     """Ours saves a folder that transformers opens (model and tokenizer) and computes the same logits from."""
     transformers = pytest.importorskip("transformers")
     model, tokenizer = demo
@@ -376,6 +376,7 @@ PREDICTION = re.compile(
 )  # score, token (no leading space), id, sequence
 
 
+@pytest.mark.slow
 def test_cli_prints_top_k_for_every_mask_of_every_text(demo_checkpoint, demo):
     """Short texts fit the window around each mask: each line shows fill_mask's `sequence`, without the
     [CLS] / [SEP] that the pipeline keeps in it when a text has several masks."""
@@ -416,6 +417,7 @@ def test_cli_shows_each_prediction_among_its_neighbours(demo_checkpoint, demo, c
         assert context == "..." + " word" * 9 + f" a{p['token_str']} here" + " more words" * 4 + " more...", line
 
 
+@pytest.mark.slow
 def test_cli_fill_mask_on_an_mmbert_style_folder(mmbert_checkpoint, capsys):
     """`load.py --model FOLDER "... <mask> ..."` end to end (in a subprocess); in-process, the demo text takes the
     model's mask token, and a text with another model's spelling is a one-line error."""
@@ -436,6 +438,7 @@ def test_cli_fill_mask_on_an_mmbert_style_folder(mmbert_checkpoint, capsys):
     assert out == "" and err == "error: Text 1 has no <mask> to fill: 'The capital of France is [MASK].'\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -453,6 +456,7 @@ def test_cli_bad_text_is_one_line_and_exit_2(demo_checkpoint, text, message):
     assert len(err.strip().splitlines()) == 1 and re.match(message, err), err
 
 
+@pytest.mark.slow
 def test_cli_finds_a_missing_tokenizer_before_loading_the_weights(tmp_path):
     """config.json and no weights, no tokenizer: the message is about the tokenizer, so the cheap check
     ran first (loading the weights first would have failed on the missing model.safetensors)."""
@@ -472,6 +476,7 @@ def test_a_checkpoint_file_given_for_its_folder_names_the_folder(demo_checkpoint
     assert load.main(["--model", str(weights), "A [MASK]."]) == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nobody/no-such-modernbert", "my-checkpoint"], ids=["hub-id", "mistyped-folder"])
 @pytest.mark.parametrize(
     "env",
@@ -514,7 +519,7 @@ def test_load_py_sends_embed_and_rerank_to_embed_py(capsys):
 
 
 @pytest.mark.hub
-def test_real_model_demo(hub):
+def test_demo_on_the_real_checkpoint_fills_in_paris(hub):
     rc, out, err, _ = run_cli(
         "--top-k",
         3,

@@ -302,7 +302,7 @@ def test_rope_in_chunks_equals_rope_in_one_pass(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_packed_left_right_padding_and_batch_invariance(impl, flash_standin):
+def test_a_row_gives_the_same_numbers_alone_batched_packed_and_padded_either_side(impl, flash_standin):
     model, inputs, _ = load_case("model", impl)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
@@ -352,7 +352,7 @@ def test_mask_holes_are_removed_like_padding(small, impl, flash_standin):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_all_padding_rows(small, impl, flash_standin):
+def test_an_all_padding_row_gives_zeros_and_leaves_the_other_rows_alone(small, impl, flash_standin):
     """A row whose mask is all zeros: the encoder returns zeros for it and the same numbers for the
     other rows; a classifier has nothing to pool and says so."""
     ids = torch.randint(1, 64, (3, 20))
@@ -423,7 +423,7 @@ def test_eager_kernel_is_the_textbook_formula():
 
 @pytest.mark.parametrize("window", [None, 1, 4, 16, 64])
 @pytest.mark.parametrize("lengths", [[1], [5, 130, 1, 64, 65, 66, 200], [300, 0, 17]])
-def test_kernels_agree(lengths, window, flash_standin):
+def test_every_kernel_equals_eager_on_ragged_packed_sequences(lengths, window, flash_standin):
     q, k, v, packing = random_packed(lengths)
     ref = mb.eager_attention(q, k, v, packing, window)
     assert_close(mb.sdpa_attention(q, k, v, packing, window), ref, 1e-5, f"sdpa window={window}")
@@ -458,7 +458,7 @@ def flex_layouts():
     }
 
 
-@pytest.mark.parametrize("window", [None, 1, 64, 200])
+@pytest.mark.parametrize("window", [None, pytest.param(1, marks=pytest.mark.slow), 64, 200])  # 64 < a tile < 200
 @pytest.mark.parametrize("layout", ["one token", "ragged", "empty sequence", "traced grid"])
 def test_flex_block_mask_visits_every_tile_the_rule_needs(layout, window):
     """flex_block_mask finds its tiles from the layout, without evaluating the rule on T x T pairs: they must
@@ -520,7 +520,7 @@ def test_forced_flash_precision_does_not_depend_on_the_batch(flash_standin):
     assert max(e_uniform, e_ragged) <= 10 * min(e_uniform, e_ragged) + 1e-5, (e_uniform, e_ragged)
 
 
-def test_attention_implementation_choice_and_its_errors(small, monkeypatch):
+def test_attention_kernels_chosen_by_name_device_dtype_and_packing_and_their_errors(small, monkeypatch):
     with pytest.raises(ValueError, match="attn_implementation 'flash' is unknown: use one of"):
         mb.ModernBertConfig(attn_implementation="flash")
     model = small["ModernBertModel"]
@@ -687,7 +687,7 @@ def test_each_weight_is_initialised_once_by_the_class_built(monkeypatch):
 
 
 @needs_transformers
-def test_transformers_config_and_hf_conveniences(tmp_path):
+def test_a_transformers_config_builds_a_model_with_transformers_conveniences(tmp_path):
     official = transformers.ModernBertConfig(
         vocab_size=64,
         hidden_size=32,
@@ -830,7 +830,7 @@ def test_cls_pooling_takes_the_first_real_token_under_left_padding():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_official_golden_files(case, impl, flash_standin):
+def test_golden_files_match_on_every_kernel(case, impl, flash_standin):
     model, inputs, expected = load_case(case, impl)
     if impl == "flash_attention_2":  # attention runs in bf16 (8 bits of mantissa) through 4 layers
         compare_case(model, inputs, expected, 0.03, f"{case}/{impl}", relative=True)
@@ -959,7 +959,9 @@ RANDOM_CONFIGS = {
 
 
 @needs_transformers
-@pytest.mark.parametrize("name", sorted(RANDOM_CONFIGS))
+@pytest.mark.parametrize(  # base_dims (768 wide) adds width, not a new path: slow
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "base_dims" else n for n in sorted(RANDOM_CONFIGS)]
+)
 def test_random_configs_match_official_on_every_layer_and_kernel(name, flash_standin):
     official, ours = official_and_ours("ModernBertForMaskedLM", **RANDOM_CONFIGS[name])
     ids, mask = ragged_batch(official.config, [300, 171, 64, 9], left=(1,), seed=3)
@@ -987,8 +989,8 @@ def test_random_configs_match_official_on_every_layer_and_kernel(name, flash_sta
 
 
 @needs_transformers
-@pytest.mark.parametrize("seed", range(8))
-def test_random_sweep_against_official(seed, flash_standin):
+@pytest.mark.parametrize("seed", [0] + [pytest.param(seed, marks=pytest.mark.slow) for seed in range(1, 8)])
+def test_seeded_random_configs_match_official_and_pad_inverts_unpad(seed, flash_standin):
     g = torch.Generator().manual_seed(seed)
     pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
     heads, head_dim = pick([1, 2, 4]), pick([4, 8, 16])
@@ -1229,7 +1231,7 @@ def test_question_answering_loss_never_counts_padding(small):
     assert (counting_padding - out.loss).abs() > 1e-3, "counting padded positions as answers must change the loss"
 
 
-def test_problem_type_is_not_written_back(small):
+def test_problem_type_is_not_written_back_to_the_config(small):
     model = small["ModernBertForSequenceClassification"]
     model(torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0, 1]))
     assert model.config.problem_type is None
@@ -1301,8 +1303,13 @@ def rope_max_diff(states, ref, mask):
     return max((a[mask.bool()] - b[mask.bool()]).abs().max().item() for a, b in zip(states, ref))
 
 
+ROPE_CASES_FAST = ("yarn_both", "linear_global")  # YaRN on both layer types, linear on one; the rest: --slow
+
+
 @needs_transformers
-@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+@pytest.mark.parametrize(
+    "case", [c if c in ROPE_CASES_FAST else pytest.param(c, marks=pytest.mark.slow) for c in sorted(ROPE_CASES)]
+)
 def test_rope_scaling_matches_official_past_the_original_length(case):
     import copy
 
@@ -1628,6 +1635,7 @@ def graphs_compiled():
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(  # multiple choice takes no packed input
     "cls_name, packed",
     [(c, False) for c in ["ModernBertModel"] + sorted(HEAD_CASES)]
@@ -1649,6 +1657,7 @@ def test_compiled_forward_equals_eager(small, cls_name, packed):
     assert graphs_compiled() <= 2, "a new batch shape compiled again"
 
 
+@pytest.mark.slow
 def test_layer_compile_with_inductor_equals_eager_and_never_recompiles(small):
     """model.compile(): each encoder layer through Inductor once, for every later shape, padded or packed."""
     import copy
@@ -1687,6 +1696,7 @@ print(peak)
 """
 
 
+@pytest.mark.slow
 def test_compiled_padded_forward_never_builds_s_by_s_scores():
     """torch.compile(model) on a padded batch traces the no-unpadding path (pack_for_tracing): its kernels
     must not build (B, H, S, S) scores. Peak memory above the compiled call's start, 1 x 4096 tokens with 4 heads:
@@ -1707,6 +1717,7 @@ def test_compiled_padded_forward_never_builds_s_by_s_scores():
     assert peak("eager") > 4 * one_matrix, "the measurement misses the eager reference's S x S scores"
 
 
+@pytest.mark.slow
 @needs_transformers
 @needs_tokenizer
 def test_seed_doc_padding_free_example_compiles_with_fullgraph(demo_checkpoint):
@@ -1786,6 +1797,7 @@ def test_flex_on_gpu_trains_and_compiles_the_whole_forward():
 # Export: torch.export with dynamic batch and sequence, and ONNX through onnxruntime
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls_name", ["ModernBertModel", "ModernBertForMaskedLM"])
 def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
     model = small[cls_name]
@@ -1800,6 +1812,7 @@ def test_torch_export_with_dynamic_batch_and_sequence(small, cls_name):
         assert_close(a[key], b[key], 1e-5, f"{cls_name} {key}, exported vs eager")
 
 
+@pytest.mark.slow
 def test_exported_program_serves_lengths_past_one_attention_block():
     """An example shorter than one +-64 block must not fix the exported program to short inputs (blocked and
     flex attention cut the stream into blocks; the exporters keep the eager reference, which does not)."""
@@ -1822,6 +1835,7 @@ ONNX_OUTPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls_name", sorted(ONNX_OUTPUTS))
 def test_onnx_export_runs_in_onnxruntime_with_transformers_names(small, cls_name):
     """Exported as README does: inputs input_ids, attention_mask and outputs named as transformers' outputs
@@ -1871,6 +1885,7 @@ def saved_for_backward_bytes(fn):
     return out, total
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_same_gradients_less_activation_memory():
     torch.manual_seed(0)
     config = mb.ModernBertConfig(
@@ -1951,6 +1966,7 @@ def ddp_worker(rank, folder, result):
     os._exit(0)  # no interpreter teardown: a rank once hung in it, after its work was done
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_gradients_of_one(tmp_path, small):
     model = small["ModernBertForSequenceClassification"]
     model.save_pretrained(tmp_path)
@@ -1978,6 +1994,7 @@ def test_ddp_two_processes_give_the_gradients_of_one(tmp_path, small):
         assert_close(ddp[name], p.grad, 1e-5, f"DDP grad of {name}")  # fp32 sums in another order
 
 
+@pytest.mark.slow
 @needs_transformers
 @pytest.mark.parametrize("cls_name", ["ModernBertForSequenceClassification", "ModernBertForMaskedLM"])
 def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
@@ -2033,6 +2050,7 @@ def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
     assert predictions.predictions is not None and predictions.metrics["test_loss"] > 0
 
 
+@pytest.mark.slow
 @needs_transformers
 @needs_tokenizer
 # Trainer pins memory by default, and says so on a machine without an accelerator, like this one.
@@ -2421,6 +2439,7 @@ print(model.num_parameters(), mb.ModernBertConfig.from_pretrained("nobody/tiny-m
 """
 
 
+@pytest.mark.slow
 def test_from_pretrained_takes_a_hub_id_through_the_cache(small, tmp_path):
     """A hub id resolves through the Hugging Face cache (filled here by hand, as snapshot_download leaves
     it), offline; a revision picks the snapshot; what is not in the cache is a one-line error."""

@@ -1,0 +1,72 @@
+"""Tests of bench.py: its flags (what a device cannot run is said or refused, never dropped) and the 32K config
+README shows. No benchmark runs here.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import modernbert as mb
+from conftest import HERE, needs_transformers
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: parse_args and the device defaults
+
+
+@needs_transformers
+def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, capsys):
+    import bench
+
+    def parsed(*argv, cuda=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args, device = bench.parse_args(list(argv))
+        return args, device.type, capsys.readouterr().err
+
+    args, device, err = parsed("--device", "cpu", "--workloads", "a,f")
+    assert (device, args.workloads) == ("cpu", "a") and "workload f" in err and "skipped on cpu" in err, err
+    args, device, err = parsed("--attn", "sdpa", "--workloads", "a,f", "--no-compile")  # README's GPU command
+    assert (device, args.workloads, args.compiled) == ("cpu", "a", False)
+    assert "no CUDA GPU here, so this is the CPU benchmark" in err and "skipped on cpu" in err, err
+    assert "--compile/--no-compile applies to the other device: ignored on cpu" in err, err
+    args, device, err = parsed()
+    assert (device, args.workloads, args.dtypes, args.batch_size) == ("cpu", "a,b,c,d,e", "fp32,bf16", 16)
+    args, device, err = parsed("--batch", "4", cuda=True)
+    assert (device, args.workloads, args.batch_size, args.compiled) == ("cuda", "a,c,d,f", 512, True)
+    assert err == "note: --batch applies to the other device: ignored on cuda\n", err
+    for argv, message in [
+        (("--device", "cuda"), "--device cuda: torch sees no CUDA GPU here"),
+        (("--device", "cpu", "--workloads", "f"), "--workloads f runs on CUDA only: nothing left to run on cpu"),
+        (("--workloads", "a,z"), "--workloads: unknown 'z'"),
+        (("--dtypes", "fp16"), "--dtypes: unknown 'fp16'"),
+        (("--build", "--train"), "--build and --train are separate benchmarks: run one at a time"),
+        (("--train", "--dtypes", "fp32,bf16"), "--train times one dtype a run: give --dtypes fp32 or --dtypes bf16"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            parsed(*argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert parsed("--attn", "flex_attention")[0].attn == "flex_attention"
+    args, device, err = parsed("--long-context", cuda=True)  # memory as the CPU's RSS: fp32 unless asked
+    assert (device, args.dtypes, args.context_lengths) == ("cpu", "fp32", "8192,16384,32768"), err
+    with pytest.raises(SystemExit):
+        parsed("--long-context", "--device", "cuda", cuda=True)
+    assert "--long-context measures a CPU forward's memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parsed("--help")
+    usage = " ".join(capsys.readouterr().out.split())  # argparse's wrapping undone
+    assert "see above" not in usage and "the best counts (default 3)" in usage, usage
+
+
+# ----------------------------------------------------------------------------------------------------
+# --long-context: README's 32K config is the one benchmarked
+
+
+@needs_transformers  # (bench.py imports it)
+def test_readme_32k_config_is_the_one_benchmarked():
+    """README's 32K snippet, run as written, makes the config whose numbers README shows (bench.py --long-context)."""
+    import bench
+
+    section = Path(HERE, "README.md").read_text().split("## RoPE scaling (long context)")[1].split("\n## ")[0]
+    namespace = {"modernbert": mb}
+    exec(section.split("```python\n")[1].split("```")[0], namespace)
+    assert namespace["config"] == mb.ModernBertConfig(**bench.LONG_CONTEXT)

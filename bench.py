@@ -529,11 +529,12 @@ def setups(device, dtypes, forced=None):
     for d in dtypes:
         impl = forced or "sdpa"
         if device.type == "cuda" and d == "bf16" and not forced:
-            try:
-                mb.find_flash_kernel(device)
+            if mb.find_flash_kernel(device) is not None:
                 impl = "flash_attention_2"
-            except RuntimeError as e:
-                print(f"no flash kernel ({e}); CUDA runs ours with sdpa", file=sys.stderr)
+            else:
+                print(
+                    f"no flash kernel ({mb.flash_kernel_missing(device)}); CUDA runs ours with sdpa", file=sys.stderr
+                )
         out.append((d, impl))
     return out
 
@@ -761,14 +762,11 @@ def layer_kernels(packing, device, window):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(T, H, D, device=device, generator=g, dtype=dtype) for _ in range(3))
 
-    def block_masks():  # one per layer type, as a forward builds them
-        return {w: mb.flex_block_mask(packing, w) for w in (None, window)}
-
-    masks = block_masks()
+    flex = mb.flex_kernel(packing, window)  # flex_attention with its block masks, as a forward builds them
     fns = {
-        ("both", "flex block masks (once a forward)"): block_masks,
-        ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
-        ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
+        ("both", "flex block masks (once a forward)"): lambda: mb.flex_kernel(packing, window),
+        ("global", "flex"): lambda: flex(q, k, v, packing, None),
+        ("local", "flex"): lambda: flex(q, k, v, packing, window),
         ("global", "sdpa masked grid"): lambda: mb.sdpa_attention(q, k, v, packing, None),
         ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
     }
@@ -776,12 +774,13 @@ def layer_kernels(packing, device, window):
         fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_equal_lengths(q, k, v, packing)
     if device.type == "cpu":
         fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
-    try:
-        flash = functools.partial(mb.flash_attention, varlen=mb.find_flash_kernel(device))
+    varlen = mb.find_flash_kernel(device)
+    if varlen is not None:
+        flash = functools.partial(mb.flash_attention, varlen=varlen)
         fns[("global", "varlen flash")] = lambda: flash(q, k, v, packing, None)
         fns[("local", "varlen flash")] = lambda: flash(q, k, v, packing, window)
-    except RuntimeError as e:
-        note(f"no varlen flash kernel on {device.type}: {e}")
+    else:
+        note(f"no varlen flash kernel on {device.type}: {mb.flash_kernel_missing(device)}")
     return fns
 
 

@@ -504,13 +504,14 @@ def test_kernels_agree(lengths, window, flash_standin):
     )
     # bf16-exact inputs, so the flash path's cast loses nothing and only its bf16 output rounds
     qb, kb, vb = (t.bfloat16().float() for t in (q, k, v))
+    varlen = mb.find_flash_kernel(qb.device)  # flash_standin's
     assert_close(
-        mb.flash_attention(qb, kb, vb, packing, window),
+        mb.flash_attention(qb, kb, vb, packing, window, varlen=varlen),
         mb.eager_attention(qb, kb, vb, packing, window),
         2e-2,
         f"flash window={window}",
     )
-    assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
+    assert mb.flash_attention(qb, kb, vb, packing, window, varlen=varlen).dtype == torch.float32  # cast back
     assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")  # (q: no grad)
 
 
@@ -619,15 +620,14 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rope_in_chunks_equals_rope_in_one_pass(dtype, monkeypatch):
-    """apply_rope on a CPU in half precision runs ROPE_CHUNK tokens at a time: the same numbers and gradients as one
-    pass, for q and k as the attention layer passes them (strided in Wqkv's output), two chunks and a short one."""
-    assert mb.rope_in_chunks_pays(torch.empty(600, 2, dtype=dtype)) and not mb.rope_in_chunks_pays(torch.empty(600, 2))
+def test_rope_in_chunks_equals_rope_in_one_pass(dtype):
+    """rope_in_chunks (half precision on a CPU) runs ROPE_CHUNK tokens at a time: the same numbers and gradients as
+    apply_rope's one pass, for q and k as the attention layer passes them (strided in Wqkv's output), two chunks and
+    a short one."""
     T = 600
     qkv = torch.randn(T, 3, 4, 64, dtype=dtype, requires_grad=True)  # (T, 3, H, D)
     cos, sin = mb.rope_tables(*mb.rope_frequencies(mb.ModernBertConfig(), "full_attention"), torch.arange(T) % 300)
-    chunked = mb.apply_rope(qkv[:, :2], cos, sin)
-    monkeypatch.setattr(mb, "ROPE_CHUNK", T)  # one pass
+    chunked = mb.rope_in_chunks(qkv[:, :2], cos, sin)
     whole = mb.apply_rope(qkv[:, :2], cos, sin)
     assert chunked.dtype == dtype and torch.equal(chunked, whole)
     grads = [torch.autograd.grad(out.float().square().sum(), qkv)[0] for out in (whole, chunked)]
@@ -1170,7 +1170,7 @@ def test_random_sweep_against_official(seed, flash_standin):
     m = mask.bool()
     packing = mb.Packing.from_mask(mask)
     assert torch.equal(
-        packing.to_input_grid(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
+        packing.to_input_shape(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
     )  # pad(unpad(x)) == x on real tokens
     assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(
         lengths

@@ -56,7 +56,7 @@ import transformers.initialization
 import modernbert as mb
 
 MASK_ID = 50284  # [MASK] in the ModernBERT tokenizer
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: mb.DTYPES[name] for name in ("fp32", "bf16")}  # the dtypes the tables time
 WORKLOADS = {  # name: (description, lengths(B, generator)); B is --batch on CPU, --gpu-batch on CUDA
     "a": (
         "variable short: len ~ N(256, 64) in [32, 512], B seqs",
@@ -370,14 +370,17 @@ def note(message):
 
 
 def pick_device(name):
-    """--device: auto is CUDA where a GPU is, else CPU (saying so); cuda without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu":
-            note("torch sees no CUDA GPU here, so this is the CPU benchmark (--device cuda requires the GPU)")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU here (--device cpu runs the CPU benchmark)")
-    return torch.device(name)
+    """--device: modernbert.pick_device's, on the two devices the tables cover: auto is the GPU where there is one,
+    else the CPU (saying so); cuda without a GPU is an error."""
+    try:
+        device = mb.pick_device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type not in ("cuda", "cpu"):  # another accelerator (MPS, ...): the tables are the CPU's
+        device = torch.device("cpu")
+    if name == "auto" and device.type == "cpu":
+        note("torch sees no CUDA GPU here, so this is the CPU benchmark (--device cuda requires the GPU)")
+    return device
 
 
 OTHER_DEVICE_FLAGS = {  # the flags for one device (set when not None), as the other one sees them

@@ -51,8 +51,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown, with_warnings_at_caller
-from modernbert import ModernBertForSequenceClassification, ModernBertModel
+from load import load_tokenizer, read_json, resolve, shown
+from modernbert import (
+    DTYPES,
+    LIBRARY_FILES,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
+    cu_seqlens_from_lengths,
+    pick_device,
+    users_line,
+)
+
+LIBRARY_FILES.add(__file__)  # warnings point past this file too, at the line that called load_embedder
 
 # Sentence Transformers' pooling modes, in the order its older config keys concatenate them.
 LEGACY_POOLING_KEYS = {
@@ -280,7 +290,7 @@ def run_packed(forward, encodings, device, batch_tokens, batch_size, show_progre
     rows, order = [], []
     for batch in batches:
         ids = torch.tensor([t for i in batch for t in encodings[i].ids], device=device)[None]  # (1, T)
-        cu = F.pad(torch.tensor([lengths[i] for i in batch], device=device).cumsum(0), (1, 0)).to(torch.int32)
+        cu = cu_seqlens_from_lengths(torch.tensor([lengths[i] for i in batch], device=device))
         rows.append(forward(ids, cu))
         order += batch
         if progress is not None:
@@ -366,7 +376,7 @@ def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
     """Sentence embeddings as Sentence Transformers computes them: an Embedder (encode, encode_query,
     encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files.
     `device`, `dtype` ("bf16" or a torch dtype) and `revision` as load.load_model takes them."""
-    return with_warnings_at_caller(Embedder.load, name_or_folder, device=device, dtype=dtype, revision=revision)
+    return Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
 
 
 class Embedder(Pipeline):
@@ -388,7 +398,7 @@ class Embedder(Pipeline):
             )
         config = read_json(folder, "config_sentence_transformers.json")
         root = os.path.join(folder, modules[0][1]) if modules else folder
-        model = ModernBertModel.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+        model = ModernBertModel.from_pretrained(root, dtype=dtype, device=device)
         self = cls()
         self.model, self.folder = model, folder
         max_seq_length, lowercase = transformer_settings(root, "feature-extraction", model.config)
@@ -404,7 +414,7 @@ class Embedder(Pipeline):
                 f"{folder!r} has no Sentence Transformers files (modules.json): its tokens are pooled as "
                 f"config.json's classifier_pooling says ({model.config.classifier_pooling!r}), with no prompt and "
                 "no normalisation.",
-                stacklevel=2,
+                stacklevel=users_line(),
             )
         after = [
             {"Dense": Dense, "Normalize": Normalize}[kind](os.path.join(folder, path)) for kind, path in modules[2:]
@@ -518,7 +528,7 @@ class Reranker(Pipeline):
         root = os.path.join(folder, modules[0][1]) if modules else folder
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missing classifier is an error below, not a warning
-            model = ModernBertForSequenceClassification.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+            model = ModernBertForSequenceClassification.from_pretrained(root, dtype=dtype, device=device)
         if model.load_report["initialised"]:
             raise ValueError(
                 f"{folder!r} is not a reranker: its weights have no classifier head "
@@ -639,7 +649,7 @@ def parse_args(argv=None):
             "--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)"
         )
         command.add_argument(
-            "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)"
+            "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: the GPU if any, else cpu)"
         )
         command.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
         command.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")

@@ -216,6 +216,11 @@ def pad(x, indices, batch, seqlen):
     return out.view(batch, seqlen, *x.shape[1:])
 
 
+def cu_seqlens_from_lengths(lengths):
+    """Sequence lengths (N,) -> cu_seqlens (N + 1,) int32: where each sequence starts in the packed stream, then T."""
+    return F.pad(torch.as_tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+
+
 def longest_length(lengths):
     """The longest sequence's length, and whether all have it: one host sync a forward."""
     shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
@@ -253,7 +258,7 @@ class Packing:
         lengths = attention_mask.sum(dim=1)
         indices = attention_mask.flatten().nonzero().squeeze(1)
         longest, equal = longest_length(lengths)
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cu_seqlens = cu_seqlens_from_lengths(lengths)
         return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), equal_lengths=equal)
 
     @property
@@ -1174,10 +1179,7 @@ def loading_arguments(device, dtype, kwargs):
             raise TypeError(f"Pass dtype or torch_dtype (its old name), not both: got {dtype} and {torch_dtype}.")
         warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=users_line())
         dtype = torch_dtype
-    if isinstance(dtype, str):  # "bfloat16", as transformers takes it
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r}: pass a torch dtype (torch.bfloat16) or its name ('bfloat16').")
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
     if (device_map := kwargs.pop("device_map", None)) is not None:
         mapped = single_device(device_map)
         if device is not None and torch.device(device) != mapped:
@@ -1199,7 +1201,7 @@ def single_device(device_map):
     if isinstance(device_map, dict) and list(device_map) == [""]:
         device_map = device_map[""]
     if device_map == "auto":
-        return available_accelerator() or torch.device("cpu")
+        return pick_device("auto")
     if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
@@ -1213,14 +1215,47 @@ def single_device(device_map):
     )
 
 
+DTYPES = {  # the dtype names every door takes (from_pretrained, load.py, embed.py, the command lines): torch's, short
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype):
+    """None, a torch dtype, or a name in DTYPES ("bfloat16", "bf16") -> None or the torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: pass a torch dtype (torch.bfloat16) or one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def pick_device(name=None):
+    """The device to run on: one named ("cpu", "cuda:1", "mps", a torch.device), or for None and "auto" the
+    accelerator torch can use here (a CUDA or ROCm GPU, Apple's MPS, ...), else the CPU. A GPU or MPS named where
+    torch sees none is an error."""
+    if name is None or name == "auto":
+        return available_accelerator() or torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"torch sees no CUDA GPU here, so the device cannot be {str(name)!r}: use 'cpu'.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"torch sees no Apple MPS device here, so the device cannot be {str(name)!r}: use 'cpu'.")
+    return device
+
+
 def available_accelerator():
-    """The accelerator torch can use here, or None: torch.accelerator says so from torch 2.7 (check_available); the
-    releases requirements.txt allows before it are asked for a CUDA (or ROCm) GPU and Apple's MPS directly."""
+    """The accelerator torch can use here, or None: a CUDA (or ROCm) GPU first, else what torch.accelerator names from
+    torch 2.7 (check_available); the releases requirements.txt allows before it are asked for Apple's MPS directly."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
         return accelerator.current_accelerator(check_available=True)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
     return torch.device("mps") if torch.backends.mps.is_available() else None
 
 
@@ -1368,10 +1403,16 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     return model.to(device=device, dtype=dtype).eval()
 
 
+# The files a warning looks past to point at the user's line: this one, and those built on it (load.py, embed.py add
+# themselves), so that load_model(...) and load_embedder(...) warn at the line that called them, as from_pretrained.
+LIBRARY_FILES = {__file__}
+
+
 def users_line():
-    """warnings.warn's stacklevel for the first caller outside this file, so a warning points at the user's line."""
+    """warnings.warn's stacklevel for the first caller outside LIBRARY_FILES, so a warning points at the user's line
+    (or, run as a script, at the script's own last line)."""
     frame, level = inspect.currentframe(), 0
-    while frame is not None and frame.f_globals is globals():
+    while frame.f_back is not None and frame.f_globals.get("__file__") in LIBRARY_FILES:
         frame, level = frame.f_back, level + 1
     return level
 

@@ -51,7 +51,6 @@ import traceback
 
 import torch
 import transformers
-import transformers.initialization
 
 import modernbert as mb
 
@@ -107,27 +106,12 @@ def describe(workload, device_type):
     return CUDA_DESCRIPTIONS.get(workload, WORKLOADS[workload][0]) if device_type == "cuda" else WORKLOADS[workload][0]
 
 
-def fast_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-    """Clamped normal: torch's rejection-sampling trunc_normal_ takes a minute per model on 2 cores,
-    and the weights are random anyway (both models get the same ones)."""
-    with torch.no_grad():
-        return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
-
-
-def random_init():
-    """Seed 0, and fast_trunc_normal_ in place of the trunc_normal_ that torch and transformers' init call."""
-    torch.manual_seed(0)
-    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
-        fast_trunc_normal_
-    )
-
-
 def build_models(which, dtype, device, ours_impl, compiled=False):
-    """Random ModernBERT-base MLM models: theirs (sdpa) and/or ours with theirs' weights copied in. With
-    compiled, also ours_compiled (a copy of ours, .compile()d: each encoder layer, dynamic shapes) and
-    theirs_compiled (torch.compile of theirs' encoder, default options; it shares theirs' weights).
-    torch.compile is lazy: the first call of each compiles."""
-    random_init()
+    """Random ModernBERT-base MLM models, each built with its own library's init (seed 0): theirs (sdpa) and/or
+    ours, with theirs' weights copied in when both are built. With compiled, also ours_compiled (a copy of ours,
+    .compile()d: each encoder layer, dynamic shapes) and theirs_compiled (torch.compile of theirs' encoder, default
+    options; it shares theirs' weights). torch.compile is lazy: the first call of each compiles."""
+    torch.manual_seed(0)
     models = {}
     if which in ("both", "theirs"):
         models["theirs"] = transformers.ModernBertForMaskedLM._from_config(
@@ -982,7 +966,7 @@ def bench_embeddings(args, device):
         raise SystemExit(f"--embeddings needs the ModernBERT tokenizer: no {tokenizer_json} (MODERNBERT_SHARED_DATA)")
     texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts)
     with tempfile.TemporaryDirectory() as folder:
-        random_init()
+        torch.manual_seed(0)
         transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(folder)
         for name in load.TOKENIZER_FILES:
             shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(folder, name))

@@ -52,12 +52,11 @@ import traceback
 
 import torch
 import transformers
-import transformers.initialization
 
 import modernbert as mb
 
 MASK_ID = 50284  # [MASK] in the ModernBERT tokenizer
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: mb.DTYPES[name] for name in ("fp32", "bf16")}  # the dtypes the tables time
 WORKLOADS = {  # name: (description, lengths(B, generator)); B is --batch on CPU, --gpu-batch on CUDA
     "a": (
         "variable short: len ~ N(256, 64) in [32, 512], B seqs",
@@ -108,27 +107,12 @@ def describe(workload, device_type):
     return CUDA_DESCRIPTIONS.get(workload, WORKLOADS[workload][0]) if device_type == "cuda" else WORKLOADS[workload][0]
 
 
-def fast_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-    """Clamped normal: torch's rejection-sampling trunc_normal_ takes a minute per model on 2 cores,
-    and the weights are random anyway (both models get the same ones)."""
-    with torch.no_grad():
-        return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
-
-
-def random_init():
-    """Seed 0, and fast_trunc_normal_ in place of the trunc_normal_ that torch and transformers' init call."""
-    torch.manual_seed(0)
-    torch.nn.init.trunc_normal_ = transformers.initialization.TORCH_INIT_FUNCTIONS["trunc_normal_"] = (
-        fast_trunc_normal_
-    )
-
-
 def build_models(which, dtype, device, ours_impl, compiled=False):
-    """Random ModernBERT-base MLM models: theirs (sdpa) and/or ours with theirs' weights copied in. With
-    compiled, also ours_compiled (a copy of ours, .compile()d: each encoder layer, dynamic shapes) and
-    theirs_compiled (torch.compile of theirs' encoder, default options; it shares theirs' weights).
-    torch.compile is lazy: the first call of each compiles."""
-    random_init()
+    """Random ModernBERT-base MLM models, each built with its own library's init (seed 0): theirs (sdpa) and/or
+    ours, with theirs' weights copied in when both are built. With compiled, also ours_compiled (a copy of ours,
+    .compile()d: each encoder layer, dynamic shapes) and theirs_compiled (torch.compile of theirs' encoder, default
+    options; it shares theirs' weights). torch.compile is lazy: the first call of each compiles."""
+    torch.manual_seed(0)
     models = {}
     if which in ("both", "theirs"):
         models["theirs"] = transformers.ModernBertForMaskedLM._from_config(
@@ -371,14 +355,17 @@ def note(message):
 
 
 def pick_device(name):
-    """--device: auto is CUDA where a GPU is, else CPU (saying so); cuda without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu":
-            note("torch sees no CUDA GPU here, so this is the CPU benchmark (--device cuda requires the GPU)")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU here (--device cpu runs the CPU benchmark)")
-    return torch.device(name)
+    """--device: modernbert.pick_device's, on the two devices the tables cover: auto is the GPU where there is one,
+    else the CPU (saying so); cuda without a GPU is an error."""
+    try:
+        device = mb.pick_device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type not in ("cuda", "cpu"):  # another accelerator (MPS, ...): the tables are the CPU's
+        device = torch.device("cpu")
+    if name == "auto" and device.type == "cpu":
+        note("torch sees no CUDA GPU here, so this is the CPU benchmark (--device cuda requires the GPU)")
+    return device
 
 
 OTHER_DEVICE_FLAGS = {  # the flags for one device (set when not None), as the other one sees them
@@ -538,11 +525,12 @@ def setups(device, dtypes, forced=None):
     for d in dtypes:
         impl = forced or "sdpa"
         if device.type == "cuda" and d == "bf16" and not forced:
-            try:
-                mb.find_flash_kernel(device)
+            if mb.find_flash_kernel(device) is not None:
                 impl = "flash_attention_2"
-            except RuntimeError as e:
-                print(f"no flash kernel ({e}); CUDA runs ours with sdpa", file=sys.stderr)
+            else:
+                print(
+                    f"no flash kernel ({mb.flash_kernel_missing(device)}); CUDA runs ours with sdpa", file=sys.stderr
+                )
         out.append((d, impl))
     return out
 
@@ -770,14 +758,11 @@ def layer_kernels(packing, device, window):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(T, H, D, device=device, generator=g, dtype=dtype) for _ in range(3))
 
-    def block_masks():  # one per layer type, as a forward builds them
-        return {w: mb.flex_block_mask(packing, w) for w in (None, window)}
-
-    masks = block_masks()
+    flex = mb.flex_kernel(packing, window)  # flex_attention with its block masks, as a forward builds them
     fns = {
-        ("both", "flex block masks (once a forward)"): block_masks,
-        ("global", "flex"): lambda: mb.flex_attention(q, k, v, packing, None, block_masks=masks),
-        ("local", "flex"): lambda: mb.flex_attention(q, k, v, packing, window, block_masks=masks),
+        ("both", "flex block masks (once a forward)"): lambda: mb.flex_kernel(packing, window),
+        ("global", "flex"): lambda: flex(q, k, v, packing, None),
+        ("local", "flex"): lambda: flex(q, k, v, packing, window),
         ("global", "sdpa masked grid"): lambda: mb.sdpa_attention(q, k, v, packing, None),
         ("local", "sdpa blocked local"): lambda: mb.local_block_attention(q, k, v, packing, window),
     }
@@ -785,12 +770,13 @@ def layer_kernels(packing, device, window):
         fns[("global", "sdpa dense (equal lengths)")] = lambda: mb.sdpa_equal_lengths(q, k, v, packing)
     if device.type == "cpu":
         fns[("global", "sdpa per sequence")] = lambda: mb.sdpa_per_sequence(q, k, v, packing)
-    try:
-        flash = functools.partial(mb.flash_attention, varlen=mb.find_flash_kernel(device))
+    varlen = mb.find_flash_kernel(device)
+    if varlen is not None:
+        flash = functools.partial(mb.flash_attention, varlen=varlen)
         fns[("global", "varlen flash")] = lambda: flash(q, k, v, packing, None)
         fns[("local", "varlen flash")] = lambda: flash(q, k, v, packing, window)
-    except RuntimeError as e:
-        note(f"no varlen flash kernel on {device.type}: {e}")
+    else:
+        note(f"no varlen flash kernel on {device.type}: {mb.flash_kernel_missing(device)}")
     return fns
 
 
@@ -995,7 +981,7 @@ def bench_embeddings(args, device):
     tokenizer_json = shared_tokenizer_json("--embeddings")
     texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts or 256)
     with tempfile.TemporaryDirectory() as folder:
-        random_init()
+        torch.manual_seed(0)
         transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(folder)
         for name in load.TOKENIZER_FILES:
             shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(folder, name))
@@ -1058,7 +1044,6 @@ def bench_colbert(args, device):
     texts = embedding_corpus(Tokenizer.from_file(tokenizer_json), args.texts or 2000)
     with tempfile.TemporaryDirectory() as work:
         base, folder = os.path.join(work, "base"), os.path.join(work, "colbert")
-        random_init()
         transformers.ModernBertModel(transformers.ModernBertConfig(**ETTIN_32M)).save_pretrained(base)
         for name in load.TOKENIZER_FILES:
             shutil.copyfile(os.path.join(os.path.dirname(tokenizer_json), name), os.path.join(base, name))

@@ -62,16 +62,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from load import DTYPES, load_tokenizer, parse_dtype, pick_device, read_json, resolve, shown, with_warnings_at_caller
+from load import load_tokenizer, read_json, resolve, shown
 from modernbert import (
-    LAYER_TYPES,
+    DTYPES,
+    LIBRARY_FILES,
     ModernBertForSequenceClassification,
     ModernBertModel,
     Packing,
-    attention_kernels,
-    rope_frequencies,
-    rope_tables,
+    cu_seqlens_from_lengths,
+    parse_dtype,
+    pick_device,
+    users_line,
 )
+
+LIBRARY_FILES.add(__file__)  # warnings point past this file too, at the line that called load_embedder
 
 # Sentence Transformers' pooling modes, in the order its older config keys concatenate them.
 LEGACY_POOLING_KEYS = {
@@ -300,7 +304,7 @@ def run_packed(forward, encodings, device, batch_tokens, batch_size, show_progre
     rows, order = [], []
     for batch in batches:
         ids = torch.tensor([t for i in batch for t in encodings[i].ids], device=device)[None]  # (1, T)
-        cu = F.pad(torch.tensor([lengths[i] for i in batch], device=device).cumsum(0), (1, 0)).to(torch.int32)
+        cu = cu_seqlens_from_lengths(torch.tensor([lengths[i] for i in batch], device=device))
         rows.append(forward(ids, cu))
         order += batch
         if progress is not None:
@@ -386,7 +390,7 @@ def load_embedder(name_or_folder, device=None, dtype=None, revision=None):
     """Sentence embeddings as Sentence Transformers computes them: an Embedder (encode, encode_query,
     encode_document, similarity), from a folder or hub id with or without Sentence Transformers' files.
     `device`, `dtype` ("bf16" or a torch dtype) and `revision` as load.load_model takes them."""
-    return with_warnings_at_caller(Embedder.load, name_or_folder, device=device, dtype=dtype, revision=revision)
+    return Embedder.load(name_or_folder, device=device, dtype=dtype, revision=revision)
 
 
 class Embedder(Pipeline):
@@ -408,7 +412,7 @@ class Embedder(Pipeline):
             )
         config = read_json(folder, "config_sentence_transformers.json")
         root = os.path.join(folder, modules[0][1]) if modules else folder
-        model = ModernBertModel.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+        model = ModernBertModel.from_pretrained(root, dtype=dtype, device=device)
         self = cls()
         self.model, self.folder = model, folder
         max_seq_length, lowercase = transformer_settings(root, "feature-extraction", model.config)
@@ -424,7 +428,7 @@ class Embedder(Pipeline):
                 f"{folder!r} has no Sentence Transformers files (modules.json): its tokens are pooled as "
                 f"config.json's classifier_pooling says ({model.config.classifier_pooling!r}), with no prompt and "
                 "no normalisation.",
-                stacklevel=2,
+                stacklevel=users_line(),
             )
         after = [
             {"Dense": Dense, "Normalize": Normalize}[kind](os.path.join(folder, path)) for kind, path in modules[2:]
@@ -538,7 +542,7 @@ class Reranker(Pipeline):
         root = os.path.join(folder, modules[0][1]) if modules else folder
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missing classifier is an error below, not a warning
-            model = ModernBertForSequenceClassification.from_pretrained(root, dtype=parse_dtype(dtype), device=device)
+            model = ModernBertForSequenceClassification.from_pretrained(root, dtype=dtype, device=device)
         if model.load_report["initialised"]:
             raise ValueError(
                 f"{folder!r} is not a reranker: its weights have no classifier head "
@@ -662,7 +666,7 @@ COLBERT_MODULES = {
 def load_colbert(name_or_folder, device=None, dtype=None, revision=None):
     """Token vectors and MaxSim scores as PyLate computes them: a ColBERT (encode(texts, is_query=...),
     similarity, rank), from a folder or hub id that PyLate saved (lightonai/GTE-ModernColBERT-v1, ...)."""
-    return with_warnings_at_caller(ColBERT.load, name_or_folder, device=device, dtype=dtype, revision=revision)
+    return ColBERT.load(name_or_folder, device=device, dtype=dtype, revision=revision)
 
 
 def read_colbert_settings(folder):
@@ -712,19 +716,13 @@ def encode_with_unseen_tokens(model, input_ids, cu_seqlens, is_real):
     """model.encode on packed input (1, T) where the tokens with is_real (T,) False are computed like the others
     but are keys to none: each sees the real tokens of its sequence, no token sees it. transformers computes a
     padded position so, which PyLate keeps as a query's expansion. ModernBertModel.encode makes every token of
-    cu_seqlens real, so its loop runs here on a Packing that says which are not (keeps_padding: no kernel that
+    cu_seqlens real, so its layers run here on a Packing that says which are not (keeps_padding: no kernel that
     would ignore is_real is picked)."""
-    c, T = model.config, input_ids.shape[1]
-    longest = int(cu_seqlens.diff().max())
+    T, longest = input_ids.shape[1], int(cu_seqlens.diff().max())
     packing = Packing(
         torch.arange(T, device=input_ids.device), cu_seqlens, longest, (1, T), is_real, keeps_padding=True
     )
-    x = model.embeddings(input_ids[0])  # (T, hidden)
-    kernels = attention_kernels(c.attn_implementation, x.device, x.dtype, packing, c.half_window)
-    ropes = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}
-    for layer, layer_type in zip(model.layers, c.layer_types):
-        x = layer(x, ropes[layer_type], packing, kernels[layer_type])
-    return model.final_norm(x)
+    return model.run_layers(model.embeddings(input_ids[0]), packing)[0]  # (T, hidden)
 
 
 def colbert_scores(queries_embeddings, documents_embeddings):
@@ -976,7 +974,7 @@ def parse_args(argv=None):
             "--input", default=None, metavar="FILE|-", help="one text per line (default: standard input)"
         )
         command.add_argument(
-            "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)"
+            "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: the GPU if any, else cpu)"
         )
         command.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
         command.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")

@@ -40,7 +40,6 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 
 import torch
 from tokenizers import Tokenizer
@@ -48,6 +47,8 @@ from tokenizers import Tokenizer
 from modernbert import (
     ATTN_IMPLEMENTATIONS,
     CHECKPOINT_FILES,
+    DTYPES,
+    LIBRARY_FILES,
     ModernBertForMaskedLM,
     ModernBertForMultipleChoice,
     ModernBertForQuestionAnswering,
@@ -55,9 +56,12 @@ from modernbert import (
     ModernBertForTokenClassification,
     ModernBertPreTrainedModel,
     checkpoint_folder,
+    pick_device,
     read_json_file,
     unpad,
 )
+
+LIBRARY_FILES.add(__file__)  # the loader's warnings point past this file too, at the line that called load_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Sentence Transformers' files (1_Pooling/config.json, ...), fetched for embed.py's embedders and rerankers
@@ -77,15 +81,6 @@ TASKS = {
     "question-answering": ModernBertForQuestionAnswering,
     "multiple-choice": ModernBertForMultipleChoice,
 }
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 # ----------------------------------------------------------------------------------------------------
 # Model and tokenizer
 
@@ -100,45 +95,26 @@ def load_model(
     **config_overrides,
 ):
     """A model in eval mode. `task` is a name from TASKS or a modernbert class; `dtype` a torch dtype or
-    a name ("bf16"); `config_overrides` change the config, e.g. num_labels=3 for a new classifier, and the
-    other keywords of from_pretrained (device_map, torch_dtype, cache_dir, ...) pass through to it."""
+    a name ("bfloat16", "bf16": modernbert.DTYPES); `config_overrides` change the config, e.g. num_labels=3 for a
+    new classifier, and the other keywords of from_pretrained (device_map, torch_dtype, cache_dir, ...) pass
+    through to it."""
     cls = task if isinstance(task, type) and issubclass(task, ModernBertPreTrainedModel) else TASKS.get(task)
     if cls is None:
         raise ValueError(f"Unknown task {task!r}: use one of {sorted(TASKS)} or a modernbert model class.")
-    return with_warnings_at_caller(
-        cls.from_pretrained,
+    return cls.from_pretrained(
         name_or_folder,
         revision,
         attn_implementation=attn_implementation,
-        dtype=parse_dtype(dtype),
+        dtype=dtype,
         device=device,
         **config_overrides,
     )
-
-
-def with_warnings_at_caller(load, *args, **kwargs):
-    """load(*args, **kwargs), the warnings it gives (what the loader dropped or initialised fresh) issued again
-    at the line that called our caller (load_model, embed.load_embedder): the user's line, not one of ours."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # catch every one; the user's own filters judge them below
-        out = load(*args, **kwargs)
-    for w in caught:
-        warnings.warn(w.message, stacklevel=3)  # 1: here, 2: load_model or load_embedder, 3: its caller
-    return out
 
 
 def resolve(name_or_folder, revision=None):
     """A folder as it is, or a hub id's snapshot in the HF cache: the checkpoint, its tokenizer files, and
     the Sentence Transformers files an embedder or reranker has."""
     return checkpoint_folder(name_or_folder, revision, files=HUB_FILES)
-
-
-def parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}: use one of {sorted(DTYPES)}.")
-    return DTYPES[str(dtype)]
 
 
 def load_tokenizer(name_or_folder=DEFAULT_MODEL, revision=None):
@@ -369,7 +345,9 @@ def parse_args(argv=None):
         "--model", default=DEFAULT_MODEL, help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})"
     )
     parser.add_argument("--top-k", type=int, default=5, help="predictions per mask (default: 5)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: the GPU if any, else cpu)"
+    )
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32")
     parser.add_argument(
         "--attn",
@@ -379,14 +357,6 @@ def parse_args(argv=None):
     )
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     return parser.parse_args(argv)
-
-
-def pick_device(name):
-    """--device, or cuda where torch sees a GPU, else cpu."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA GPU here.")
-    return device
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ purpose, each pinned by a test (padding never reaches an output, a loss or `cls`
 names, attribute names and `state_dict` keys are the official ones, so checkpoints load both ways.
 
 Reading order: config -> RoPE, GeGLU, packing, attention -> encoder layer -> model -> heads.
-Below the "Plumbing" banner (outputs, files, RoPE scaling, kernels, tracing, the hub, checks) a first reading may stop.
+Below the PLUMBING banner (outputs, files, RoPE scaling, kernels, init, tracing, hub, checks) a first reading may stop.
 """
 
 import fnmatch
@@ -166,8 +166,6 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     """x * cos + rotate_half(x) * sin for x of shape (T, ..., D), computed in fp32 (the fp32 tables promote
     every product, so x needs no fp32 copy) and returned in x's dtype."""
-    if rope_in_chunks_pays(x):  # half precision on a CPU: cache-sized pieces (below the banner)
-        return rope_in_chunks(x, cos, sin)
     cos, sin = (t.view(t.shape[0], *[1] * (x.dim() - 2), t.shape[-1]) for t in (cos, sin))  # same for every head
     return torch.addcmul(x * cos, rotate_half(x), sin).to(x.dtype)  # addcmul: one temporary fewer
 
@@ -209,7 +207,7 @@ class ModernBertMLP(nn.Module):
 
 
 def unpad(x, indices):
-    """(B, S, ...) -> (T, ...): keep the rows at `indices` of the flattened (B * S) grid."""
+    """(B, S, ...) -> (T, ...): keep the rows at `indices` of the flattened (B * S) input."""
     return x.flatten(0, 1)[indices]
 
 
@@ -218,6 +216,11 @@ def pad(x, indices, batch, seqlen):
     out = x.new_zeros(batch * seqlen, *x.shape[1:])
     out[indices] = x
     return out.view(batch, seqlen, *x.shape[1:])
+
+
+def cu_seqlens_from_lengths(lengths):
+    """Sequence lengths (N,) -> cu_seqlens (N + 1,) int32: where each sequence starts in the packed stream, then T."""
+    return F.pad(torch.as_tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
 
 
 def longest_length(lengths):
@@ -230,16 +233,16 @@ def longest_length(lengths):
 class Packing:
     """Where the tokens of a batch sit, worked out once per forward and shared by every layer."""
 
-    indices: torch.Tensor  # (T,) each token's place in the flattened (B * S) input grid
+    indices: torch.Tensor  # (T,) each token's place in the flattened (B * S) input
     cu_seqlens: torch.Tensor  # (N + 1,) int32 sequence boundaries in the packed stream
     max_seqlen: int
-    input_shape: tuple  # (B, S) of the input grid
+    input_shape: tuple  # (B, S) of the input, padding where it was
     is_real: torch.Tensor | None = None  # (T,) bool; None: all True (False only where keeps_padding)
     equal_lengths: bool = False  # all N sequences have max_seqlen tokens: global attention needs no key mask
     keeps_padding: bool = False  # a traced batch (pack_for_tracing): padding rides along as tokens not real
     seq_ids: torch.Tensor | None = None  # (T,) which sequence each token belongs to; None: from cu_seqlens
     positions: torch.Tensor = field(init=False)  # (T,) position inside its sequence: 0, 1, 2, ...
-    grid_index: torch.Tensor = field(init=False)  # (T,) slot in a right-padded (N, max_seqlen) grid
+    padded_seq_index: torch.Tensor = field(init=False)  # (T,) slot in (N, max_seqlen): a row a sequence, right-padded
 
     def __post_init__(self):
         # (x.shape[0], not len(x): len() must return a plain int, which would fix the size of a traced graph)
@@ -248,7 +251,7 @@ class Packing:
             numbers = torch.arange(cu.shape[0] - 1, device=cu.device)
             self.seq_ids = torch.repeat_interleave(numbers, cu.diff(), output_size=T)
         self.positions = torch.arange(T, device=cu.device) - cu[self.seq_ids]
-        self.grid_index = self.seq_ids * self.max_seqlen + self.positions
+        self.padded_seq_index = self.seq_ids * self.max_seqlen + self.positions
         if self.is_real is None:
             self.is_real = torch.ones(T, dtype=torch.bool, device=cu.device)
 
@@ -257,22 +260,22 @@ class Packing:
         lengths = attention_mask.sum(dim=1)
         indices = attention_mask.flatten().nonzero().squeeze(1)
         longest, equal = longest_length(lengths)
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cu_seqlens = cu_seqlens_from_lengths(lengths)
         return cls(indices, cu_seqlens, longest, tuple(attention_mask.shape), equal_lengths=equal)
 
     @property
     def num_seqs(self):
         return self.cu_seqlens.shape[0] - 1
 
-    def to_input_grid(self, x):
-        """Packed (T, ...) -> the input's grid (B, S, ...), zeros at padded positions."""
+    def to_input_shape(self, x):
+        """Packed (T, ...) -> the input's shape (B, S, ...), zeros at padded positions."""
         if self.keeps_padding:
             x = x.masked_fill(~self.is_real.view(-1, *[1] * (x.dim() - 1)), 0)
         return pad(x, self.indices, *self.input_shape)
 
     def attention_mask(self):
-        """Boolean (B, S) on the input's grid: True where a real token sits."""
-        return self.to_input_grid(self.is_real)
+        """Boolean (B, S), the input's shape: True where a real token sits."""
+        return self.to_input_shape(self.is_real)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,30 +301,30 @@ def band(query_pos, key_pos, half_window):
 def eager_attention(q, k, v, packing, half_window, dropout_p=0.0):
     """The reference: softmax(Q K^T / sqrt(D) + mask) V, written out on a padded (N, H, S, S) grid."""
     N, S, D = packing.num_seqs, packing.max_seqlen, q.shape[-1]
-    q, k, v = (pad(t, packing.grid_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    q, k, v = (pad(t, packing.padded_seq_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * D**-0.5  # (N, H, S, S)
-    allowed = pad(packing.is_real, packing.grid_index, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
+    allowed = pad(packing.is_real, packing.padded_seq_index, N, S)[:, None, None, :]  # (N, 1, 1, S): real keys only
     if half_window is not None:
-        pos = pad(packing.positions, packing.grid_index, N, S)[:, None]  # (N, 1, S)
+        pos = pad(packing.positions, packing.padded_seq_index, N, S)[:, None]  # (N, 1, S)
         allowed = allowed & band(pos, pos, half_window)  # (N, 1, S, S)
     # A finite minimum, not -inf: a padded query row with no allowed key stays finite (and is dropped).
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
-    return unpad((probs @ v).transpose(1, 2), packing.grid_index)  # (T, H, D)
+    return unpad((probs @ v).transpose(1, 2), packing.padded_seq_index)  # (T, H, D)
 
 
 def sdpa_attention(q, k, v, packing, half_window, dropout_p=0.0):
     """torch's scaled_dot_product_attention, never with an (S, S) mask (materialised, it saves nothing from the
     window and keeps SDPA off its fused kernels). Local layers: blocked sliding-window attention, O(T * window).
-    Global layers: one call on the padded (N, S) grid, a key mask hiding the padding."""
+    Global layers: one call on the padded (N, S) grid, a key mask hiding the padding (a CPU: sdpa_per_sequence)."""
     if half_window is not None:
         return local_block_attention(q, k, v, packing, half_window, dropout_p)
     N, S = packing.num_seqs, packing.max_seqlen
-    qg, kg, vg = (pad(t, packing.grid_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
-    real_keys = pad(packing.is_real, packing.grid_index, N, S)[:, None, None, :]  # (N, 1, 1, S)
+    qg, kg, vg = (pad(t, packing.padded_seq_index, N, S).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    real_keys = pad(packing.is_real, packing.padded_seq_index, N, S)[:, None, None, :]  # (N, 1, 1, S)
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=real_keys, dropout_p=dropout_p)
-    return unpad(out.transpose(1, 2), packing.grid_index)
+    return unpad(out.transpose(1, 2), packing.padded_seq_index)
 
 
 def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
@@ -354,10 +357,9 @@ def local_block_attention(q, k, v, packing, half_window, dropout_p=0.0):
     return out.transpose(1, 2).reshape(n * w, H, D)[:T]
 
 
-def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
-    """FlashAttention-2 varlen on the packed stream: no padding, no mask, the key blocks outside the window skipped.
-    fp16/bf16 only: fp32 inputs are cast to bf16 and back, as the official code does."""
-    varlen = varlen or find_flash_kernel(q.device)
+def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, *, varlen):
+    """FlashAttention-2 varlen (`varlen`, found by attention_kernels) on the packed stream: no padding, no mask, key
+    blocks outside the window skipped. fp16/bf16 only: fp32 is cast to bf16 and back, as the official code does."""
     dtype = q.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -368,16 +370,31 @@ def flash_attention(q, k, v, packing, half_window, dropout_p=0.0, varlen=None):
 
 
 def attention_kernels(name, device, dtype, packing, half_window):
-    """The one place kernels are chosen, once a forward: {layer type: kernel}. None picks flash_attention_2 on a
-    GPU in half precision where a varlen flash kernel is installed, sdpa otherwise. `faster_kernels` (below the
-    banner) may swap in a kernel that computes the same rule faster for this batch, or what tracing needs."""
+    """The one place kernels are chosen, once a forward: {layer type: kernel}, each choice here with its reason. None
+    picks flash_attention_2 on a GPU in half precision where a varlen flash kernel is installed, sdpa otherwise."""
     check_attn_implementation(name)
-    if name is None:
-        half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-        name = "flash_attention_2" if half and has_flash_kernel(device) else "sdpa"
-    kernels = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention}
-    kernel = kernels.get(name, flex_attention)  # FlexAttention lives below the banner with its block masks
-    return faster_kernels(name, dict.fromkeys(LAYER_TYPES, kernel), device, dtype, packing, half_window)
+    if packing.keeps_padding and torch.compiler.is_exporting():  # a traced batch (pack_for_tracing) being exported:
+        return dict.fromkeys(LAYER_TYPES, eager_attention)  # blocked and flex would fix their count of blocks
+    if packing.keeps_padding and name in (None, "flash_attention_2"):
+        name = "sdpa"  # a traced batch keeps its padding as tokens, which varlen flash cannot leave out
+    half = dtype in (torch.float16, torch.bfloat16)
+    varlen = find_flash_kernel(device) if name == "flash_attention_2" or (name is None and half) else None
+    if name == "flash_attention_2" and varlen is None:
+        raise flash_kernel_missing(device)  # says what to install, or which device to use
+    name = name or ("flash_attention_2" if varlen else "sdpa")
+    if name == "flex_attention":  # FlexAttention and its block masks, built once a forward (below the banner)
+        return dict.fromkeys(LAYER_TYPES, flex_kernel(packing, half_window))
+    flash = functools.partial(flash_attention, varlen=varlen)
+    kernel = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash}[name]
+    kernels = dict.fromkeys(LAYER_TYPES, kernel)
+    if name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
+        # Global layers on a CPU: one unmasked SDPA call per sequence computes no padding, and a loop is cheap there.
+        kernels["full_attention"] = sdpa_per_sequence
+    elif name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
+        # Equal lengths: the stream already is the (N, S) grid, and one dense call needs no mask (on a GPU cuDNN's
+        # dense kernel then beats varlen flash). Not for a forced flash on fp32, which must stay in flash's bf16.
+        kernels["full_attention"] = sdpa_equal_lengths
+    return kernels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,11 +436,11 @@ class ModernBertAttention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         self.out_drop = nn.Dropout(config.attention_dropout)
 
-    def forward(self, x, rope, packing, kernel):  # x: (T, hidden)
+    def forward(self, x, rope, packing, kernel):  # x: (T, hidden); rope(t): apply_rope at this forward's positions
         # One matmul for all three projections; the output is laid out [Q | K | V], each (H, D).
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # (T, 3, H, D)
         # Position enters only here: rotating q and k (in one call) makes q . k depend on their distance alone.
-        q, k = apply_rope(qkv[:, :2], *rope).unbind(1)  # (T, H, D) each
+        q, k = rope(qkv[:, :2]).unbind(1)  # (T, H, D) each
         out = kernel(q, k, qkv[:, 2], packing, self.half_window, self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.flatten(1)))  # (T, H * D)
 
@@ -441,27 +458,6 @@ class ModernBertEncoderLayer(nn.Module):
     def forward(self, x, rope, packing, kernel):  # pre-norm: the residual stream itself is never normed
         x = x + self.attn(self.attn_norm(x), rope, packing, kernel)
         return x + self.mlp(self.mlp_norm(x))
-
-
-@torch.no_grad()
-def trunc_normal_(weight, std, cutoff):
-    """A normal of spread `std` cut at +-cutoff, as the official init: draw normals, then redraw only those outside
-    the cutoff until none is (torch's trunc_normal_, the same distribution, runs erfinv on every value: slower)."""
-    flat = weight.view(-1).normal_(0.0, std)
-    redraw = (flat.abs() > cutoff).nonzero().squeeze(1)
-    while redraw.numel():
-        flat[redraw] = flat.new_empty(redraw.numel()).normal_(0.0, std)
-        redraw = redraw[flat[redraw].abs() > cutoff]
-    return weight
-
-
-def init_role(module, name):
-    """The role `module` gives its weight `name` in its `init_roles`; none is an error (no inherited scale)."""
-    role = getattr(module, "init_roles", {}).get(name)
-    if role is None:
-        owner = type(module).__name__
-        raise TypeError(f"{owner}.{name} has no init role: add it to {owner}.init_roles ('input', 'output', ...).")
-    return role
 
 
 class ModernBertPreTrainedModel(nn.Module):
@@ -549,17 +545,24 @@ class ModernBertModel(ModernBertPreTrainedModel):
         """input_ids (B, S) and attention_mask (B, S) of 0/1 (None: all real), or packed input (`pack_inputs`) ->
         last_hidden_state (B, S, hidden), zeros at padding; hidden_states: the embeddings, then each layer's."""
         hidden, packing, states = self.encode(input_ids, attention_mask, **inputs)
-        return model_output(return_dict, packing, states, last_hidden_state=packing.to_input_grid(hidden))
+        return model_output(return_dict, packing, states, last_hidden_state=packing.to_input_shape(hidden))
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False, **packed):
         """The packed forward every head builds on: hidden (T, hidden), its Packing, the layers' states if asked."""
-        c = self.config
-        packing = pack_inputs(c, input_ids, attention_mask, inputs_embeds, packed)  # checked, then packed
+        packing = pack_inputs(self.config, input_ids, attention_mask, inputs_embeds, packed)  # checked, then packed
         x = self.embeddings(unpad(input_ids if inputs_embeds is None else inputs_embeds, packing.indices))
+        return self.run_layers(x, packing, output_hidden_states)
+
+    def run_layers(self, x, packing, output_hidden_states=False):
+        """The layers and the final norm on the packed tokens x (T, hidden): (hidden, packing, states)."""
+        c = self.config
         # Chosen per forward, so config.attn_implementation can change between calls; autocast's dtype is the layers'.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         kernels = attention_kernels(c.attn_implementation, x.device, dtype, packing, c.half_window)
-        ropes = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}
+        # Half precision on a CPU: RoPE in pieces, whose fp32 temporaries stay in the caches (fp32 gains nothing).
+        rotate = rope_in_chunks if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else apply_rope
+        tables = {t: rope_tables(*rope_frequencies(c, t), packing.positions) for t in LAYER_TYPES}  # (cos, sin) each
+        ropes = {t: functools.partial(rotate, cos=cos, sin=sin) for t, (cos, sin) in tables.items()}
         states = [x] if output_hidden_states else None  # kept only when asked: 23 x (T, hidden) floats
         for layer, layer_type in zip(self.layers, c.layer_types):
             args = (x, ropes[layer_type], packing, kernels[layer_type])
@@ -632,7 +635,7 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
             hidden, labels = hidden[keep], labels[keep]
         logits = self.decoder(self.head(hidden))  # (T or N_masked, vocab)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=ignore)
-        logits = logits if sparse else packing.to_input_grid(logits)
+        logits = logits if sparse else packing.to_input_shape(logits)
         return model_output(return_dict, packing, states, loss=loss, logits=logits)
 
 
@@ -665,7 +668,7 @@ class ModernBertForTokenClassification(ModernBertWithClassifier):
         hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
         logits = self.classifier(self.drop(self.head(hidden)))  # (T, num_labels)
         loss = None if labels is None else F.cross_entropy(logits.float(), token_labels(labels, packing))
-        return model_output(return_dict, packing, states, loss=loss, logits=packing.to_input_grid(logits))
+        return model_output(return_dict, packing, states, loss=loss, logits=packing.to_input_shape(logits))
 
 
 class ModernBertForQuestionAnswering(ModernBertWithClassifier):
@@ -678,7 +681,7 @@ class ModernBertForQuestionAnswering(ModernBertWithClassifier):
     ):
         """start_logits, end_logits (B, S), zeros at padded positions; the loss is question_answering_loss."""
         hidden, packing, states = self.model.encode(input_ids, attention_mask, **inputs)
-        logits = packing.to_input_grid(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
+        logits = packing.to_input_shape(self.classifier(self.drop(self.head(hidden))))  # (B, S, 2)
         start_logits, end_logits = (t.contiguous() for t in logits.unbind(dim=-1))
         loss = None
         if start_positions is not None or end_positions is not None:
@@ -705,7 +708,7 @@ class ModernBertForMultipleChoice(ModernBertWithClassifier):
 # ----------------------------------------------------------------------------------------------------
 # PLUMBING. The model ends above, and a first reading may stop here. What follows serves it: outputs and losses
 # as transformers has them, config files, RoPE scaling for long context, the door from a forward's inputs, faster
-# kernels, compiling, the hub, loading and saving, and the input checks.
+# kernels, weight init, compiling, the hub, loading and saving, and the input checks.
 
 
 class ModernBertOutput(dict):
@@ -740,8 +743,8 @@ torch.utils._pytree.register_pytree_node(
 
 
 def model_output(return_dict, packing, states, **values):
-    """A ModernBertOutput, the per-layer states (if kept) back on the input grid; its tuple if return_dict=False."""
-    hidden_states = None if states is None else tuple(packing.to_input_grid(h) for h in states)
+    """A ModernBertOutput, the per-layer states (if kept) in the input's shape; its tuple if return_dict=False."""
+    hidden_states = None if states is None else tuple(packing.to_input_shape(h) for h in states)
     out = ModernBertOutput(**values, hidden_states=hidden_states)
     return out.to_tuple() if return_dict is False else out
 
@@ -949,7 +952,7 @@ def token_labels(labels, packing, ignore_index=-100):
 
 def pack_for_tracing(attention_mask):
     """The Packing for torch.compile and torch.export of a padded batch, where `nonzero` (unpadding) cannot run: each
-    row's real tokens move, in order, to its front, and every slot of the (B, S) grid stays a token, one row one
+    row's real tokens move, in order, to its front, and every slot of the (B, S) input stays a token, one row one
     sequence; the padding rides along at the end of each row, hidden from attention as a key (`is_real`)."""
     B, S = attention_mask.shape
     real = attention_mask.bool()
@@ -963,57 +966,27 @@ def pack_for_tracing(attention_mask):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Faster kernels: the same math (RoPE, the attention rule), computed the way this batch, device or tracer runs it best.
+# Faster kernels: the same math (RoPE, the attention rule) computed the way a batch, device or tracer runs it best,
+# each chosen on the path (encode, attention_kernels).
 
 
 ROPE_CHUNK = 256  # tokens: RoPE's fp32 temporaries for that many stay in a CPU's caches
 
 
-def rope_in_chunks_pays(x):
-    """On a CPU in eager mode, for half-precision q and k longer than a chunk (in fp32 the pieces gain nothing)."""
-    cpu_eager = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    return cpu_eager and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] > ROPE_CHUNK
-
-
 def rope_in_chunks(x, cos, sin):
-    """apply_rope on a CPU, ROPE_CHUNK tokens at a time: each piece's temporaries are reused from the caches, where
-    the whole stream's would be fresh memory. split, then cat: the backward is one cat, not a zero-filled gradient
-    of the whole stream for every piece (what slicing would leave)."""
+    """apply_rope ROPE_CHUNK tokens at a time, for half precision on a CPU (encode chooses it): each piece's
+    temporaries are reused from the caches, where the whole stream's would be fresh memory. split, then cat: the
+    backward is one cat, not a zero-filled gradient of the whole stream for every piece (what slicing would leave).
+    Traced (Inductor fuses RoPE whole) or no longer than a chunk: one pass."""
+    if torch.compiler.is_compiling() or x.shape[0] <= ROPE_CHUNK:
+        return apply_rope(x, cos, sin)
     pieces = zip(x.split(ROPE_CHUNK), cos.split(ROPE_CHUNK), sin.split(ROPE_CHUNK))
     return torch.cat([apply_rope(*piece) for piece in pieces])
 
 
-def faster_kernels(name, kernels, device, dtype, packing, half_window):
-    """attention_kernels' choice as it runs on this batch: each swap computes the same rule, and says why."""
-    if packing.keeps_padding and torch.compiler.is_exporting():
-        # torch.export (ONNX's too) would fix the count of blocks that blocked and flex attention cut the stream into
-        return dict.fromkeys(LAYER_TYPES, eager_attention)
-    if packing.keeps_padding and name == "flash_attention_2":  # varlen flash needs the padding removed
-        return dict.fromkeys(LAYER_TYPES, sdpa_attention)
-    if name == "flex_attention":  # the block masks, built once a forward and shared by the layers of a type
-        masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
-        return dict.fromkeys(LAYER_TYPES, functools.partial(flex_attention, block_masks=masks))
-    if name == "flash_attention_2":  # the kernel found once a forward, or an error saying what to install
-        kernels = dict.fromkeys(LAYER_TYPES, functools.partial(flash_attention, varlen=find_flash_kernel(device)))
-    if name == "sdpa" and device.type == "cpu" and not packing.keeps_padding:
-        kernels["full_attention"] = sdpa_per_sequence
-    # Equal lengths: the stream already is the (N, S) grid, and one dense call needs no mask (on a GPU cuDNN's
-    # dense kernel then beats varlen flash). Not for a forced flash on fp32, which must stay in flash's bf16.
-    elif name != "eager" and packing.equal_lengths and not (name == "flash_attention_2" and dtype == torch.float32):
-        kernels["full_attention"] = sdpa_equal_lengths
-    return kernels
-
-
-def sdpa_equal_lengths(q, k, v, packing, half_window=None, dropout_p=0.0):
-    """Global attention when all N sequences have S tokens: one SDPA call on the stream viewed as (N, S)."""
-    N, S = packing.num_seqs, packing.max_seqlen
-    qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
-    return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
-
-
 def sdpa_per_sequence(q, k, v, packing, half_window=None, dropout_p=0.0):
-    """Global attention on a CPU: one unmasked SDPA call per sequence takes the fused kernel and computes no
-    padding, and a Python loop costs nothing there (on a GPU it would be N launches and a host sync)."""
+    """Global layers on a CPU: one unmasked SDPA call per sequence takes the fused kernel and computes no padding,
+    and a Python loop costs nothing there (on a GPU it would be N launches and a host sync)."""
     if torch.compiler.is_compiling():  # inside a compiled layer the loop would break the graph
         return (sdpa_equal_lengths if packing.equal_lengths else sdpa_attention)(q, k, v, packing, None, dropout_p)
     lengths = packing.cu_seqlens.diff().tolist()
@@ -1026,12 +999,25 @@ def sdpa_per_sequence(q, k, v, packing, half_window=None, dropout_p=0.0):
     return torch.cat(out)
 
 
+def sdpa_equal_lengths(q, k, v, packing, half_window=None, dropout_p=0.0):
+    """Global attention when all N sequences have S tokens: one SDPA call on the stream viewed as (N, S)."""
+    N, S = packing.num_seqs, packing.max_seqlen
+    qg, kg, vg = (t.view(N, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (N, H, S, D)
+    return F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
+
+
 FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
+
+
+def flex_kernel(packing, half_window):
+    """flex_attention with the block masks of both layer types, built once a forward and shared by their layers."""
+    masks = {w: flex_block_mask(packing, w) for w in (None, half_window)} if packing.indices.shape[0] else {}
+    return functools.partial(flex_attention, block_masks=masks)
 
 
 def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
     """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
-    every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `faster_kernels`."""
+    every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `flex_kernel`."""
     # On a CPU torch 2.13's flex has no backward pass and compiles only alone: sdpa (the same rule) serves there.
     if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
         return sdpa_attention(q, k, v, packing, half_window, dropout_p)
@@ -1096,12 +1082,10 @@ except ImportError:
 
 
 def find_flash_kernel(device):
-    """The varlen flash kernel for `device`, with flash_attn's signature, or a clear error."""
+    """The varlen flash kernel for `device`, with flash_attn's signature: flash-attn's, else torch's own; None if
+    neither serves (not a CUDA device, or neither installed)."""
     if device.type != "cuda":
-        raise RuntimeError(
-            f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. "
-            "Use 'sdpa' (or None to choose) on this device."
-        )
+        return None
     try:
         from flash_attn import flash_attn_varlen_func
 
@@ -1110,17 +1094,20 @@ def find_flash_kernel(device):
         pass
     if varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters:
         return torch_varlen
-    raise RuntimeError(
+    return None
+
+
+def flash_kernel_missing(device):
+    """The error for flash_attention_2 where find_flash_kernel found no kernel: which device, or what to install."""
+    if device.type != "cuda":
+        return RuntimeError(
+            f"attn_implementation='flash_attention_2' needs a CUDA GPU, but the model is on {device}. "
+            "Use 'sdpa' (or None to choose) on this device."
+        )
+    return RuntimeError(
         "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
         "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
     )
-
-
-def has_flash_kernel(device):
-    try:
-        return find_flash_kernel(device) is not None
-    except RuntimeError:
-        return False
 
 
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1)):
@@ -1128,6 +1115,31 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale
     if dropout_p:
         raise RuntimeError("torch's varlen_attn has no dropout: install flash-attn to train with attention dropout")
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight init: the sampler and the role lookup that init_weights uses.
+
+
+@torch.no_grad()
+def trunc_normal_(weight, std, cutoff):
+    """A normal of spread `std` cut at +-cutoff, as the official init: draw normals, then redraw only those outside
+    the cutoff until none is (torch's trunc_normal_, the same distribution, runs erfinv on every value: slower)."""
+    flat = weight.view(-1).normal_(0.0, std)
+    redraw = (flat.abs() > cutoff).nonzero().squeeze(1)
+    while redraw.numel():
+        flat[redraw] = flat.new_empty(redraw.numel()).normal_(0.0, std)
+        redraw = redraw[flat[redraw].abs() > cutoff]
+    return weight
+
+
+def init_role(module, name):
+    """The role `module` gives its weight `name` in its `init_roles`; none is an error (no inherited scale)."""
+    role = getattr(module, "init_roles", {}).get(name)
+    if role is None:
+        owner = type(module).__name__
+        raise TypeError(f"{owner}.{name} has no init role: add it to {owner}.init_roles ('input', 'output', ...).")
+    return role
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1177,10 +1189,7 @@ def loading_arguments(device, dtype, kwargs):
             raise TypeError(f"Pass dtype or torch_dtype (its old name), not both: got {dtype} and {torch_dtype}.")
         warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=users_line())
         dtype = torch_dtype
-    if isinstance(dtype, str):  # "bfloat16", as transformers takes it
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r}: pass a torch dtype (torch.bfloat16) or its name ('bfloat16').")
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
     if (device_map := kwargs.pop("device_map", None)) is not None:
         mapped = single_device(device_map)
         if device is not None and torch.device(device) != mapped:
@@ -1202,7 +1211,7 @@ def single_device(device_map):
     if isinstance(device_map, dict) and list(device_map) == [""]:
         device_map = device_map[""]
     if device_map == "auto":
-        return available_accelerator() or torch.device("cpu")
+        return pick_device("auto")
     if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
@@ -1216,14 +1225,47 @@ def single_device(device_map):
     )
 
 
+DTYPES = {  # the dtype names every door takes (from_pretrained, load.py, embed.py, the command lines): torch's, short
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype):
+    """None, a torch dtype, or a name in DTYPES ("bfloat16", "bf16") -> None or the torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}: pass a torch dtype (torch.bfloat16) or one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def pick_device(name=None):
+    """The device to run on: one named ("cpu", "cuda:1", "mps", a torch.device), or for None and "auto" the
+    accelerator torch can use here (a CUDA or ROCm GPU, Apple's MPS, ...), else the CPU. A GPU or MPS named where
+    torch sees none is an error."""
+    if name is None or name == "auto":
+        return available_accelerator() or torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"torch sees no CUDA GPU here, so the device cannot be {str(name)!r}: use 'cpu'.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"torch sees no Apple MPS device here, so the device cannot be {str(name)!r}: use 'cpu'.")
+    return device
+
+
 def available_accelerator():
-    """The accelerator torch can use here, or None: torch.accelerator says so from torch 2.7 (check_available); the
-    releases requirements.txt allows before it are asked for a CUDA (or ROCm) GPU and Apple's MPS directly."""
+    """The accelerator torch can use here, or None: a CUDA (or ROCm) GPU first, else what torch.accelerator names from
+    torch 2.7 (check_available); the releases requirements.txt allows before it are asked for Apple's MPS directly."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
         return accelerator.current_accelerator(check_available=True)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
     return torch.device("mps") if torch.backends.mps.is_available() else None
 
 
@@ -1378,10 +1420,16 @@ def load_checkpoint(cls, folder, attn_implementation=None, dtype=None, device=No
     return model.to(device=device, dtype=dtype).eval()
 
 
+# The files a warning looks past to point at the user's line: this one, and those built on it (load.py, embed.py add
+# themselves), so that load_model(...) and load_embedder(...) warn at the line that called them, as from_pretrained.
+LIBRARY_FILES = {__file__}
+
+
 def users_line():
-    """warnings.warn's stacklevel for the first caller outside this file, so a warning points at the user's line."""
+    """warnings.warn's stacklevel for the first caller outside LIBRARY_FILES, so a warning points at the user's line
+    (or, run as a script, at the script's own last line)."""
     frame, level = inspect.currentframe(), 0
-    while frame is not None and frame.f_globals is globals():
+    while frame.f_back is not None and frame.f_globals.get("__file__") in LIBRARY_FILES:
         frame, level = frame.f_back, level + 1
     return level
 

@@ -185,8 +185,7 @@ class ModernBertMLP(nn.Module):
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        # A gated MLP: half of Wi's output, through GELU, scales the other half element by element.
-        # Wi holds both input matrices (2 * intermediate_size outputs), so it is one matmul, not two.
+        # Gated: half of Wi's output, through GELU, scales the other half. Wi holds both halves: one matmul, not two.
         input, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.drop(self.act(input) * gate))
 
@@ -221,12 +220,6 @@ def pad(x, indices, batch, seqlen):
 def cu_seqlens_from_lengths(lengths):
     """Sequence lengths (N,) -> cu_seqlens (N + 1,) int32: where each sequence starts in the packed stream, then T."""
     return F.pad(torch.as_tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
-
-
-def longest_length(lengths):
-    """The longest sequence's length, and whether all have it: one host sync a forward."""
-    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
-    return longest, shortest == longest
 
 
 @dataclass
@@ -469,8 +462,7 @@ class ModernBertPreTrainedModel(nn.Module):
         super().__init__()
         # A transformers ModernBertConfig is read through its dict, like a config.json.
         self.config = config if isinstance(config, ModernBertConfig) else ModernBertConfig.from_dict(config.to_dict())
-        if torch.get_default_device().type == "cpu":  # on meta nothing is held: load_checkpoint checks before
-            check_fits_in_memory(self.config)
+        check_fits_in_memory(self.config)  # before a layer is built: memory would run out first
 
     @torch.no_grad()
     def init_weights(self, only=None):
@@ -925,6 +917,12 @@ def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
     if not tracing:
         check_length(config, packing.max_seqlen)
     return packing
+
+
+def longest_length(lengths):
+    """The longest sequence's length, and whether all have it: one host sync a forward."""
+    shortest, longest = torch.stack((lengths.min(), lengths.max())).tolist()
+    return longest, shortest == longest
 
 
 def packing_from_cu_seqlens(cu_seqlens, max_seqlen, total):
@@ -1593,6 +1591,8 @@ def refuse_config(problems):
 def check_fits_in_memory(c):
     """Refuses a config whose weights alone would not fit in the memory free now, before a layer is built: built
     anyway, it takes memory until the system stops it. Weights are made in torch's default dtype, on the CPU."""
+    if torch.get_default_device().type != "cpu":  # on meta nothing is held (load_checkpoint checks before its build)
+        return
     count, dtype, available = parameter_count(c), torch.get_default_dtype(), available_memory()
     if available is not None and count * dtype.itemsize > available:
         raise ValueError(

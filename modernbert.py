@@ -1016,8 +1016,9 @@ def flex_kernel(packing, half_window):
 def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=None):
     """torch's FlexAttention: the rule as a Python function (mask_mod), compiled into one fused kernel that skips
     every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `flex_kernel`."""
-    # On a CPU torch 2.13's flex has no backward pass and compiles only alone: sdpa (the same rule) serves there.
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
+    # On a CPU torch 2.13's flex has no backward pass and compiles only alone, and its AVX2 kernel gives wrong numbers
+    # (NaN on local layers) for a stream shorter than one 128-token tile: sdpa (the same rule) serves there.
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad or q.shape[0] < 128):
         return sdpa_attention(q, k, v, packing, half_window, dropout_p)
     if dropout_p:
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")

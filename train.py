@@ -56,12 +56,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 import load
-from modernbert import ModernBertConfig, ModernBertForMaskedLM, current_umask, read_json_file
+from modernbert import (
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    cu_seqlens_from_lengths,
+    current_umask,
+    pick_device,
+    read_json_file,
+)
 
 # The default run: a fixed number of steps, the same run on every machine (--minutes N sizes a run by the clock
 # instead). Each setting is a flag: batch_tokens is --batch-tokens.
@@ -215,7 +221,7 @@ def pack(pieces, budget, pad_id, max_len):
     padding = budget - sum(lengths)
     pads = [max_len] * (padding // max_len) + [padding % max_len] * (padding % max_len > 0)
     ids = [t for p in pieces for t in p] + [pad_id] * padding
-    cu_seqlens = F.pad(torch.tensor(lengths + pads).cumsum(0), (1, 0)).int()
+    cu_seqlens = cu_seqlens_from_lengths(lengths + pads)
     real = torch.arange(budget) < sum(lengths)
     return Batch(torch.tensor([ids]), cu_seqlens, real[None])
 
@@ -905,7 +911,7 @@ def setup_processes(settings):
     keeps its number of processes: another would change every step's batches."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = load.pick_device(settings.get("device"))
+    device = pick_device(settings.get("device"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local)  # under torchrun, the process's own GPU
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

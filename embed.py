@@ -120,17 +120,26 @@ def read_modules(folder, model_type):
     for entry in entries:
         kind = entry["type"].rsplit(".", 1)[-1]
         if not entry["type"].startswith("sentence_transformers.") or kind not in MODULES:
-            raise ValueError(
-                f"modules.json in {folder!r}: module {entry.get('name')!r} has type {entry['type']!r}, which "
-                f"this loader does not run (it runs Sentence Transformers' {', '.join(MODULES)})."
-            )
-        path = os.path.normpath(entry.get("path") or ".")
-        if os.path.isabs(path) or path.startswith(".."):
-            raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
-        modules.append((kind, path))
+            raise module_not_run(folder, entry, f"Sentence Transformers' {', '.join(MODULES)}")
+        modules.append((kind, module_folder(folder, entry)))
     if (modules and modules[0][0] != "Transformer") or any(kind == "Transformer" for kind, _ in modules[1:]):
         raise ValueError(f"modules.json in {folder!r}: the first module, and only it, must be the Transformer.")
     return modules
+
+
+def module_not_run(folder, entry, runs):
+    return ValueError(
+        f"modules.json in {folder!r}: module {entry.get('name')!r} has type {entry['type']!r}, which "
+        f"this loader does not run (it runs {runs})."
+    )
+
+
+def module_folder(folder, entry):
+    """A modules.json entry's path, which must stay inside the checkpoint's folder."""
+    path = os.path.normpath(entry.get("path") or ".")
+    if os.path.isabs(path) or path.startswith(".."):
+        raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
+    return path
 
 
 def transformer_settings(folder, task, model_config):
@@ -694,15 +703,9 @@ def read_colbert_modules(folder):
     modules = []
     for entry in read_json(folder, "modules.json"):
         if entry["type"] not in COLBERT_MODULES:
-            raise ValueError(
-                f"modules.json in {folder!r}: module {entry.get('name')!r} has type {entry['type']!r}, which "
-                f"this loader does not run (it runs {', '.join(COLBERT_MODULES)})."
-            )
-        path = os.path.normpath(entry.get("path") or ".")
-        if os.path.isabs(path) or path.startswith(".."):
-            raise ValueError(f"modules.json in {folder!r}: module path {entry['path']!r} leaves the folder.")
+            raise module_not_run(folder, entry, ", ".join(COLBERT_MODULES))
         if COLBERT_MODULES[entry["type"]]:
-            modules.append((COLBERT_MODULES[entry["type"]], path))
+            modules.append((COLBERT_MODULES[entry["type"]], module_folder(folder, entry)))
     kinds = [kind for kind, _ in modules]
     if kinds[:1] != ["Transformer"] or set(kinds[1:]) != {"Dense"}:
         raise ValueError(

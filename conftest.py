@@ -5,7 +5,9 @@ Plain `pytest` runs the fast default: every test not marked `slow`. `pytest --sl
 `pytest --slow -m slow` (or `pytest -m slow`) only the slow ones; pytest.ini lists the commands.
 """
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -205,6 +207,133 @@ def mmbert_style_tokenizer(folder, mask_in_config=True):
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(added))
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile config.json files: a tiny checkpoint with a word-level tokenizer, copies of it with config.json changed,
+# and what each change must be told as (test_modernbert.py checks modernbert.py's doors, test_load.py load.py's)
+
+WORD_TINY = dict(
+    vocab_size=8,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    local_attention=8,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=2,
+    cls_token_id=2,
+    eos_token_id=3,
+    sep_token_id=3,
+)
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "text", "."]
+
+
+@pytest.fixture(scope="session")
+def word_checkpoint(tmp_path_factory):
+    """A whole checkpoint load.py runs: a tiny random model and a word-level tokenizer with [MASK] and [PAD]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    folder = tmp_path_factory.mktemp("word-tiny")
+    torch.manual_seed(0)
+    mb.ModernBertForMaskedLM(mb.ModernBertConfig(**WORD_TINY)).save_pretrained(folder)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(WORDS[:5])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"mask_token": "[MASK]", "pad_token": "[PAD]"}))
+    return folder
+
+
+def with_config(word_checkpoint, tmp_path, config):
+    """A copy of the word-level checkpoint whose config.json holds `config` (a dict of changes, or any JSON
+    value)."""
+    folder = shutil.copytree(word_checkpoint, tmp_path / "ckpt")
+    good = json.loads((word_checkpoint / "config.json").read_text())
+    for v5 in ("layer_types", "rope_parameters"):  # the v4 spelling, so a change to a layer count or theta holds
+        del good[v5]
+    (folder / "config.json").write_text(json.dumps({**good, **config} if isinstance(config, dict) else config))
+    return folder
+
+
+HOSTILE_CONFIGS = {  # what config.json says -> what the message must say (the key, the value, the kind wanted)
+    "zero-heads": ({"num_attention_heads": 0}, r"num_attention_heads must be a positive integer, got 0"),
+    "negative-heads": ({"num_attention_heads": -2}, r"num_attention_heads must be a positive integer, got -2"),
+    "hidden-as-string": ({"hidden_size": "16"}, r"hidden_size must be an integer, got '16' \(str\)"),
+    "hidden-as-bool": ({"hidden_size": True}, r"hidden_size must be an integer, got True \(bool\)"),
+    "heads-as-bool": ({"num_attention_heads": True}, r"num_attention_heads must be an integer, got True \(bool\)"),
+    "layers-as-float": ({"num_hidden_layers": 2.5}, r"num_hidden_layers must be an integer, got 2.5 \(float\)"),
+    "not-divisible": ({"hidden_size": 18, "num_attention_heads": 4}, r"hidden_size 18 is not divisible by num_atte"),
+    "negative-layers": ({"num_hidden_layers": -1}, r"num_hidden_layers must be a positive integer, got -1"),
+    "zero-vocab": ({"vocab_size": 0}, r"vocab_size must be a positive integer, got 0"),
+    "zero-intermediate": ({"intermediate_size": 0}, r"intermediate_size must be a positive integer, got 0"),
+    "negative-norm-eps": ({"norm_eps": -1}, r"norm_eps must be above 0, got -1"),
+    "zero-norm-eps": ({"norm_eps": 0.0}, r"norm_eps must be above 0, got 0.0"),
+    "nan-norm-eps": ({"norm_eps": math.nan}, r"norm_eps must be a finite number, got nan"),
+    "infinite-theta": ({"global_rope_theta": math.inf}, r"global_rope_theta must be a finite number, got inf"),
+    "negative-theta": ({"local_rope_theta": -10000.0}, r"local_rope_theta must be above 0, got -10000.0"),
+    "v5-theta-nan": (
+        {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": math.nan}}},
+        r"global_rope_theta must be a finite number, got nan",
+    ),
+    "dropout-above-1": ({"attention_dropout": 1.5}, r"attention_dropout must be in \[0, 1\], got 1.5"),
+    "dropout-below-0": ({"mlp_dropout": -0.1}, r"mlp_dropout must be in \[0, 1\], got -0.1"),
+    "init-nan": ({"initializer_range": math.nan}, r"initializer_range must be a finite number, got nan"),
+    "init-negative": ({"initializer_range": -0.02}, r"initializer_range must be 0 or above, got -0.02"),
+    "cutoff-zero": ({"initializer_cutoff_factor": 0.0}, r"initializer_cutoff_factor must be above 0, got 0.0"),
+    "bias-as-string": ({"norm_bias": "false"}, r"norm_bias must be true or false, got 'false' \(str\)"),
+    "rope-factor-zero": (
+        {"rope_scaling": {"rope_type": "linear", "factor": 0.0}},
+        r"rope_parameters\['full_attention'\]: factor must be above 0, got 0.0",
+    ),
+    "rope-factor-nan": (
+        {"rope_scaling": {"rope_type": "linear", "factor": math.nan}},
+        r"rope_parameters\['full_attention'\]: factor must be a finite number, got nan",
+    ),
+    "rope-scaling-as-list": ({"rope_scaling": [4.0]}, r"rope_scaling must be a dict or null, got \[4.0\]"),
+    "rope-entry-as-number": (
+        {"rope_parameters": {"full_attention": 4.0}},
+        r"rope_parameters\['full_attention'\] must be a dict, got 4.0",
+    ),
+    "labels-as-list": ({"id2label": ["neg", "pos"]}, r"id2label must be a dict, got \['neg', 'pos'\] \(list\)"),
+}
+NOT_AN_OBJECT = [([1, 2], "a list"), ("hello", "a string"), (3, "a number"), (None, "null")]
+TOO_BIG = {  # a config whose weights cannot fit in memory -> the key the message names
+    "a-million-layers": ({"num_hidden_layers": 1_000_000, "hidden_size": 768, "num_attention_heads": 12}, "num_hid"),
+    "a-huge-vocabulary": ({"vocab_size": 10**12}, "vocab_size"),
+    "a-huge-hidden-size": ({"hidden_size": 2**20, "num_attention_heads": 2**10}, "hidden_size"),
+}
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the memory guard reads Linux's /proc")
+
+
+def not_an_object_message(folder, shown):
+    path = re.escape(str(folder / "config.json"))
+    return rf"{path} holds {shown}, not a JSON object \{{\"key\": value, \.\.\.\}}: fix it, or fetch the"
+
+
+def too_big_message(config):
+    gigabytes = 4 * mb.parameter_count(config) / 1e9
+    return rf"The weights alone would need about {gigabytes:,.1f} GB \(.*parameters in float32\), more than the"
+
+
+@contextlib.contextmanager
+def address_space_limit(extra_bytes):
+    """At most `extra_bytes` more memory for this process while inside: should a refusal under test be lost, the test
+    fails with a MemoryError instead of filling the machine's memory."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ----------------------------------------------------------------------------------------------------

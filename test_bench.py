@@ -1,5 +1,6 @@
-"""Tests of bench.py: its flags (what a device cannot run is said or refused, never dropped) and the 32K config
-README shows. No benchmark runs here.
+"""Tests of bench.py, in the file's order: it builds its models with each library's own init, its flags (what a
+device cannot run is said or refused, never dropped) and the 32K config docs/long-context.md shows. No benchmark
+runs here.
 """
 
 from pathlib import Path
@@ -11,7 +12,38 @@ import modernbert as mb
 from conftest import HERE, needs_transformers
 
 # ----------------------------------------------------------------------------------------------------
-# The command line: parse_args and the device defaults
+# Building the models: build_models uses each library's own init and changes nothing global
+
+
+@pytest.mark.slow
+@needs_transformers
+def test_bench_builds_models_without_replacing_any_initialiser():
+    import transformers.initialization
+
+    import bench
+
+    torch_init, theirs_init = torch.nn.init.trunc_normal_, transformers.initialization.TORCH_INIT_FUNCTIONS.copy()
+    bench.build_models("ours", torch.float32, torch.device("cpu"), "sdpa")
+    assert torch.nn.init.trunc_normal_ is torch_init
+    assert theirs_init == transformers.initialization.TORCH_INIT_FUNCTIONS
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: pick_device, parse_args and the device defaults
+
+
+@needs_transformers  # (bench.py imports it)
+def test_bench_picks_the_devices_its_tables_cover(monkeypatch):
+    """bench.pick_device is modernbert.pick_device on the devices the bench's tables cover: CUDA, else the CPU
+    (never MPS, which modernbert.pick_device would pick)."""
+    import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mps = torch.device("mps")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: mps)
+    assert mb.pick_device() == mps and bench.pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.pick_device("auto") == torch.device("cuda")
 
 
 @needs_transformers
@@ -25,7 +57,7 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
 
     args, device, err = parsed("--device", "cpu", "--workloads", "a,f")
     assert (device, args.workloads) == ("cpu", "a") and "workload f" in err and "skipped on cpu" in err, err
-    args, device, err = parsed("--attn", "sdpa", "--workloads", "a,f", "--no-compile")  # README's GPU command
+    args, device, err = parsed("--attn", "sdpa", "--workloads", "a,f", "--no-compile")  # docs/speed.md's GPU command
     assert (device, args.workloads, args.compiled) == ("cpu", "a", False)
     assert "no CUDA GPU here, so this is the CPU benchmark" in err and "skipped on cpu" in err, err
     assert "--compile/--no-compile applies to the other device: ignored on cpu" in err, err
@@ -58,15 +90,16 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
 
 
 # ----------------------------------------------------------------------------------------------------
-# --long-context: README's 32K config is the one benchmarked
+# --long-context: docs/long-context.md's 32K config is the one benchmarked
 
 
 @needs_transformers  # (bench.py imports it)
-def test_readme_32k_config_is_the_one_benchmarked():
-    """README's 32K snippet, run as written, makes the config whose numbers README shows (bench.py --long-context)."""
+def test_docs_32k_config_is_the_one_benchmarked():
+    """docs/long-context.md's 32K snippet, run as written, makes the config whose numbers it shows (bench.py
+    --long-context)."""
     import bench
 
-    section = Path(HERE, "README.md").read_text().split("## RoPE scaling (long context)")[1].split("\n## ")[0]
+    section = Path(HERE, "docs", "long-context.md").read_text().split("## The 32K config")[1].split("\n## ")[0]
     namespace = {"modernbert": mb}
     exec(section.split("```python\n")[1].split("```")[0], namespace)
     assert namespace["config"] == mb.ModernBertConfig(**bench.LONG_CONTEXT)

@@ -1,9 +1,10 @@
 """Tests of load.py, in the file's order: load_model and its report at the caller's line, the tokenizer against
 the official ids and any checkpoint's special tokens, a save/load round trip through transformers, fill_mask
-against transformers' fill-mask pipeline, and the command line run as a user runs it (in a subprocess: marked
-slow). The checkpoints are small random-weight ModernBERTs (conftest.py): one in the official format beside the
-real tokenizer files from shared/data, one with an mmBERT-style tokenizer trained here. Their weights are spread
-so that every layer matters and the top-k order is not rounding noise.
+against transformers' fill-mask pipeline, the command line run as a user runs it (in a subprocess: marked slow;
+hostile config.json files at it), and the recipes of docs/python.md and README. The checkpoints are small
+random-weight ModernBERTs (conftest.py): one in the official format beside the real tokenizer files from
+shared/data, one with an mmBERT-style tokenizer trained here, one with a word-level tokenizer. Their weights are
+spread so that every layer matters and the top-k order is not rounding noise.
 """
 
 import json
@@ -20,20 +21,28 @@ import modernbert as mb
 from conftest import (
     HALF_FACTOR,
     HERE,
+    HOSTILE_CONFIGS,
     MMBERT_IDS,
     MMBERT_TINY,
+    NOT_AN_OBJECT,
     TEXTS,
     TINY,
     TOKENIZER_DIR,
     TOKENIZER_FILES,
+    TOO_BIG,
+    address_space_limit,
     errors,
     mmbert_style_tokenizer,
     needs_gpu,
+    needs_proc,
     needs_tokenizer,
     needs_transformers,
+    not_an_object_message,
     run_cli,
     spread_weights,
+    too_big_message,
     transformers,
+    with_config,
     within_official_error,
 )
 from load import fill_mask, load_model, load_tokenizer, save_with_tokenizer, shown, tokenize
@@ -114,6 +123,21 @@ def test_hub_downloads_fetch_the_sentence_transformers_files():
     wanted += ["2_Dense/model.safetensors", "model.safetensors.index.json"]
     unwanted = ["README.md", "pytorch_model.bin", "2_Dense/pytorch_model.bin", "onnx/model.onnx"]
     assert sorted(filter_repo_objects(wanted + unwanted, allow_patterns=list(load.HUB_FILES))) == sorted(wanted)
+
+
+@pytest.mark.parametrize("name", sorted(mb.DTYPES))
+def test_every_door_reads_the_same_dtype_names(name, word_checkpoint):
+    """from_pretrained, load_model and load.py's --dtype take the same names ("bf16" and "bfloat16" alike) and refuse
+    the same ones."""
+    import load
+
+    assert mb.ModernBertForMaskedLM.from_pretrained(word_checkpoint, dtype=name).dtype == mb.DTYPES[name]
+    assert load_model(word_checkpoint, dtype=name).dtype == mb.DTYPES[name]
+    assert mb.parse_dtype(mb.DTYPES[name]) is mb.DTYPES[name] and mb.parse_dtype(None) is None
+    for door in (mb.ModernBertForMaskedLM.from_pretrained, load_model):
+        with pytest.raises(ValueError, match=r"Unknown dtype 'int8': pass a torch dtype"):
+            door(word_checkpoint, dtype="int8")
+    assert load.parse_args(["--dtype", name]).dtype == name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +250,17 @@ def test_tokenize_pads_the_batch_and_never_truncates():
     )  # exactly at the limit
     with pytest.raises(ValueError, match=r"Text 2 is 9 tokens long, more than the model's limit of 8"):
         tokenize(tokenizer, ["Hello world", "a b c d e f g"], max_length=8)
+
+
+@pytest.mark.parametrize("token_id", [-1, 10**12, 10**30])
+def test_a_special_token_id_no_token_has_is_not_read_as_one(word_checkpoint, tmp_path, capsys, token_id):
+    """config.json's bos_token_id names no token of this tokenizer: it names none, as an id past the vocabulary
+    always did (the tokenizer used to overflow on these), and the checkpoint loads as transformers loads it."""
+    import load
+
+    folder = with_config(word_checkpoint, tmp_path, {"bos_token_id": token_id})
+    assert "bos_token" not in load_tokenizer(folder).special_tokens_map
+    assert load.main(["--model", str(folder), "--top-k", "1", "a [MASK] text ."]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,6 +409,56 @@ def test_fill_mask_on_gpu_is_as_exact_as_the_official_pipeline(demo_checkpoint, 
 PREDICTION = re.compile(
     r"^    (\d\.\d{4})  (.+?) +\(id +(\d+)\)  (.+)$"
 )  # score, token (no leading space), id, sequence
+
+
+def assert_one_line_cli_error(folder, capsys, message):
+    """load.py on `folder`: exit status 2 and a single line `error: ...` that matches `message`."""
+    import load
+
+    capsys.readouterr()
+    assert load.main(["--model", str(folder), "a [MASK] text ."]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_the_word_level_checkpoint_itself_loads_at_the_command_line(word_checkpoint, tmp_path, capsys):
+    """The control for the tests below: only the changes they write into config.json make load.py fail."""
+    import load
+
+    folder = with_config(word_checkpoint, tmp_path, {})
+    assert load.main(["--model", str(folder), "--top-k", "2", "a [MASK] text ."]) == 0
+    assert "[MASK] 1 of 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", HOSTILE_CONFIGS.values(), ids=HOSTILE_CONFIGS.keys())
+def test_a_hostile_config_is_one_line_at_every_door(word_checkpoint, tmp_path, capsys, change, message):
+    """load_model and `python load.py` say what modernbert.py says (test_modernbert.py): one line naming the key,
+    the value and the kind wanted."""
+    folder = with_config(word_checkpoint, tmp_path, change)
+    with pytest.raises(ValueError, match=rf"^Invalid ModernBertConfig: .*{message}") as e:
+        load_model(folder)
+    assert "\n" not in str(e.value)
+    assert_one_line_cli_error(folder, capsys, rf"^error: Invalid ModernBertConfig: .*{message}")
+
+
+@pytest.mark.parametrize("value, shown", NOT_AN_OBJECT)
+def test_a_config_json_that_is_not_an_object_is_named(word_checkpoint, tmp_path, capsys, value, shown):
+    folder = with_config(word_checkpoint, tmp_path, value)
+    message = not_an_object_message(folder, shown)
+    for load_it in (load_model, load_tokenizer):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            load_it(folder)
+    assert_one_line_cli_error(folder, capsys, f"^error: {message}")
+
+
+@needs_proc
+@pytest.mark.parametrize("change, key", TOO_BIG.values(), ids=TOO_BIG.keys())
+def test_a_config_too_big_for_memory_is_one_line_at_the_command_line(word_checkpoint, tmp_path, capsys, change, key):
+    folder = with_config(word_checkpoint, tmp_path, change)
+    message = too_big_message(mb.ModernBertConfig.from_pretrained(folder))
+    with address_space_limit(2 * 2**30):
+        assert_one_line_cli_error(folder, capsys, f"^error: {message}.*{key}")
 
 
 @pytest.mark.slow
@@ -534,34 +619,40 @@ def test_demo_on_the_real_checkpoint_fills_in_paris(hub):
 
 
 # ----------------------------------------------------------------------------------------------------
-# README's "Install, and the demo" and "Using it from Python", run as written
+# docs/python.md's offline tiny checkpoint and the hub snippets of README and docs/python.md, run as written
 
 
 @needs_tokenizer
-def test_readme_install_and_python_recipes(demo_checkpoint, tmp_path, monkeypatch, capsys):
-    """README's recipes in "Install, and the demo" and "Using it from Python", run as written, offline, with a
-    local folder in place of each hub id as README says: the tokenizer's folder for the tiny checkpoint (whose
-    demo prints lines shaped as README shows them), the small demo checkpoint for the rest. The loader's
-    warnings point at the recipes' own lines."""
+def test_docs_tiny_checkpoint_recipe_prints_the_demo(tmp_path, monkeypatch, capsys):
+    """docs/python.md's tiny checkpoint (random weights beside the real tokenizer), made as written, then its
+    `python load.py` command: the demo text, its one mask, the top 3 in place. (test_docs.py runs the two blocks as
+    printed and checks only their exit status.)"""
     import load
 
-    readme = Path(HERE, "README.md").read_text()
-    install = readme.split("## Install, and the demo")[1].split("\n## ")[0]
-    (recipe,) = re.findall(r"```python\n(.*?)```", install, flags=re.S)
-    assert '(`"../shared/data/modernbert-base"`) in place of the hub id' in install, "README says how, offline"
-    printed = re.search(r"```\n(Plants create .*?)```", install, flags=re.S).group(1)  # the demo's output
-    recipe = recipe.replace('"answerdotai/ModernBERT-base"', repr(str(TOKENIZER_DIR)))
-    exec(recipe.replace('"/tmp/tiny"', repr(str(tmp_path / "tiny"))), {})
-    assert load.main(["--model", str(tmp_path / "tiny"), "--top-k", "3"]) == 0
-    lines, shown_lines = capsys.readouterr().out.splitlines(), printed.splitlines()
-    assert lines[:2] == shown_lines[:2] and len(lines) == len(shown_lines) == 5
-    assert all(
+    page = Path(HERE, "docs", "python.md").read_text()
+    section = page.split("## Fill-mask on the command line")[1].split("\n## ")[0]
+    recipe = next(s for s in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "save_with_tokenizer" in s)
+    command = next(s for s in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "tiny-modernbert" in s)
+    monkeypatch.chdir(tmp_path)
+    exec(recipe.replace('"../shared/data/modernbert-base"', repr(str(TOKENIZER_DIR))), {})
+    (argv,) = [line.split()[2:] for line in command.splitlines() if line.startswith("python load.py")]
+    assert load.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["Plants create [MASK] through a process known as photosynthesis.", "  [MASK] 1 of 1:"], lines
+    assert len(lines) == 5 and all(
         PREDICTION.match(line).group(4).endswith(" through a process known as photosynthesis.") for line in lines[2:]
-    )
+    ), lines
 
-    python = readme.split("## Using it from Python")[1].split("\n## ")[0]
-    snippets = re.findall(r"```python\n(.*?)```", python, flags=re.S)
-    assert len(snippets) == 2, "loading, fill-mask and encoding; fine-tuning a classifier"
+
+def test_docs_python_recipes(demo_checkpoint, tmp_path, monkeypatch):
+    """README's and docs/python.md's hub snippets (loading, fill-mask and encoding; fine-tuning a classifier), run as
+    written with the small demo checkpoint in place of the hub id. The loader's warnings point at the snippets'
+    own lines."""
+    readme = Path(HERE, "README.md").read_text().split("## Using it from Python")[1].split("\n## ")[0]
+    page = Path(HERE, "docs", "python.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme + page, flags=re.S)
+    snippets = [s for s in snippets if '"answerdotai/ModernBERT-base"' in s]
+    assert len(snippets) == 3, "README's loading; docs/python.md's loading, fill-mask and encoding; fine-tuning"
     monkeypatch.chdir(tmp_path)
     namespace = {"data": [(["I loved it", "I hated it"], torch.tensor([1, 0]))] * 2}
     with warnings.catch_warnings(record=True) as caught:
@@ -570,4 +661,4 @@ def test_readme_install_and_python_recipes(demo_checkpoint, tmp_path, monkeypatc
             exec(snippet.replace('"answerdotai/ModernBERT-base"', repr(str(demo_checkpoint))), namespace)
     assert namespace["hidden"].shape == (*namespace["batch"]["input_ids"].shape, TINY["hidden_size"])
     assert (tmp_path / "my-classifier" / "model.safetensors").is_file()
-    assert [w.filename for w in caught] == ["<string>"] * 2, [(w.filename, str(w.message)) for w in caught]
+    assert {w.filename for w in caught} == {"<string>"}, [(w.filename, str(w.message)) for w in caught]

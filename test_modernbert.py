@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,23 @@ import torch.nn.functional as F
 import modernbert as mb
 from conftest import (
     HERE,
+    HOSTILE_CONFIGS,
+    NOT_AN_OBJECT,
     SHARED_DATA,
     TEXTS,
     TINY,  # noqa: F401  (test_train.py imports it from here; it should import it from conftest)
+    TOO_BIG,
+    WORD_TINY,
+    address_space_limit,
     assert_close,
     needs_gpu,
+    needs_proc,
     needs_tokenizer,
     needs_transformers,
+    not_an_object_message,
+    too_big_message,
     transformers,
+    with_config,
     within_official_error,
 )
 from load import fill_mask, load_model, load_tokenizer, tokenize
@@ -262,6 +272,135 @@ def test_num_labels_set_after_the_config_is_made_saves_and_loads(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Hostile config.json files: each a one-line error naming the key, the value and the kind wanted (load.py's doors and
+# command line: test_load.py); a config too big for memory is refused before a layer is built; every real one loads.
+
+
+@pytest.mark.parametrize("change, message", HOSTILE_CONFIGS.values(), ids=HOSTILE_CONFIGS.keys())
+def test_a_hostile_config_is_one_line_naming_the_key_and_value(word_checkpoint, tmp_path, change, message):
+    folder = with_config(word_checkpoint, tmp_path, change)
+    for load_it in (mb.ModernBertConfig.from_pretrained, mb.ModernBertForMaskedLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"^Invalid ModernBertConfig: .*{message}") as e:
+            load_it(folder)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=message):  # the same check for a config made in Python
+        mb.ModernBertConfig.from_dict({**WORD_TINY, **change})
+
+
+@pytest.mark.parametrize("value, shown", NOT_AN_OBJECT)
+def test_a_config_json_that_is_not_an_object_is_named(word_checkpoint, tmp_path, value, shown):
+    folder = with_config(word_checkpoint, tmp_path, value)
+    for load_it in (mb.ModernBertConfig.from_pretrained, mb.ModernBertForMaskedLM.from_pretrained):
+        with pytest.raises(ValueError, match=f"^{not_an_object_message(folder, shown)}"):
+            load_it(folder)
+
+
+@needs_proc
+@pytest.mark.parametrize("change, key", TOO_BIG.values(), ids=TOO_BIG.keys())
+def test_a_config_too_big_for_memory_is_refused_before_building(word_checkpoint, tmp_path, change, key):
+    folder = with_config(word_checkpoint, tmp_path, change)
+    config = mb.ModernBertConfig.from_pretrained(folder)  # the config alone is fine: nothing is built
+    message = too_big_message(config)
+    with address_space_limit(2 * 2**30):
+        with pytest.raises(ValueError, match=f"^{message}.*{key}"):
+            mb.ModernBertForMaskedLM(config)
+        with pytest.raises(ValueError, match=f"^{message}"):
+            mb.ModernBertForMaskedLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        dict(tie_word_embeddings=False),
+        dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True),
+    ],
+    ids=["tied", "untied", "every-bias"],
+)
+def test_the_parameter_estimate_is_the_masked_lm_parameter_count(change):
+    config = mb.ModernBertConfig(**{**WORD_TINY, **change})
+    assert mb.parameter_count(config) == mb.ModernBertForMaskedLM(config).num_parameters()
+
+
+def test_the_memory_check_compares_with_the_memory_available(monkeypatch):
+    config = mb.ModernBertConfig(**WORD_TINY)
+    need = 4 * mb.parameter_count(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: need - 1)
+    with pytest.raises(
+        ValueError, match=r"would need about 0.0 GB \(.* parameters in float32\), more than the 0.0 GB"
+    ):
+        mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: need)
+    mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: None)  # not known here: no check
+    mb.ModernBertForMaskedLM(config)
+    monkeypatch.setattr(mb, "available_memory", lambda: 0)
+    with torch.device("meta"):  # shapes only: nothing to hold
+        mb.ModernBertForMaskedLM(config)
+
+
+def test_available_memory_is_read_where_the_system_says_it():
+    memory = mb.available_memory()
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            said = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        assert abs(memory - said) < 2**30  # read a moment apart
+    else:
+        assert memory is None or memory > 0
+
+
+def real_configs():
+    """Every config.json this checkout can see: the official ones in shared/data and the golden fixtures'."""
+    paths = sorted(SHARED_DATA.glob("*/config.json")) + sorted(Path(FIXTURES).glob("*/config.json"))
+    return {f"{p.parent.parent.name}/{p.parent.name}": json.loads(p.read_text()) for p in paths}
+
+
+# Released configs' values where they differ from the defaults, as their model cards and config.json files give
+# them: mmBERT (Gemma's vocabulary and ids, 160000 on local layers too), Ettin's smallest, Granite R2 (a
+# transformers 4 key, layer_norm_eps, that both readers ignore), a 32K YaRN checkpoint, and nulls and ints where
+# floats are usual.
+RELEASED = {
+    "mmbert-base": dict(
+        vocab_size=256000, local_rope_theta=160000, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=1
+    ),
+    "ettin-encoder-17m": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=7, num_attention_heads=4),
+    "granite-r2": dict(
+        vocab_size=262152, layer_norm_eps=1e-12, pad_token_id=0, global_rope_theta=150000.0, local_rope_theta=160000.0
+    ),
+    "yarn-32k": dict(
+        max_position_embeddings=32768,
+        global_rope_theta=160000,
+        rope_scaling=dict(
+            rope_type="yarn", factor=4.0, beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=8192
+        ),
+    ),
+    "null-scaling": dict(rope_scaling=None, classifier_dropout=0, attention_dropout=0),
+}
+
+
+def test_every_real_config_still_loads():
+    configs = {**real_configs(), **RELEASED}
+    assert len(configs) >= len(RELEASED) + 9, sorted(configs)  # the golden fixtures at least
+    for name, d in configs.items():
+        config = mb.ModernBertConfig.from_dict(d)
+        assert mb.ModernBertConfig.from_dict(config.to_dict()) == config, name
+        assert mb.parameter_count(config) < 10**9, name  # none is refused by the memory check on a laptop
+
+
+@pytest.mark.slow  # imports transformers
+@needs_transformers
+def test_transformers_accepts_what_we_accept_among_the_real_configs():
+    for name, d in {**real_configs(), **RELEASED}.items():
+        theirs = transformers.ModernBertConfig.from_dict(d)
+        ours = mb.ModernBertConfig.from_dict(d)
+        assert (ours.num_hidden_layers, ours.hidden_size, ours.norm_eps) == (
+            theirs.num_hidden_layers,
+            theirs.hidden_size,
+            theirs.norm_eps,
+        ), name
+
+
+# ----------------------------------------------------------------------------------------------------
 # RoPE: rope_frequencies, rope_tables, rotate_half, apply_rope (and rope_in_chunks, its CPU half-precision path)
 
 
@@ -281,19 +420,53 @@ def test_rope_in_bf16_uses_fp32_tables_at_long_positions():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rope_in_chunks_equals_rope_in_one_pass(dtype, monkeypatch):
-    """apply_rope on a CPU in half precision runs ROPE_CHUNK tokens at a time: the same numbers and gradients as one
-    pass, for q and k as the attention layer passes them (strided in Wqkv's output), two chunks and a short one."""
-    assert mb.rope_in_chunks_pays(torch.empty(600, 2, dtype=dtype)) and not mb.rope_in_chunks_pays(torch.empty(600, 2))
+def test_rope_in_chunks_equals_rope_in_one_pass(dtype):
+    """rope_in_chunks (half precision on a CPU) runs ROPE_CHUNK tokens at a time: the same numbers and gradients as
+    apply_rope's one pass, for q and k as the attention layer passes them (strided in Wqkv's output), two chunks and
+    a short one."""
     T = 600
     qkv = torch.randn(T, 3, 4, 64, dtype=dtype, requires_grad=True)  # (T, 3, H, D)
     cos, sin = mb.rope_tables(*mb.rope_frequencies(mb.ModernBertConfig(), "full_attention"), torch.arange(T) % 300)
-    chunked = mb.apply_rope(qkv[:, :2], cos, sin)
-    monkeypatch.setattr(mb, "ROPE_CHUNK", T)  # one pass
+    chunked = mb.rope_in_chunks(qkv[:, :2], cos, sin)
     whole = mb.apply_rope(qkv[:, :2], cos, sin)
     assert chunked.dtype == dtype and torch.equal(chunked, whole)
     grads = [torch.autograd.grad(out.float().square().sum(), qkv)[0] for out in (whole, chunked)]
     assert torch.equal(*grads)
+
+
+# three layers over 2 * ROPE_CHUNK + 50 tokens: long enough for rope_in_chunks to cut
+ROPE_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2)
+
+
+@pytest.mark.parametrize(
+    "dtype, autocast, chunked",
+    [
+        (torch.bfloat16, False, True),
+        (torch.float16, False, True),
+        (torch.float32, True, True),
+        (torch.float32, False, False),
+    ],
+    ids=["bf16", "fp16", "fp32-under-bf16-autocast", "fp32"],
+)
+def test_rope_is_chunked_exactly_for_half_precision_on_a_cpu(dtype, autocast, chunked, monkeypatch):
+    """encode chooses RoPE in pieces once a forward, from the dtype the layers compute in (autocast's, not the hidden
+    states'): half precision on a CPU, and never in fp32. The pieces give the numbers of one pass."""
+    torch.manual_seed(0)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**ROPE_TINY)).to(dtype).eval()
+    ids = torch.randint(1, 64, (2, mb.ROPE_CHUNK + 50))
+    calls, real = [], mb.rope_in_chunks
+    monkeypatch.setattr(mb, "rope_in_chunks", lambda x, cos, sin: calls.append(x.dtype) or real(x, cos, sin))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids).last_hidden_state
+        assert len(calls) == (ROPE_TINY["num_hidden_layers"] if chunked else 0), calls
+        monkeypatch.setattr(mb, "rope_in_chunks", mb.apply_rope)  # one pass, the same numbers
+        assert torch.equal(out, model(ids).last_hidden_state)
+
+
+def test_rope_in_chunks_is_one_pass_when_short():
+    x = torch.randn(mb.ROPE_CHUNK, 2, 4, 64, dtype=torch.bfloat16)  # (T, 2, H, D): q and k
+    cos, sin = mb.rope_tables(*mb.rope_frequencies(mb.ModernBertConfig(), "full_attention"), torch.arange(x.shape[0]))
+    assert torch.equal(mb.rope_in_chunks(x, cos, sin), mb.apply_rope(x, cos, sin))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,6 +570,24 @@ def test_no_non_finite_values_for_any_mask_pattern(small, impl, flash_standin):
         model.config.attn_implementation = None
 
 
+def test_packing_names_its_two_shapes_apart_under_left_padding():
+    """padded_seq_index places tokens in (N, max_seqlen), one right-padded row a sequence; to_input_shape puts them
+    back where the input had them, (B, S), left padding included. Under left padding the two differ."""
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    packing = mb.Packing.from_mask(mask)
+    tokens = torch.arange(1, 6)  # the packed stream: 1, 2 (row 0), 3, 4, 5 (row 1)
+    by_sequence = mb.pad(tokens, packing.padded_seq_index, packing.num_seqs, packing.max_seqlen)
+    assert by_sequence.tolist() == [[1, 2, 0], [3, 4, 5]]
+    assert packing.to_input_shape(tokens).tolist() == [[0, 0, 1, 2], [3, 4, 5, 0]]
+
+
+def test_cu_seqlens_from_lengths():
+    cu = mb.cu_seqlens_from_lengths(torch.tensor([3, 0, 5]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 8]
+    assert mb.cu_seqlens_from_lengths([2, 2]).tolist() == [0, 2, 4]  # a list, as train.py has its lengths
+    assert torch.equal(mb.Packing.from_mask(torch.tensor([[1, 1, 1], [1, 0, 0]])).cu_seqlens, torch.tensor([0, 3, 4]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Attention kernels: eager, sdpa, local_block_attention, flash (the stand-in above), flex; and
 # attention_kernels, which picks one by name, device, dtype and packing
@@ -435,13 +626,14 @@ def test_every_kernel_equals_eager_on_ragged_packed_sequences(lengths, window, f
     )
     # bf16-exact inputs, so the flash path's cast loses nothing and only its bf16 output rounds
     qb, kb, vb = (t.bfloat16().float() for t in (q, k, v))
+    varlen = mb.find_flash_kernel(qb.device)  # flash_standin's
     assert_close(
-        mb.flash_attention(qb, kb, vb, packing, window),
+        mb.flash_attention(qb, kb, vb, packing, window, varlen=varlen),
         mb.eager_attention(qb, kb, vb, packing, window),
         2e-2,
         f"flash window={window}",
     )
-    assert mb.flash_attention(qb, kb, vb, packing, window).dtype == torch.float32  # cast back
+    assert mb.flash_attention(qb, kb, vb, packing, window, varlen=varlen).dtype == torch.float32  # cast back
     assert_close(mb.flex_attention(q, k, v, packing, window), ref, 1e-5, f"flex window={window}")  # (q: no grad)
 
 
@@ -611,6 +803,34 @@ def test_kernels_are_chosen_by_autocasts_dtype(small, monkeypatch):
             small["ModernBertModel"](ids)
         small["ModernBertModel"](ids)
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_the_flash_kernel_is_looked_up_once_a_forward(monkeypatch):
+    """attention_kernels asks for the flash kernel once, whether it was named or None may pick it, and binds it to
+    every layer's kernel; it is not asked for again while the layers run."""
+    looked_up = []
+    kernel = object()
+    monkeypatch.setattr(mb, "find_flash_kernel", lambda device: looked_up.append(device) or kernel)
+    ragged = mb.Packing.from_mask(torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    gpu = torch.device("cuda")  # a device object only: nothing runs on a GPU here
+    for name in (None, "flash_attention_2"):
+        looked_up.clear()
+        chosen = mb.attention_kernels(name, gpu, torch.bfloat16, ragged, 4)
+        assert len(looked_up) == 1, name
+        assert all(k.func is mb.flash_attention and k.keywords["varlen"] is kernel for k in chosen.values()), name
+    looked_up.clear()  # None never picks flash for fp32: no lookup at all
+    assert set(mb.attention_kernels(None, gpu, torch.float32, ragged, 4).values()) == {mb.sdpa_attention}
+    assert looked_up == []
+
+
+def test_no_name_falls_through_to_a_kernel_it_did_not_ask_for():
+    """Each name maps to its own kernel, stated in attention_kernels: an unknown name is an error, not flex."""
+    packing = mb.Packing.from_mask(torch.ones(2, 5, dtype=torch.long))
+    cpu = torch.device("cpu")
+    assert set(mb.attention_kernels("eager", cpu, torch.float32, packing, 2).values()) == {mb.eager_attention}
+    assert mb.attention_kernels("sdpa", cpu, torch.float32, packing, 2)["sliding_attention"] is mb.sdpa_attention
+    with pytest.raises(ValueError, match="'xformers' is unknown"):
+        mb.attention_kernels("xformers", cpu, torch.float32, packing, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1012,7 +1232,7 @@ def test_seeded_random_configs_match_official_and_pad_inverts_unpad(seed, flash_
     m = mask.bool()
     packing = mb.Packing.from_mask(mask)
     assert torch.equal(
-        packing.to_input_grid(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
+        packing.to_input_shape(mb.unpad(ids, packing.indices)).masked_fill(~m, 0), ids.masked_fill(~m, 0)
     )  # pad(unpad(x)) == x on real tokens
     assert packing.cu_seqlens.tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist() and packing.max_seqlen == max(
         lengths
@@ -1600,7 +1820,7 @@ def test_consistent_packing_in_every_spelling_gives_the_same_numbers(small):
 def three_batches(config, packed=False, seed=0):
     """Three ragged batches of different shapes, packed like the collator, or padded (ids, mask): on the right,
     on the left (cls pooling must skip it), and on the right with a hole in one row's mask (compacted: the
-    tokens around it are neighbours), so compiled and exported forwards keep README's differences too."""
+    tokens around it are neighbours), so compiled and exported forwards keep docs/differences.md's too."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for lengths, left in (([5, 9, 17], False), ([30, 2, 11, 25], True), ([40, 41, 12, 7, 3], False)):
@@ -1838,9 +2058,9 @@ ONNX_OUTPUTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("cls_name", sorted(ONNX_OUTPUTS))
 def test_onnx_export_runs_in_onnxruntime_with_transformers_names(small, cls_name):
-    """Exported as README does: inputs input_ids, attention_mask and outputs named as transformers' outputs
-    (and optimum's ONNX exports), with the axes batch_size and sequence_length. (README's own snippet, run
-    by test_readme_hugging_face_snippets, is checked for the masked LM's logits.)"""
+    """Exported as docs/huggingface.md does: inputs input_ids, attention_mask and outputs named as transformers'
+    outputs (and optimum's ONNX exports), with the axes batch_size and sequence_length. (docs/huggingface.md's own
+    snippet, run by test_docs_hugging_face_snippets, is checked for the masked LM's logits.)"""
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test-only) is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (needed by torch.onnx.export(dynamo=True)) is not installed")
     model = small[cls_name]
@@ -1940,8 +2160,8 @@ def test_gradient_checkpointing_lowers_peak_gpu_memory():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The Hugging Face stack: training with DDP and with transformers.Trainer, and README's "Using it with the
-# Hugging Face stack", every snippet run in order as written
+# The Hugging Face stack: training with DDP and with transformers.Trainer, and the snippets of docs/huggingface.md
+# and README's "With the Hugging Face stack", every one run in order as written
 
 
 def ddp_worker(rank, folder, result):
@@ -2055,12 +2275,13 @@ def test_transformers_trainer_trains_evaluates_and_predicts(cls_name, tmp_path):
 @needs_tokenizer
 # Trainer pins memory by default, and says so on a machine without an accelerator, like this one.
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator is found:UserWarning")
-def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
+def test_docs_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
+    """With the small demo checkpoint in place of the hub id (test_docs.py skips them: they need the hub), and what
+    each gives checked: the logits' shapes, Trainer's saved checkpoint, the ONNX file's names, README's save."""
     for module, why in (("accelerate", "Trainer"), ("onnxscript", "the ONNX export")):
         pytest.importorskip(module, reason=f"{module} (test-only, for {why}) is not installed")
-    readme = Path(HERE, "README.md").read_text()
-    section = readme.split("## Using it with the Hugging Face stack")[1].split("\n## ")[0]
-    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    page = Path(HERE, "docs", "huggingface.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert len(snippets) == 5, "the collator, Trainer, checkpointing, compile and export snippets"
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -2081,6 +2302,10 @@ def test_readme_hugging_face_snippets(demo_checkpoint, tmp_path, monkeypatch):
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in session.get_outputs()] == ["logits"], "transformers' name for the masked LM's output"
     assert session.get_outputs()[0].shape[:2] == ["batch_size", "sequence_length"]
+    readme = Path(HERE, "README.md").read_text().split("## With the Hugging Face stack")[1].split("\n## ")[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    exec(snippet.replace('"answerdotai/ModernBERT-base"', repr(str(demo_checkpoint))), {})
+    assert (tmp_path / "my-modernbert" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2215,6 +2440,26 @@ def test_device_map_names_one_device(monkeypatch):
     assert mb.single_device("auto") == torch.device("cuda"), "auto is the GPU where there is one"
 
 
+def test_one_device_picker_for_every_door(monkeypatch):
+    """modernbert.pick_device: a named device, or the accelerator torch sees (MPS too), else the CPU; a GPU named
+    where there is none is an error. load.py and embed.py use it (bench.py on its own devices: test_bench.py)."""
+    import embed
+    import load
+
+    assert load.pick_device is embed.pick_device is mb.pick_device
+    assert mb.pick_device("cpu") == mb.pick_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    assert mb.pick_device() == mb.pick_device("auto") == mb.single_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="torch sees no CUDA GPU here"):
+        mb.pick_device("cuda")
+    mps = torch.device("mps")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: mps)
+    assert mb.pick_device() == mb.single_device("auto") == mps  # load.py's own picker used to ignore MPS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert mb.pick_device() == mb.pick_device("cuda") == torch.device("cuda")
+
+
 def test_device_map_auto_on_the_torch_releases_before_2_7(checkpoint, monkeypatch):
     """requirements.txt allows torch 2.4: torch.accelerator came in 2.6, and its current_accelerator took
     check_available in 2.7 (2.6's takes no argument, and raises where there is no accelerator)."""
@@ -2251,7 +2496,7 @@ def test_device_map_auto_on_the_torch_releases_before_2_7(checkpoint, monkeypatc
             r"device='cpu' and device_map='cuda:1' \(cuda:1\) disagree",
         ),
         (dict(torch_dtype=torch.float16, dtype=torch.bfloat16), TypeError, "Pass dtype or torch_dtype"),
-        (dict(dtype="auto"), ValueError, r"dtype='auto': pass a torch dtype"),
+        (dict(dtype="auto"), ValueError, r"Unknown dtype 'auto': pass a torch dtype"),
         (dict(hiden_size=12345), TypeError, "Unexpected keyword argument 'hiden_size': no ModernBertConfig field"),
         (dict(trust_remote_code=True), TypeError, "Unexpected keyword argument 'trust_remote_code'"),
         (dict(low_cpu_mem_usage=True), TypeError, "Unexpected keyword argument 'low_cpu_mem_usage'"),
@@ -2272,8 +2517,29 @@ def test_from_pretrained_refuses_what_it_cannot_honour_before_downloading(kwargs
     """Checked before the name is looked up: a hub id that is not there does not get in the way."""
     with pytest.raises(error, match=message):
         mb.ModernBertForMaskedLM.from_pretrained("nobody/not-downloaded", **kwargs)
-    with pytest.raises(error, match="Unknown dtype 'auto'" if kwargs == dict(dtype="auto") else message):
-        load_model("nobody/not-downloaded", **kwargs)  # load.py reads dtype names itself ("bf16")
+    with pytest.raises(error, match=message):
+        load_model("nobody/not-downloaded", **kwargs)  # the same reading of every keyword, dtype names included
+
+
+def test_warnings_point_past_every_file_of_the_project(checkpoint):
+    """One mechanism (modernbert.users_line over LIBRARY_FILES) for every door: the loader's report and the
+    deprecated torch_dtype point at the line that called from_pretrained or load.py's load_model."""
+    import embed
+    import load
+
+    folder = checkpoint[0]
+    assert {mb.__file__, load.__file__, embed.__file__} <= mb.LIBRARY_FILES
+    doors = {
+        "from_pretrained": lambda: mb.ModernBertForSequenceClassification.from_pretrained(folder),
+        "torch_dtype": lambda: mb.ModernBertModel.from_pretrained(folder, torch_dtype=torch.float32),
+        "load_model": lambda: load.load_model(folder, task="sequence-classification"),
+    }
+    for door, call in doors.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught, door
+        assert {w.filename for w in caught} == {__file__}, (door, [(w.filename, w.lineno) for w in caught])
 
 
 def test_download_options_reach_the_hub_client(checkpoint, monkeypatch, tmp_path):

@@ -3,6 +3,7 @@ device cannot run is said or refused, never dropped) and the 32K config docs/lon
 runs here.
 """
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from conftest import HERE, needs_transformers
 @pytest.mark.slow
 @needs_transformers
 def test_bench_builds_models_without_replacing_any_initialiser():
-    import transformers.initialization
-
     import bench
 
-    torch_init, theirs_init = torch.nn.init.trunc_normal_, transformers.initialization.TORCH_INIT_FUNCTIONS.copy()
+    # (by its module: an earlier test may have left the package without the attribute that names it)
+    theirs = importlib.import_module("transformers.initialization")
+    torch_init, theirs_init = torch.nn.init.trunc_normal_, theirs.TORCH_INIT_FUNCTIONS.copy()
     bench.build_models("ours", torch.float32, torch.device("cpu"), "sdpa")
     assert torch.nn.init.trunc_normal_ is torch_init
-    assert theirs_init == transformers.initialization.TORCH_INIT_FUNCTIONS
+    assert theirs_init == theirs.TORCH_INIT_FUNCTIONS
 
 
 # ----------------------------------------------------------------------------------------------------

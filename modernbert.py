@@ -1018,10 +1018,12 @@ def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=Non
     every 128 x 128 tile the rule leaves empty. `block_masks`: {half-window: BlockMask}, from `flex_kernel`."""
     # On a CPU torch 2.13's flex has no backward pass and compiles only alone, and its AVX2 kernel gives wrong numbers
     # (NaN on local layers) for a stream shorter than one 128-token tile: sdpa (the same rule) serves there.
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad or q.shape[0] < 128):
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or q.requires_grad):
         return sdpa_attention(q, k, v, packing, half_window, dropout_p)
     if dropout_p:
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
+    if q.device.type == "cpu" and q.shape[0] < 128:
+        return sdpa_attention(q, k, v, packing, half_window)
     if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
         return q
     block_mask = (block_masks or {}).get(half_window)

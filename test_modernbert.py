@@ -37,7 +37,6 @@ from conftest import (
     NOT_AN_OBJECT,
     SHARED_DATA,
     TEXTS,
-    TINY,  # noqa: F401  (test_train.py imports it from here; it should import it from conftest)
     TOO_BIG,
     WORD_TINY,
     address_space_limit,

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import load
 import modernbert as mb
 import train
-from test_modernbert import TINY as TINY_MODEL
+from conftest import TINY as TINY_MODEL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -366,7 +366,7 @@ def attention_kernels(name, device, dtype, packing, half_window):
     """The one place kernels are chosen, once a forward: {layer type: kernel}, each choice here with its reason. None
     picks flash_attention_2 on a GPU in half precision where a varlen flash kernel is installed, sdpa otherwise."""
     check_attn_implementation(name)
-    if packing.keeps_padding and torch.compiler.is_exporting():  # a traced batch (pack_for_tracing) being exported:
+    if packing.keeps_padding and is_exporting():  # a traced batch (pack_for_tracing) being exported:
         return dict.fromkeys(LAYER_TYPES, eager_attention)  # blocked and flex would fix their count of blocks
     if packing.keeps_padding and name in (None, "flash_attention_2"):
         name = "sdpa"  # a traced batch keeps its padding as tokens, which varlen flash cannot leave out
@@ -904,7 +904,8 @@ def pack_inputs(config, input_ids, attention_mask, inputs_embeds, packed):
     packed = {k: v for k, v in packed.items() if v is not None}
     x = input_ids if input_ids is not None else inputs_embeds
     (B, S), device = x.shape[:2], x.device
-    cu = next((packed[k] for k in BOUNDARY_KEYS if k in packed), None)
+    given = [packed[k] for k in BOUNDARY_KEYS if k in packed]  # (torch 2.8's dynamo refuses next() with a default)
+    cu = given[0] if given else None
     if cu is None and "position_ids" in packed:
         cu = position_starts(packed["position_ids"][0], S)
     if cu is not None:
@@ -961,6 +962,13 @@ def pack_for_tracing(attention_mask):
     seq_ids = torch.arange(B * S, device=real.device) // S  # (ONNX has no repeat_interleave with a length)
     is_real = real.gather(1, order).flatten()
     return Packing(indices, cu_seqlens, S, (B, S), is_real, keeps_padding=True, seq_ids=seq_ids)
+
+
+def is_exporting():
+    """Whether torch.export (ONNX's too) is tracing, not torch.compile: the flag torch.export sets, read directly.
+    Before torch 2.12 dynamo takes torch.compiler.is_exporting() for True under torch.compile too, which would hand
+    every compiled padded batch export's kernel, and its S x S scores."""
+    return torch.compiler._is_exporting_flag
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1107,7 +1115,7 @@ def flash_kernel_missing(device):
         )
     return RuntimeError(
         "attn_implementation='flash_attention_2' needs a varlen flash kernel: `pip install flash-attn "
-        "--no-build-isolation`, or a torch whose torch.nn.attention.varlen.varlen_attn takes window_size."
+        "--no-build-isolation`, or torch >= 2.11, whose torch.nn.attention.varlen.varlen_attn takes window_size."
     )
 
 
@@ -1260,14 +1268,10 @@ def pick_device(name=None):
 
 
 def available_accelerator():
-    """The accelerator torch can use here, or None: a CUDA (or ROCm) GPU first, else what torch.accelerator names from
-    torch 2.7 (check_available); the releases requirements.txt allows before it are asked for Apple's MPS directly."""
+    """The accelerator torch can use here, or None: a CUDA (or ROCm) GPU first, else what torch.accelerator names."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and "check_available" in inspect.signature(accelerator.current_accelerator).parameters:
-        return accelerator.current_accelerator(check_available=True)
-    return torch.device("mps") if torch.backends.mps.is_available() else None
+    return torch.accelerator.current_accelerator(check_available=True)
 
 
 def checkpoint_folder(

@@ -1037,6 +1037,11 @@ def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=Non
     block_mask = (block_masks or {}).get(half_window)
     if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
         block_mask = flex_block_mask(packing, half_window)
+    if q.device.type == "cpu" and torch.__version__ < "2.13":  # 2.8 to 2.12's CPU kernel aborts the process here
+        raise RuntimeError(
+            f"FlexAttention on a CPU needs torch >= 2.13 (this is {torch.__version__}): use attn_implementation='sdpa'"
+            " (the same rule) on a CPU, or upgrade torch."
+        )
     # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views.
     q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
     out = compiled_flex()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
@@ -1083,6 +1088,9 @@ def compiled_flex():
 def compile_once(fn):
     return torch.compile(fn, dynamic=True)
 
+
+if torch.__version__ < "2.8":  # the lowest release the tests run on (docs/testing.md)
+    raise ImportError(f"modernbert.py needs torch >= 2.8, this is {torch.__version__}: `pip install -U torch`")
 
 try:  # torch's own varlen flash kernel; only releases whose signature has window_size can serve
     from torch.nn.attention.varlen import varlen_attn

@@ -485,6 +485,22 @@ def parse_args(argv=None):
         help="instead of the forwards: the 32K config (YaRN on global layers), one sequence per length "
         "(--context-lengths), peak memory and seconds of one forward on the CPU (--dtypes, default fp32)",
     )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="instead of the models: train.py's default run and each of its pieces switched off (one flag each), "
+        "and transformers' run_mlm.py way, for --steps steps, once per seed; held-out masked accuracy, tokens, s/step",
+    )
+    p.add_argument("--steps", type=int, default=240, help="--ablations: optimizer steps of each run (default 240)")
+    p.add_argument("--seeds", default="0,1,2", help="--ablations: the seeds, comma-separated (default 0,1,2)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="--ablations: train.py's --data (default: its own)")
+    p.add_argument("--rows", help="--ablations: a subset of the rows, by number from 0 (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="--ablations: runs at a time (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="--ablations: threads of each run")
+    p.add_argument(
+        "--ablations-json", default="ablations.json", help="--ablations: where the results go, for tools/plot_run.py"
+    )
+    p.add_argument("--ablation-job", help=argparse.SUPPRESS)
     p.add_argument("--context-lengths", default="8192,16384,32768", help="--long-context: the sequence lengths")
     p.add_argument("--long-context-child", help=argparse.SUPPRESS)
     p.add_argument(
@@ -497,13 +513,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--ours-impl", default="sdpa", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    modes = ("build", "kernels", "embeddings", "colbert", "long_context", "train")
+    modes = ("build", "kernels", "embeddings", "colbert", "long_context", "train", "ablations")
     modes = [f"--{m.replace('_', '-')}" for m in modes if vars(args)[m]]
     if len(modes) > 1:
         p.error(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
     if args.train and args.dtypes and "," in args.dtypes:
         p.error(f"--train times one dtype a run: give --dtypes fp32 or --dtypes bf16, not {args.dtypes}")
-    if args.child or args.long_context_child:  # the parent passes --device, --workloads, --dtypes and --batch
+    if (
+        args.child or args.long_context_child or args.ablation_job or args.ablations
+    ):  # the parent passes --device, --workloads, --dtypes and --batch
         return args, None
     if args.long_context:  # a CPU measurement (RSS) of one sequence: fp32 unless asked, no workloads
         if args.device == "cuda":
@@ -1188,6 +1206,184 @@ def bench_train(args, device):
         assert diff < (1e-4 if DTYPES[dtype_name] == torch.float32 else 5e-2), f"{r['w']}: losses differ by {diff}"
 
 
+# --ablations: what each piece of train.py's recipe buys. Each row is train.py's default run with one piece
+# switched to its classic counterpart (one flag), trained for the same number of steps of the same batch shape
+# (--batch-tokens positions a step) on the same documents, once per seed, and scored by the same held-out
+# evaluation: train.py's own, 15% of the held-out tokens masked, the same masks for every row of a seed. The
+# reference row is the way people train with transformers (run_mlm.py): its ModernBertForMaskedLM, the texts
+# concatenated and cut into --max-len blocks across documents, DataCollatorForLanguageModeling's 15% masking,
+# dense logits, torch's AdamW (Trainer's defaults: no weight decay, gradient norm clipped at 1) at the same
+# peak learning rate with linear warmup and decay; it gets train.py's tokenizer, and its weights are scored by
+# loading them into modernbert.py's model (the same state_dict keys).
+ABLATIONS = {  # row -> train.py's flags
+    "the recipe (train.py's defaults)": [],
+    "packing off: one document a row, padded": ["--no-packing"],
+    "15% masking instead of 30%": ["--mask-rate", "0.15"],
+    "dense prediction: every position decoded": ["--dense-prediction"],
+    "AdamW (clipped gradients) instead of StableAdamW": ["--optimizer", "adamw"],
+    "linear decay instead of warmup-stable-decay": ["--schedule", "linear"],
+}
+RUN_MLM = "run_mlm.py's way, with transformers"
+
+
+def ablation_job(job):
+    """One row and seed, in its own process: train.py's run (a child process of its own), or the run_mlm way
+    here. Returns held-out accuracy, real tokens seen and seconds a step."""
+    flags = ["--steps", str(job["steps"]), "--seed", str(job["seed"]), "--out", job["out"]]
+    flags += ["--data", *job["data"]] if job["data"] else []
+    if job["row"] == RUN_MLM:
+        return run_mlm_way(job["steps"], job["seed"], job["data"], job["out"])
+    from safetensors import safe_open
+
+    run = subprocess.run(
+        [sys.executable, "train.py", *flags, "--evals", "1", *ABLATIONS[job["row"]]],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    if run.returncode:
+        raise RuntimeError(f"train.py {' '.join(flags)} failed:\n{run.stderr[-2000:]}")
+    with open(os.path.join(job["out"], "trainer_state.json")) as f:
+        state = json.load(f)
+    folder = os.path.join(job["out"], f"checkpoint-{state['global_step']}", "optimizer.safetensors")
+    with safe_open(folder, "pt") as f:
+        seconds = float(f.metadata()["train_seconds"])
+    evals = [e for e in state["log_history"] if "eval_accuracy" in e]
+    return {
+        "accuracy": evals[-1]["eval_accuracy"],
+        "tokens": state["num_input_tokens_seen"],
+        "step_s": seconds / job["steps"],
+    }
+
+
+def run_mlm_way(steps, seed, data, out):
+    """transformers' ModernBertForMaskedLM trained as run_mlm.py trains it (see above), scored by train.py."""
+    import load
+    import train
+
+    settings = {**train.DEFAULTS, "seed": seed, "steps": steps}
+    budget, max_len = settings["batch_tokens"], settings["max_len"]
+    documents = train.read_documents(data) if data else list(train.stdlib_docstrings())
+    train_docs, held_docs = train.split_held_out(documents)
+    os.makedirs(out, exist_ok=True)
+    train.save_tokenizer(train.train_tokenizer(train_docs, settings["vocab"]), out, max_len)
+    tokenizer = load.load_tokenizer(out)
+    tokenizer.no_padding()
+    vocab = train.read_vocab(tokenizer)
+    stream = [t for piece in train.tokenize(tokenizer, vocab, train_docs, max_len) for t in piece]  # [CLS] doc [SEP]..
+    blocks = torch.tensor(stream[: len(stream) // max_len * max_len]).view(-1, max_len)  # group_texts
+    if len(blocks) < budget // max_len:
+        raise ValueError(f"the run_mlm way needs {budget:,} tokens of training text; this has {len(stream):,}")
+    held_pieces = train.tokenize(tokenizer, vocab, held_docs, max_len)
+    held_plan = enumerate(train.best_fit([len(p) for p in held_pieces], budget))
+    held_out = [train.batch(held_pieces, b, settings, vocab, train.EVAL_MASK_RATE, -1 - n) for n, b in held_plan]
+
+    config = train.new_config(settings, vocab)
+    theirs_config = transformers.ModernBertConfig.from_dict(config.to_dict(), attn_implementation="sdpa")
+    theirs_config.sparse_prediction = False  # dense logits, as run_mlm.py computes them
+    torch.manual_seed(seed)
+    model = transformers.ModernBertForMaskedLM(theirs_config).train()
+    collator = transformers.DataCollatorForLanguageModeling(
+        transformers.AutoTokenizer.from_pretrained(out), mlm_probability=0.15, return_tensors="pt"
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
+    warmup = round(0.05 * steps)  # train.py's warmup
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    rows, order, seconds = budget // max_len, [], 0.0
+    for step in range(steps):
+        if len(order) < rows:  # a fresh shuffle each epoch, as Trainer's sampler
+            order += torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1000 + step)).tolist()
+        t0 = time.perf_counter()
+        inputs = collator([{"input_ids": blocks[i]} for i in order[:rows]])
+        del order[:rows]
+        loss = model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - t0
+    ours = mb.ModernBertForMaskedLM(config)
+    ours.load_state_dict(model.state_dict())
+    _, accuracy = train.evaluate(ours, held_out, contextlib.nullcontext)
+    return {"accuracy": accuracy, "tokens": steps * rows * max_len, "step_s": seconds / steps}
+
+
+def bench_ablations(args):
+    """Every row and seed (--jobs at a time, each its own process with --threads threads), then the table; the
+    results also go to --ablations-json for tools/plot_run.py."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = (
+        [*ABLATIONS, RUN_MLM] if args.rows is None else [[*ABLATIONS, RUN_MLM][int(i)] for i in args.rows.split(",")]
+    )
+    seeds = [int(s) for s in args.seeds.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [
+            {"row": r, "seed": s, "steps": args.steps, "data": args.data, "out": os.path.join(tmp, f"{i}-{s}")}
+            for i, r in enumerate(rows)
+            for s in seeds
+        ]
+
+        def one(job):
+            run = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--ablation-job", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if run.returncode:
+                raise RuntimeError(f"{job['row']}, seed {job['seed']}:\n{run.stderr[-3000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{job['row']}, seed {job['seed']}: accuracy {result['accuracy']:.4f}", file=sys.stderr, flush=True)
+            return {**job, **result}
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(one, jobs))
+    for job in results:
+        del job["out"]
+    print_ablations(args, rows, seeds, results)
+    with open(args.ablations_json, "w") as f:
+        json.dump(
+            {"command": f"python bench.py {' '.join(sys.argv[1:])}", "machine": machine_line(), "results": results},
+            f,
+            indent=1,
+        )
+
+
+def print_ablations(args, rows, seeds, results):
+    print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
+    data = " ".join(args.data) if args.data else "this Python's standard-library docstrings"
+    print(
+        f"{args.steps} steps of {train_defaults()['batch_tokens']:,} token positions each, on {data}; seeds "
+        f"{', '.join(map(str, seeds))}. Held-out masked-token accuracy (15% masked, the same masks for every row): "
+        "mean and standard deviation over the seeds. Tokens: real tokens trained on. Seconds a step: mean, with "
+        f"{args.jobs} run(s) at a time of {args.threads} thread(s) each.\n"
+    )
+    print(md_header(["run", "held-out accuracy", "vs the recipe", "tokens seen", "s / step"]))
+    means = {}
+    for row in rows:
+        mine = [r for r in results if r["row"] == row]
+        acc = torch.tensor([r["accuracy"] for r in mine], dtype=torch.float64)
+        means[row] = acc.mean().item()
+        spread = f" ± {acc.std().item():.3f}" if len(acc) > 1 else ""
+        base = means.get(rows[0])
+        cells = [row, f"{means[row]:.3f}{spread}", f"{means[row] / base:.2f}x" if base else "-"]
+        cells += [
+            f"{sum(r['tokens'] for r in mine) / len(mine):,.0f}",
+            f"{sum(r['step_s'] for r in mine) / len(mine):.2f}",
+        ]
+        print(md_row(cells))
+
+
+def train_defaults():
+    import train
+
+    return train.DEFAULTS
+
+
 def main():
     """Parses flags, then runs the child mode or the whole benchmark and prints the tables."""
     start = time.perf_counter()
@@ -1197,6 +1393,9 @@ def main():
         return
     if args.long_context_child:
         print(json.dumps(long_context_child(args.long_context_child)))
+        return
+    if args.ablation_job:
+        print(json.dumps(ablation_job(json.loads(args.ablation_job))))
         return
     with busy_core(args.busy_core):
         run_mode(args, device, start)
@@ -1222,6 +1421,9 @@ def run_mode(args, device, start):
         return
     if args.train:
         bench_train(args, device)
+        return
+    if args.ablations:
+        bench_ablations(args)
         return
     deadline = None if args.time_limit is None else start + args.time_limit
     rows, ceilings, stopped = [], {}, None

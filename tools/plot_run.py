@@ -3,12 +3,14 @@
     python tools/plot_run.py trained-modernbert                 # the run's curves -> trained-modernbert/curves.png
     python tools/plot_run.py my-bert --out my-bert.png          # any run folder of train.py, anywhere
     python tools/plot_run.py --attention docs/images/attention.png
+    python tools/plot_run.py --ablations ablations.json --out docs/images/ablations.png   # bench.py --ablations
 
 The curves come from the run folder's trainer_state.json (its log_history, as transformers' Trainer writes it):
 held-out loss and masked-token accuracy at each evaluation, the training loss between them, and the accuracy of
-always answering the most frequent token where the run recorded it. The attention picture is computed by
-modernbert.py itself: its packing of three documents into one stream, the half-window each layer type gets, and
-its reference kernel, so it shows what the model does rather than a drawing of it.
+always answering the most frequent token where the run recorded it. The ablations picture draws the file that
+`python bench.py --ablations` writes: each row's held-out accuracy, a dot a seed, and their mean. The attention
+picture is computed by modernbert.py itself: its packing of three documents into one stream, the half-window each
+layer type gets, and its reference kernel, so it shows what the model does rather than a drawing of it.
 
 matplotlib is needed here only (requirements-oracle.txt installs it); modernbert.py, load.py, embed.py and
 train.py never import it or this file.
@@ -130,20 +132,65 @@ def training_figure(state, title):
     return fig, baseline
 
 
+def read_ablations(path):
+    """bench.py --ablations' results file, or a one-line error."""
+    try:
+        with open(path) as f:
+            results = json.load(f)["results"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path!r} is not the file `python bench.py --ablations` writes ({e}).") from e
+    if not results:
+        raise ValueError(f"{path!r} holds no results.")
+    return results
+
+
+def ablations_figure(results):
+    """Held-out accuracy of each row of bench.py --ablations: a dot per seed and a bar at their mean, the recipe
+    on top, a dashed line at its mean."""
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(r["row"] for r in results))
+    steps = results[0]["steps"]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.2), layout="constrained")
+    means = []
+    for y, row in enumerate(rows):
+        accuracy = [r["accuracy"] for r in results if r["row"] == row]
+        means.append(sum(accuracy) / len(accuracy))
+        ax.barh(y, means[-1], color=TRAINING if y else LOSS, height=0.6)
+        ax.plot(accuracy, [y] * len(accuracy), "o", color=ACCURACY, ms=4)
+        ax.text(means[-1], y, f"  {means[-1]:.3f}", va="center")
+    ax.axvline(means[0], ls="--", color=BASELINE)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(r["accuracy"] for r in results) * 1.15)
+    ax.set_xlabel("held-out masked-token accuracy (15% masked); a dot a seed, the bar their mean")
+    seeds = len({r["seed"] for r in results})
+    ax.set_title(f"Each piece of the recipe switched off: {steps:,} steps each, {seeds} seed{'s' * (seeds > 1)}")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw a train.py run's curves, or the attention of a packed batch.")
+    parser = argparse.ArgumentParser(
+        description="Draw a train.py run's curves, bench.py's ablations, or the attention of a packed batch."
+    )
     parser.add_argument("run", nargs="?", help="a run folder (train.py's --out) holding trainer_state.json")
     parser.add_argument("--out", help="the PNG to write (default: RUN/curves.png)")
     parser.add_argument("--attention", metavar="PNG", help="draw the attention of a packed batch into PNG instead")
+    parser.add_argument("--ablations", metavar="JSON", help="draw bench.py --ablations' results instead (with --out)")
     args = parser.parse_args(argv)
-    if (args.run is None) == (args.attention is None):
-        parser.error("give a run folder, or --attention PNG (one of them)")
+    if sum(x is not None for x in (args.run, args.attention, args.ablations)) != 1:
+        parser.error("give a run folder, --attention PNG or --ablations JSON (one of them)")
+    if args.ablations and not args.out:
+        parser.error("--ablations JSON needs --out PNG")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         if args.attention:
             figure, out = attention_figure(), args.attention
+        elif args.ablations:
+            figure, out = ablations_figure(read_ablations(args.ablations)), args.out
         else:
             figure, baseline = training_figure(read_state(args.run), os.path.basename(os.path.abspath(args.run)))
             out = args.out or os.path.join(args.run, "curves.png")

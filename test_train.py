@@ -1,6 +1,7 @@
 """Tests of train.py, in its order: documents, the tokenizer, best-fit packing (no attention across documents),
 masking, StableAdamW (against torch's AdamW, its own formula and optimi's implementation), the schedule, the training
-step (the same losses as transformers' ModernBertForMaskedLM in this loop); then the plumbing: the run's plan (a fixed
+step (the same losses as transformers' ModernBertForMaskedLM in this loop), and each piece's classic switch beside it
+(no packing, AdamW with clipping, the linear schedule, dense prediction); then the plumbing: the run's plan (a fixed
 number of steps by default), the output folder in load.py and transformers, kept whole under kills (SIGKILL anywhere,
 inside saves too), one writer at a time, a loss that is not finite; --resume after SIGINT and SIGTERM bit for bit,
 other data and damaged checkpoints refused; two processes against one, and one of them interrupted or killed; and
@@ -181,18 +182,18 @@ def kill_inside_saves(at):
 
 
 def resumed(out):
-    """(step, weights, StableAdamW's moments) as --resume finds them in `out`, read as train.py reads them."""
+    """(step, weights, the optimizer's moments) as --resume finds them in `out`, read as train.py reads them."""
     settings = train.settle(train.parse_args(["--out", out, "--resume"]))
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         model, *_ = train.build(settings, 0, tokenizer_folder, torch.device("cpu"))
-    optimizer = train.StableAdamW(train.param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+    optimizer = train.new_optimizer(model, settings)
     state = train.new_state(settings, settings["batch_tokens"])
     train.resume_state(state, optimizer, out)
     return state["global_step"], model.state_dict(), moments(optimizer)
 
 
 def moments(optimizer):
-    """StableAdamW's moments by parameter name, copied."""
+    """The optimizer's moments by parameter name, copied."""
     return {
         name: (optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
         for group in optimizer.param_groups
@@ -318,6 +319,34 @@ def test_a_packed_batch_keeps_documents_apart():
         assert (joined[: lengths[0]] - packed[: lengths[0]]).abs().max() > 1e-3
 
 
+def test_without_packing_each_document_is_alone_in_a_padded_row_of_max_len():
+    """--no-packing: batch_tokens // max_len documents a batch, in the epoch's order, each alone in its row of
+    max_len tokens, the rest of the row padding (a sequence of its own, as the packed batch's leftover is); masks on
+    the documents only; the stream starts anywhere as the packed one does. (Held-out batches stay best-fit packed:
+    the run with every switch, below.)"""
+    pieces = [*random_pieces(29, high=128), [VOCAB.cls, *range(5, 131), VOCAB.sep]]  # one that fills its row
+    rows = 512 // 128
+    plan = train.epoch_plan(pieces, 512, seed=0, epoch=0, rows=rows)
+    assert [len(b) for b in plan] == [4] * 7 + [2] and sorted(i for b in plan for i in b) == list(range(30))
+    assert len(plan) > len(train.epoch_plan(pieces, 512, seed=0, epoch=0))  # best fit needs fewer batches
+    for n, indices in enumerate(plan):
+        b = train.pack([pieces[i] for i in indices], 512, VOCAB.pad, 128, rows)
+        lengths = [len(pieces[i]) for i in indices]
+        seqlens = [k for length in lengths for k in (length, 128 - length) if k] + [128] * (4 - len(indices))
+        assert b.cu_seqlens.diff().tolist() == seqlens and b.input_ids.shape == (1, 512)
+        for r, i in enumerate(indices):
+            row, real = b.input_ids[0, 128 * r : 128 * (r + 1)], b.real[0, 128 * r : 128 * (r + 1)]
+            assert row[: len(pieces[i])].tolist() == pieces[i] and (row[len(pieces[i]) :] == VOCAB.pad).all()
+            assert real.tolist() == [True] * len(pieces[i]) + [False] * (128 - len(pieces[i]))
+        masked = train.batch(pieces, indices, settings(), VOCAB, 0.3, n, rows)
+        assert torch.equal(masked.real, b.real) and not (masked.labels[~b.real] != train.IGNORE).any()
+    stream = [b for _, _, b in itertools.islice(train.numbered_batches(pieces, 512, 0, 0, rows), 12)]
+    assert (
+        stream[:8] == plan
+        and [b for _, _, b in itertools.islice(train.numbered_batches(pieces, 512, 0, 5, rows), 7)] == stream[5:]
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Masking
 
@@ -422,6 +451,74 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def small_model():
+    torch.manual_seed(0)
+    return mb.ModernBertForMaskedLM(mb.ModernBertConfig(**SMALL))
+
+
+def steps_of(optimizer, model, grads, lrs, clip=False):
+    """The model's weights after one optimizer step per gradient (one tensor per parameter), by hand-set lr."""
+    for step_grads, lr in zip(grads, lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, g in zip(model.parameters(), step_grads):
+            p.grad = g.clone()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_adamw_is_torchs_adamw_after_clipping_and_decays_as_stableadamw_at_the_peak():
+    """--optimizer adamw: each step is torch's AdamW after clip_grad_norm_(1.0), with the same betas, eps and groups
+    and a weight decay of --weight-decay / --lr; with gradients small enough that neither clips, it is StableAdamW."""
+    adamw, stable = ({"optimizer": o, "lr": 1e-2, "weight_decay": 1e-3} for o in ("adamw", "stableadamw"))
+    g = torch.Generator().manual_seed(0)
+    shapes = [p.shape for p in small_model().parameters()]
+    grads = [[torch.randn(s, generator=g) * scale for s in shapes] for scale in (1e-3, 1.0, 30.0)]  # then clipped
+    assert torch.cat([x.flatten() for x in grads[1]]).norm() > 10
+    lrs = [1e-2, 1e-2, 5e-3]
+    model = small_model()
+    ours = steps_of(train.new_optimizer(model, adamw), model, grads, lrs)
+    model = small_model()
+    torchs = torch.optim.AdamW(train.param_groups(model, 1e-3 / 1e-2), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    by_hand = steps_of(torchs, model, grads, lrs, clip=True)
+    for name in ours:
+        torch.testing.assert_close(ours[name], by_hand[name], atol=1e-7, rtol=1e-6, msg=name)
+    model = small_model()
+    unclipped = steps_of(torch.optim.AdamW(train.param_groups(model, 0.1), 1e-2, (0.9, 0.98), 1e-6), model, grads, lrs)
+    assert max((unclipped[k] - ours[k]).abs().max().item() for k in ours) > 1e-3  # clipping shows
+    shrinking = [[x * 1e-4 * 0.5**t for x in grads[1]] for t in range(4)]  # total norm < 1, update RMS <= 1
+    lrs = [1e-2, 1e-2, 5e-3, 1e-3]
+    model = small_model()
+    ours = steps_of(train.new_optimizer(model, adamw), model, shrinking, lrs)
+    model = small_model()
+    theirs = steps_of(train.new_optimizer(model, stable), model, shrinking, lrs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["stableadamw", "adamw"])
+def test_the_optimizers_state_saved_and_loaded_steps_on_as_if_never_saved(optimizer, tmp_path):
+    """save_optimizer_state then load_optimizer_state into a fresh optimizer (on the same weights): the next steps
+    are those of the optimizer that was never saved, bit for bit (AdamW counts its steps in a tensor)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [p.shape for p in small_model().parameters()]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    lrs, options = [1e-2] * 4, {"optimizer": optimizer, "lr": 1e-2, "weight_decay": 1e-3}
+    model = small_model()
+    straight = train.new_optimizer(model, options)
+    steps_of(straight, model, grads[:2], lrs)
+    train.save_optimizer_state(straight, {"global_step": 2, "train_seconds": 1.5}, str(tmp_path))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = steps_of(straight, model, grads[2:], lrs)
+    model = small_model()
+    model.load_state_dict(weights)
+    loaded = train.new_optimizer(model, options)
+    assert train.load_optimizer_state(loaded, str(tmp_path), step=2) == 1.5
+    assert equal(steps_of(loaded, model, grads[2:], lrs), expected)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The schedule
 
@@ -434,6 +531,31 @@ def test_schedule_warms_up_linearly_holds_then_cools_down_as_1_minus_sqrt():
         x = ((s + 1) / 100 - 0.8) / 0.2
         assert lr[s] == pytest.approx(0.001 + 0.999 * (1 - math.sqrt(x)))
     assert all(a >= b for a, b in zip(lr[80:], lr[81:])) and lr[-1] == pytest.approx(0.001)
+
+
+def test_the_linear_schedule_warms_up_the_same_then_decays_straight_to_0():
+    """--schedule linear: WSD's warmup, the peak at its end, then a straight line to 0 at the end of the run; by
+    time (--minutes) too, where the warmup's share of the run is only known as it goes."""
+    lr = [train.learning_rate(1.0, s, (s + 1) / 100, 10, cooldown=0.2, schedule="linear") for s in range(100)]
+    wsd = [train.learning_rate(1.0, s, (s + 1) / 100, 10, cooldown=0.2) for s in range(100)]
+    assert lr[:10] == wsd[:10] and lr[9] == 1.0  # the same warmup, to the peak
+    assert lr[54] == pytest.approx(0.5) and lr[-1] == 0.0  # halfway from the warmup's end (step 9) to the end
+    assert all(a - b == pytest.approx(1 / 90) for a, b in zip(lr[9:], lr[10:]))  # a straight line
+    by_time = [
+        train.learning_rate(1.0, s, p, 10, 0.2, schedule="linear") for s, p in [(9, 0.3), (20, 0.65), (30, 1.0)]
+    ]
+    assert by_time == [1.0, pytest.approx(0.35 / (1 - 10 * 0.65 / 21)), 0.0]
+
+
+@needs_transformers
+def test_the_linear_schedule_is_transformers_one_step_on():
+    """Step s of ours is step s + 1 of transformers' get_linear_schedule_with_warmup, as the warmup already is
+    (ours counts the step being taken: step 0 learns at peak / warmup, not at 0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
+    theirs = [schedule.lr_lambdas[0](s + 1) for s in range(100)]
+    ours = [train.learning_rate(1.0, s, (s + 1) / 100, 10, 0.2, schedule="linear") for s in range(100)]
+    assert ours == pytest.approx(theirs, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,6 +605,39 @@ def test_a_step_over_two_batches_minimises_the_mean_over_all_their_masked_tokens
         torch.testing.assert_close(grads[name], g, atol=1e-7, rtol=1e-4)
     _, plain = gradients([a, b], ([1, 1], 2))
     assert max((plain[k] - one_grads[k]).abs().max().item() for k in one_grads) > 1e-5
+
+
+def test_dense_prediction_decodes_every_position_for_the_same_loss_and_accuracy(tmp_path, small_text_file):
+    """--dense-prediction: build() gives a model that sends every position through the head and decoder (logits
+    (1, T, vocab)), trained here for a few steps; its loss, over the masked tokens still, is the sparse one, and
+    evaluate() finds the loss and accuracy of sparse prediction on the same weights."""
+    out = str(tmp_path / "out")
+    settings = train.settle(
+        train.parse_args(["--data", small_text_file, "--out", out, *ONE_LAYER, "--dense-prediction"])
+    )
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        model, _, vocab, pieces, _ = train.build(settings, 0, tokenizer_folder, torch.device("cpu"))
+    assert not model.config.sparse_prediction
+    plan = train.epoch_plan(pieces, 256, seed=0, epoch=0)
+    batches = [train.batch(pieces, b, settings, vocab, 0.3, n) for n, b in enumerate(plan[:4])]
+    optimizer = train.new_optimizer(model, {**settings, "lr": 1e-2})
+    for step in range(20):  # until it answers more than one token, so that a wrong choice of rows shows
+        n = int((batches[step % 4].labels != train.IGNORE).sum())
+        train.train_step(model, optimizer, [batches[step % 4]], ([n], n), contextlib.nullcontext)
+    b, masked = batches[0], batches[0].labels != train.IGNORE
+    with torch.no_grad():
+        dense = model(b.input_ids, cu_seqlens=b.cu_seqlens, labels=b.labels)
+        model.config.sparse_prediction = True
+        sparse = model(b.input_ids, cu_seqlens=b.cu_seqlens, labels=b.labels)
+    assert dense.logits.shape == (1, 256, model.config.vocab_size)
+    assert sparse.logits.shape == (int(masked.sum()), model.config.vocab_size)
+    torch.testing.assert_close(dense.loss, sparse.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dense.logits[masked], sparse.logits, atol=1e-5, rtol=1e-5)
+    assert len(sparse.logits.argmax(-1).unique()) > 1
+    sparse_eval = train.evaluate(model, batches, contextlib.nullcontext)
+    model.config.sparse_prediction = False
+    dense_eval = train.evaluate(model, batches, contextlib.nullcontext)
+    assert dense_eval[1] == sparse_eval[1] > 0 and dense_eval[0] == pytest.approx(sparse_eval[0], rel=1e-6)
 
 
 def as_padded_rows(input_ids, cu_seqlens, labels, pad_id):
@@ -578,6 +733,21 @@ def test_the_default_run_is_a_fixed_number_of_steps(tmp_path):
     assert lr[warmup - 1] == lr[cooldown_start - 1] == 1.0 > lr[cooldown_start]  # the turns the plan names
     timed = train.settle(train.parse_args(["--out", str(tmp_path / "out"), "--minutes", "5"]))
     assert timed["minutes"] == 5 and "steps" not in timed
+
+
+CLASSIC = ["--no-packing", "--mask-rate", "0.15", "--dense-prediction", "--optimizer", "adamw", "--schedule", "linear"]
+
+
+def test_the_plan_line_names_the_pieces_switched_to_the_classic(tmp_path):
+    settings = train.settle(train.parse_args(["--out", str(tmp_path / "out"), *CLASSIC]))
+    assert {k: settings[k] for k in (*train.SWITCHES, "mask_rate")} == dict(
+        packing=False, sparse_prediction=False, optimizer="adamw", schedule="linear", mask_rate=0.15
+    )
+    clock = train.Clock(settings, train.new_state(settings, 2048), 1, torch.device("cpu"), seconds_left=0.0)
+    assert clock.plan() == (
+        "720 steps of 2,048 tokens: lr 1.00e-03 after a 36-step warmup, linear decay to 0 at step 720. Classic "
+        "pieces: --no-packing --dense-prediction --mask-rate 0.15 --optimizer adamw --schedule linear."
+    )
 
 
 def test_evaluations_fall_once_per_tenth_and_a_resumed_run_does_not_catch_up():
@@ -906,6 +1076,53 @@ def test_an_interrupt_ends_its_step_saves_it_and_resume_is_the_straight_run(sig,
 
 
 @pytest.mark.slow
+def test_a_run_with_every_piece_switched_resumes_to_the_straight_run_and_is_evaluated_as_the_default(
+    tmp_path, small_text_file, monkeypatch
+):
+    """Every switch at once (--no-packing, --mask-rate 0.15, --dense-prediction, --optimizer adamw, --schedule
+    linear): a run of 3 steps, and one stopped by SIGINT after step 2 then resumed, end with the same losses and
+    weights bit for bit (AdamW's state saved and loaded); each training batch is rows of one document each; the model
+    is saved dense; and every run is evaluated on the default run's held-out batches (best fit, masked at 15%)."""
+    held_out, trained_on, evaluate, train_step = [], [], train.evaluate, train.train_step
+
+    def recorded(model, batches, autocast):
+        held_out.append([(b.input_ids, b.cu_seqlens, b.labels) for b in batches])
+        return evaluate(model, batches, autocast)
+
+    def recorded_step(model, optimizer, batches, *args):
+        trained_on.extend(batches)
+        return train_step(model, optimizer, batches, *args)
+
+    monkeypatch.setattr(train, "evaluate", recorded)
+    monkeypatch.setattr(train, "train_step", recorded_step)
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "out")
+    args = ["--data", small_text_file, "--steps", "3", *ONE_LAYER, *CLASSIC]
+    assert train.main([*args, "--out", straight]) == 0
+    for b in trained_on:  # ONE_LAYER: 4 rows of 64 tokens, each a document then padding
+        assert {0, 64, 128, 192, 256} <= set(b.cu_seqlens.tolist())
+        assert all(row.tolist() == sorted(row.tolist(), reverse=True) and row[0] for row in b.real.view(4, 64))
+    update, calls = train.ClippedAdamW.step, itertools.count(1)
+
+    def update_then_signal(self):
+        update(self)
+        if next(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train.ClippedAdamW, "step", update_then_signal)
+    assert train.main([*args, "--out", out]) == 128 + signal.SIGINT
+    monkeypatch.setattr(train.ClippedAdamW, "step", update)
+    assert resumed(out)[0] == 2 and len(held_out) == 1  # stopped: no evaluation
+    assert train.main(["--out", out, "--resume"]) == 0
+    logs = [json.load(open(os.path.join(f, "trainer_state.json")))["log_history"] for f in (straight, out)]
+    assert [e.get("loss") for e in logs[0]] == [e.get("loss") for e in logs[1]]
+    a, b = (mb.read_safetensors(f) for f in (straight, out))
+    assert equal(a, b), {k: (a[k] - b[k]).abs().max().item() for k in b}
+    assert json.load(open(os.path.join(out, "config.json")))["sparse_prediction"] is False
+    assert train.main(["--data", small_text_file, "--steps", "1", *ONE_LAYER, "--out", str(tmp_path / "default")]) == 0
+    assert len(held_out) == 3 and all(equal(dict(enumerate(h)), dict(enumerate(held_out[-1]))) for h in held_out)
+
+
+@pytest.mark.slow
 def test_resume_refuses_data_whose_content_changed(tmp_path, text_file, trained, capsys):
     """The run records a hash of its documents: the same path holding other text is refused in one line; the same
     text at another path goes on."""
@@ -921,6 +1138,40 @@ def test_resume_refuses_data_whose_content_changed(tmp_path, text_file, trained,
     assert "content" in err and str(data) in err, err
     data.write_text(text)
     assert train.main(["--out", out, "--resume", "--steps", "5"]) == 0
+
+
+def test_resume_keeps_the_pieces_a_run_started_with_and_an_older_run_the_papers(tmp_path):
+    """--resume continues with the switches recorded in training_args.json, and refuses another one in one line, as
+    it does any other setting; a run saved before the switches existed ran (and resumes with) the paper's pieces."""
+    folder = tmp_path / "out" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    for name in train.RUN_FILES:
+        (folder / name).write_text("{}")
+    older = {k: v for k, v in train.DEFAULTS.items() if k not in train.SWITCHES}
+    (folder / "training_args.json").write_text(json.dumps(older))
+
+    def resume(*flags):
+        return train.settle(train.parse_args(["--out", str(tmp_path / "out"), "--resume", *flags]))
+
+    assert {k: resume()[k] for k in train.SWITCHES} == {k: train.DEFAULTS[k] for k in train.SWITCHES}
+    assert resume("--optimizer", "stableadamw", "--schedule", "wsd")["optimizer"] == "stableadamw"
+    for flags, words in [
+        (["--no-packing"], "as it was started, without --no-packing; --no-packing was given"),
+        (["--dense-prediction"], "without --dense-prediction; --dense-prediction was given"),
+        (["--optimizer", "adamw"], "with --optimizer stableadamw; --optimizer adamw was given"),
+        (["--schedule", "linear"], "with --schedule wsd; --schedule linear was given"),
+        (["--mask-rate", "0.15"], "with --mask-rate 0.3; --mask-rate 0.15 was given"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            resume(*flags)
+    classic = dict(packing=False, sparse_prediction=False, optimizer="adamw", schedule="linear", mask_rate=0.15)
+    (folder / "training_args.json").write_text(json.dumps({**older, **classic}))
+    assert {k: resume()[k] for k in classic} == classic == {k: resume(*CLASSIC)[k] for k in classic}
+    with pytest.raises(ValueError, match="with --optimizer adamw; --optimizer stableadamw was given"):
+        resume("--optimizer", "stableadamw")
+    (folder / "training_args.json").write_text(json.dumps({**older, "optimizer": "sgd"}))
+    with pytest.raises(ValueError, match="--optimizer must be stableadamw or adamw, got sgd"):
+        resume()
 
 
 def not_safetensors(path):
@@ -1093,6 +1344,7 @@ BAD_INPUT = {  # case: what the one line says
     "a learning rate not finite": "--lr must be a finite number, got inf",
     "a weight decay of 1 or more": "--weight-decay must be at least 0 and less than 1",
     "a weight decay not finite": "--weight-decay must be a finite number, got nan",
+    "no packing in a batch smaller than a row": "--no-packing puts each document in a row of --max-len 128 tokens",
     "resume with another size": "--resume continues the run",
     "out holds a run": "add --resume",
     "resume with a negative end": "--steps must be positive, got -1",
@@ -1110,6 +1362,7 @@ FLAGS = {  # cases that are a flag more
     "a learning rate not finite": ["--lr", "inf"],
     "a weight decay of 1 or more": ["--weight-decay", "1e9"],
     "a weight decay not finite": ["--weight-decay", "nan"],
+    "no packing in a batch smaller than a row": ["--no-packing", "--batch-tokens", "100"],
 }
 NEEDS_A_RUN = ("resume with another size", "out holds a run", "resume with a negative end")
 NEEDS_A_RUN += ("resume by another number of processes",)

@@ -12,27 +12,27 @@ code, github.com/AnswerDotAI/ModernBERT). One section each, in the order the run
 2. tokenizer: the checkpoint's own (--init), or a byte-level BPE trained here with ModernBERT's special tokens.
 3. packing: whole documents packed best-fit into batches of a token budget, as the official packer does; their
    boundaries go to the model as `cu_seqlens`, so no token attends across documents.
-4. masking: 30% of the real tokens (MosaicBERT's rate, Portes et al., 2023, arXiv:2312.17482; BERT masked 15%),
-   80/10/10; only the masked rows reach the vocabulary (sparse prediction, as in Cramming, Geiping and
-   Goldstein, 2022, arXiv:2212.14034).
+4. masking: 30% of the real tokens (MosaicBERT's rate, Portes et al., 2023, arXiv:2312.17482; BERT's was 15%),
+   80/10/10; only the masked rows reach the vocabulary (sparse prediction: Cramming, arXiv:2212.14034).
 5. StableAdamW (Wortsman et al., 2023, arXiv:2304.13013, as github.com/warner-benjamin/optimi implements it):
    update clipping instead of gradient clipping, fully decoupled weight decay, none on norms and biases.
 6. the schedule: warmup, stable, then a 1 - sqrt cooldown (Hägele et al., 2024, arXiv:2405.18392).
 7. training: the step, held-out loss and masked-token accuracy, and the loop that joins them.
 
-Where this differs from the official pretraining, on purpose: no batch-size warmup (its schedule spans tens
-of billions of tokens); no dropout (the official 0.1 after attention helps a run that sees 2T tokens, not one
-of a few minutes; Cramming drops it too); the held-out set is masked at 15%, as the official evaluation does,
-training at 30%. The small default model has the shape of the Ettin suite's 17M encoder (Weller et al., 2025,
-arXiv:2507.11412: ModernBERT's recipe at small scale) with 4 layers instead of 7, and its weight decay (3e-4);
-its learning rate is 1e-3, not Ettin's 3e-3, which suits batches of 4.7M tokens: with batches of 2,048 tokens,
-3e-3 kept the default run long on the plateau of unigram guesses (README.md has both runs).
+Each piece switches to its classic counterpart, to see what it buys: --no-packing (one document a row, padded to
+--max-len), --mask-rate 0.15, --dense-prediction (every position through the decoder), --optimizer adamw (with
+gradient clipping at 1.0), --schedule linear (warmup, then linear decay to 0). Held-out batches stay the same.
 
-Below the PLUMBING banner: the output folder (the last saved model, which load.py and transformers read, and
-checkpoint-<step>, which --resume reads: a kill at any moment leaves the last whole one), --resume, stopping
-(Ctrl-C or SIGTERM: the step ends and is saved; a loss that is not finite: nothing saved), torchrun (each process
-takes its share of the packed batches; process 0 writes the folder), logging and the command line. Depends on
-torch, tokenizers, tqdm, modernbert.py and load.py; never on transformers.
+Where this differs from the official pretraining, on purpose: no batch-size warmup (its schedule spans tens of
+billions of tokens); no dropout (the official 0.1 after attention helps a run that sees 2T tokens, not one of a few
+minutes; Cramming drops it too); the held-out set is masked at 15%, as the official evaluation does. The default
+model is the Ettin suite's 17M encoder (Weller et al., 2025, arXiv:2507.11412: ModernBERT's recipe at small scale)
+with 4 layers of 7, and its weight decay (3e-4); its learning rate is 1e-3, not Ettin's 3e-3 (for batches of 4.7M
+tokens: with 2,048, 3e-3 kept the default run long on the plateau of unigram guesses; README.md has both runs).
+
+Below the PLUMBING banner: the run's setup, --resume and the output folder (a kill at any moment leaves the last
+whole checkpoint), Ctrl-C and SIGTERM, torchrun, logging, the command line. Needs torch, tokenizers, tqdm,
+modernbert.py and load.py; never transformers.
 """
 
 import argparse
@@ -75,31 +75,13 @@ DEFAULTS = dict(out="trained-modernbert", steps=720, seed=0, log_every=10, evals
 DEFAULTS |= dict(layers=4, hidden=256, heads=4, intermediate=384, vocab=8192)  # Ettin 17M's shape, 4 layers of 7
 DEFAULTS |= dict(max_len=512, batch_tokens=2048, accum=1, mask_rate=0.3)  # pieces, packing, masking
 DEFAULTS |= dict(lr=1e-3, weight_decay=3e-4, warmup_steps=None, cooldown=0.2)  # StableAdamW; WSD (warmup: 5%)
+DEFAULTS |= dict(packing=True, sparse_prediction=True, optimizer="stableadamw", schedule="wsd")  # the paper's pieces
 IGNORE = -100  # the label of every token the loss does not see
 HELD_OUT_EVERY = 50  # every 50th document is held out for evaluation
 EVAL_MASK_RATE = 0.15  # the official evaluation masks 15%; training masks --mask-rate (30%)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Documents
-
-
-def stdlib_docstrings():
-    """Every docstring (module, class, function) of this Python's standard library, read from the source with
-    `ast`: about 8,000 documents, 1.8 MB of English about programming, on every machine that has Python."""
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in skip)
-        for name in sorted(f for f in files if f.endswith(".py")):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue  # a template or a file in another encoding
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    if doc := ast.get_docstring(node):
-                        yield doc
 
 
 def read_documents(paths):
@@ -148,17 +130,6 @@ def train_tokenizer(documents, vocab_size):
     return tokenizer
 
 
-@dataclass
-class Vocab:
-    """The ids training needs, read once from the tokenizer (read_vocab, below the banner)."""
-
-    size: int  # the tokenizer's ids: random replacements are drawn from them
-    mask: int
-    pad: int
-    cls: int
-    sep: int
-
-
 def tokenize(tokenizer, vocab, documents, max_len):
     """Each document as [CLS] tokens [SEP], cut into pieces of at most max_len tokens (each wrapped the same way),
     so no text is thrown away; the official code truncates instead, on documents that rarely need it."""
@@ -178,6 +149,7 @@ def tokenize(tokenizer, vocab, documents, max_len):
 #
 # The model sees the batch as input_ids (1, 16) with cu_seqlens: attention stays inside each sequence, RoPE
 # positions restart at 0 in each, and the padding is a sequence of its own that no document sees.
+# --no-packing, the classic batch: `rows` documents a batch in order, each alone in a row of max_len, padded.
 
 
 def best_fit(lengths, budget, open_batches=8):
@@ -210,34 +182,39 @@ class Batch:
     labels: torch.Tensor | None = None  # (1, T): the original token where masked, IGNORE elsewhere
 
     def to(self, device):
-        moved = {k: v.to(device) if v is not None else None for k, v in vars(self).items()}
-        return Batch(**moved)
+        return Batch(**{k: v.to(device) if v is not None else None for k, v in vars(self).items()})
 
 
-def pack(pieces, budget, pad_id, max_len):
+def pack(pieces, budget, pad_id, max_len, rows=0):
     """One Batch of exactly `budget` tokens from these documents (their total must fit). The padding after them
-    is sequences of their own, none longer than max_len (the model's longest)."""
-    lengths = [len(p) for p in pieces]
-    padding = budget - sum(lengths)
-    pads = [max_len] * (padding // max_len) + [padding % max_len] * (padding % max_len > 0)
-    ids = [t for p in pieces for t in p] + [pad_id] * padding
-    cu_seqlens = cu_seqlens_from_lengths(lengths + pads)
-    real = torch.arange(budget) < sum(lengths)
-    return Batch(torch.tensor([ids]), cu_seqlens, real[None])
+    is sequences of their own, none longer than max_len (the model's longest). With rows (--no-packing), each
+    document is padded to max_len first, its padding a sequence of its own too."""
+    sequences = [(p, True) for p in pieces]  # (tokens, real)
+    if rows:
+        sequences = [s for p in pieces for s in ((p, True), ([pad_id] * (max_len - len(p)), False))]
+    padding = budget - sum(len(s) for s, _ in sequences)
+    sequences += [([pad_id] * max_len, False)] * (padding // max_len) + [([pad_id] * (padding % max_len), False)]
+    sequences = [(s, real) for s, real in sequences if s]  # no empty one
+    ids = torch.tensor([[t for s, _ in sequences for t in s]])
+    real = torch.tensor([[r for s, r in sequences for _ in s]])
+    return Batch(ids, cu_seqlens_from_lengths([len(s) for s, _ in sequences]), real)
 
 
-def epoch_plan(pieces, budget, seed, epoch):
-    """The batches of one epoch, as lists of piece indices: the pieces in a fresh order each epoch, best fit."""
+def epoch_plan(pieces, budget, seed, epoch, rows=0):
+    """The batches of one epoch, as lists of piece indices: the pieces in a fresh order each epoch, best fit; or
+    (--no-packing) `rows` of them a batch, in that order."""
     order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    if rows:
+        return [order[i : i + rows] for i in range(0, len(order), rows)]
     return [[order[i] for i in batch] for batch in best_fit([len(pieces[i]) for i in order], budget)]
 
 
-def numbered_batches(pieces, budget, seed, start=0):
+def numbered_batches(pieces, budget, seed, start=0, rows=0):
     """The training stream: (number, epoch as a float, piece indices) for every packed batch, epoch after epoch,
     numbered from 0 and starting at number `start` (a resumed run skips what it has done; packing is cheap)."""
     number = 0
     for epoch in range(sys.maxsize):
-        plan = epoch_plan(pieces, budget, seed, epoch)
+        plan = epoch_plan(pieces, budget, seed, epoch, rows)
         for i, batch in enumerate(plan):
             if number >= start:
                 yield number, epoch + i / len(plan), batch
@@ -259,11 +236,11 @@ def mask_tokens(batch, rate, vocab, generator):
     return Batch(inputs, batch.cu_seqlens, batch.real, labels=torch.where(chosen, ids, IGNORE))
 
 
-def batch(pieces, indices, settings, vocab, rate, number):
+def batch(pieces, indices, settings, vocab, rate, number, rows=0):
     """Packed batch `number` of these pieces, masked with its own random stream: the same masks whichever process,
     or resumed run, builds it (held-out batches have negative numbers)."""
     generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + number)
-    packed = pack([pieces[i] for i in indices], settings["batch_tokens"], vocab.pad, settings["max_len"])
+    packed = pack([pieces[i] for i in indices], settings["batch_tokens"], vocab.pad, settings["max_len"], rows)
     return mask_tokens(packed, rate, vocab, generator)
 
 
@@ -309,6 +286,24 @@ class StableAdamW(torch.optim.Optimizer):
                 p.sub_(lr * m / (v.sqrt() + eps))
 
 
+class ClippedAdamW(torch.optim.AdamW):
+    """--optimizer adamw, the classic: torch's AdamW after clipping the gradients' total norm to 1.0 (what AdamW
+    runs with, and what StableAdamW's update clipping replaces)."""
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_([p for group in self.param_groups for p in group["params"]], 1.0)
+        super().step()
+
+
+def new_optimizer(model, settings):
+    """StableAdamW, or ClippedAdamW with the same groups, betas and eps."""
+    groups = param_groups(model, settings["weight_decay"])
+    if settings["optimizer"] == "adamw":  # AdamW's decay is per unit of lr: this one decays as ours at the peak
+        groups = [g | {"weight_decay": g["weight_decay"] / settings["lr"]} for g in groups]
+        return ClippedAdamW(groups, lr=settings["lr"], betas=(0.9, 0.98), eps=1e-6)
+    return StableAdamW(groups, lr=settings["lr"])
+
+
 def param_groups(model, weight_decay):
     """Weight decay on matrices (the embeddings too, tied to the decoder), none on norms and biases; each group
     keeps its parameters' names, for saving the optimizer's state by name. A tied weight is listed once."""
@@ -333,9 +328,13 @@ def param_groups(model, weight_decay):
 #        +-----------------------------------+--> progress (steps, or time with --minutes)
 
 
-def learning_rate(peak, step, progress, warmup_steps, cooldown, final=0.001):
-    """The learning rate of optimizer step `step` (0, 1, ...), which ends at `progress` (0..1) of the run."""
+def learning_rate(peak, step, progress, warmup_steps, cooldown, final=0.001, schedule="wsd"):
+    """The learning rate of optimizer step `step` (0, 1, ...), which ends at `progress` (0..1) of the run. --schedule
+    linear, the classic: the same warmup, then straight down to 0 at the end (transformers' linear schedule)."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "linear":
+        warmup_share = warmup_steps * progress / (step + 1)  # of the run: exact by steps, as near as time tells
+        return peak * min(warm, (1 - progress) / max(1 - warmup_share, 1e-9))
     x = min(1.0, max(0.0, (progress - (1 - cooldown)) / cooldown)) if cooldown else 0.0
     return peak * warm * (final + (1 - final) * (1 - math.sqrt(x)))
 
@@ -380,8 +379,9 @@ def evaluate(model, batches, autocast):
         if len(targets):
             with autocast():
                 out = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, labels=batch.labels)
+            logits = out.logits if out.logits.dim() == 2 else out.logits[batch.labels != IGNORE]  # dense: its rows
             loss += out.loss.item() * len(targets)
-            correct += (out.logits.argmax(-1) == targets).sum().item()
+            correct += (logits.argmax(-1) == targets).sum().item()
             count += len(targets)
     model.train()
     return (loss / count, correct / count) if count else (math.nan, math.nan)
@@ -396,18 +396,19 @@ def train(settings):
         # documents -> tokenizer -> pieces, and the model: a new one, --init's, or the --resume'd run's
         model, tokenizer_folder, vocab, pieces, held_pieces = build(settings, rank, tokenizer_tmp, device)
         budget, per_step = settings["batch_tokens"], world * settings["accum"]
-        held_plan = enumerate(best_fit([len(p) for p in held_pieces], budget))
+        held_plan = enumerate(best_fit([len(p) for p in held_pieces], budget))  # best fit, whatever --no-packing
         held_out = [batch(held_pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in held_plan]
         top_token, baseline = most_frequent_token_accuracy(pieces, held_out)
         held_out = [b.to(device) for b in held_out]
-        optimizer = StableAdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+        optimizer = new_optimizer(model, settings)
         state = new_state(settings, budget * per_step)  # what trainer_state.json records
         if settings["resume"]:
             resume_state(state, optimizer, settings["out"])
         seconds_left = settings.get("minutes", 0) * 60 - (time.perf_counter() - start)
         clock = Clock(settings, state, world, device, seconds_left)  # how far the run is: steps, or --minutes
         ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        stream = numbered_batches(pieces, budget, settings["seed"], start=state["global_step"] * per_step)
+        rows = 0 if settings["packing"] else budget // settings["max_len"]  # --no-packing: documents a batch
+        stream = numbered_batches(pieces, budget, settings["seed"], state["global_step"] * per_step, rows)
         log = Log(settings, state, show=rank == 0, baseline=baseline)
         log.start(pieces, held_pieces, vocab, model, device, world, clock)
         with StopOnSignal(device) as stop:  # SIGINT, SIGTERM: noted, and the run stops after its step
@@ -415,13 +416,12 @@ def train(settings):
                 t0 = time.perf_counter()
                 numbered = [next(stream) for _ in range(per_step)]
                 mine = [  # this process's share: batches rank, rank + world, ...
-                    batch(pieces, b, settings, vocab, settings["mask_rate"], n).to(device)
+                    batch(pieces, b, settings, vocab, settings["mask_rate"], n, rows).to(device)
                     for n, _, b in numbered[rank::world]
                 ]
                 counts = [int((b.labels != IGNORE).sum()) for b in mine]
-                lr = learning_rate(
-                    settings["lr"], state["global_step"], progress, clock.warmup_steps, settings["cooldown"]
-                )
+                step, warmup, cooldown = state["global_step"], clock.warmup_steps, settings["cooldown"]
+                lr = learning_rate(settings["lr"], step, progress, warmup, cooldown, schedule=settings["schedule"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = train_step(ddp, optimizer, mine, (counts, all_sum(sum(counts), device)), autocast)
@@ -500,6 +500,25 @@ def read_texts(paths):
         yield text
 
 
+def stdlib_docstrings():
+    """Every docstring (module, class, function) of this Python's standard library, read from the source with
+    `ast`: about 8,000 documents, 1.8 MB of English about programming, on every machine that has Python."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a template or a file in another encoding
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if doc := ast.get_docstring(node):
+                        yield doc
+
+
 def file_kind(path):
     """What a path is: "file" (a regular file, or a link to one), "FIFO", "socket", "device", ..."""
     try:
@@ -548,7 +567,7 @@ def memory_needed(sizes, batch_tokens, accum, mask_rate, bf16):
     16 bytes a parameter (fp32 weights, their gradients, StableAdamW's two moments); per token of a batch, what
     backward keeps of each layer even where torch.compile recomputes what it can (the residual stream at both norms,
     q, k, v and the attention's output: 6 x hidden; GeGLU's input: 2 x intermediate) and the masked rows' logits;
-    the step's batches (ids and labels in int64, a bool: 17 bytes a token)."""
+    the step's batches (ids and labels in int64, a bool: 17 bytes a token). mask_rate 1: --dense-prediction."""
     layers, hidden, intermediate, vocab = (sizes[k] for k in ("layers", "hidden", "intermediate", "vocab"))
     params = vocab * hidden + layers * (4 * hidden**2 + 3 * hidden * intermediate) + hidden**2 + vocab  # tied decoder
     per_token = (layers * (6 * hidden + 2 * intermediate) + 2 * hidden + mask_rate * vocab) * (2 if bf16 else 4)
@@ -561,8 +580,8 @@ def check_memory(settings, config, device):
     sizes = settings
     if config is not None:  # --init's or --resume's checkpoint
         sizes = {flag: getattr(config, field) for flag, field in MODEL_FLAGS.items()} | {"vocab": config.vocab_size}
-    bf16 = settings.get("dtype") == "bf16"
-    needed, params = memory_needed(sizes, settings["batch_tokens"], settings["accum"], settings["mask_rate"], bf16)
+    bf16, decoded = settings.get("dtype") == "bf16", settings["mask_rate"] if settings["sparse_prediction"] else 1.0
+    needed, params = memory_needed(sizes, settings["batch_tokens"], settings["accum"], decoded, bf16)
     if device.type == "cpu":  # torchrun's processes on this machine share its memory
         needed *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     free = free_memory(device)
@@ -611,6 +630,17 @@ def save_tokenizer(tokenizer, folder, max_len):
     config |= {"clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
     write_json(os.path.join(folder, "tokenizer_config.json"), config)
     write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKENS)
+
+
+@dataclass
+class Vocab:
+    """The ids training needs, read once from the tokenizer (read_vocab)."""
+
+    size: int  # the tokenizer's ids: random replacements are drawn from them
+    mask: int
+    pad: int
+    cls: int
+    sep: int
 
 
 def read_vocab(tokenizer):
@@ -672,7 +702,7 @@ def build(settings, rank, tokenizer_folder, device):
     else:
         torch.manual_seed(settings["seed"])
         model = ModernBertForMaskedLM(new_config(settings, vocab))
-    model.config.sparse_prediction = True  # the recipe: decode the masked rows only (saved in config.json too)
+    model.config.sparse_prediction = settings["sparse_prediction"]  # False: --dense-prediction (config.json too)
     settings.update({flag: getattr(model.config, field) for flag, field in MODEL_FLAGS.items()})
     # --init's vocabulary; a new run records the --vocab asked (the data may give fewer), so its command resumes it
     settings.setdefault("vocab", vocab.size)
@@ -711,7 +741,6 @@ def new_config(settings, vocab):
         bos_token_id=vocab.cls,
         sep_token_id=vocab.sep,
         eos_token_id=vocab.sep,
-        sparse_prediction=True,
         **sizes,
     )
 
@@ -723,7 +752,7 @@ def mixed_precision(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resuming: the run's state as trainer_state.json records it, and StableAdamW's moments back by parameter name.
+# Resuming: the run's state as trainer_state.json records it, and the optimizer's moments back by parameter name.
 
 
 def new_state(settings, step_tokens):
@@ -743,7 +772,7 @@ def new_state(settings, step_tokens):
 
 
 def resume_state(state, optimizer, out):
-    """The step, log and tokens seen of out's last checkpoint, and StableAdamW's moments (build loads its weights)."""
+    """The step, log and tokens seen of out's last checkpoint, and the optimizer's moments (build loads weights)."""
     folder = get_last_checkpoint(out)
     path = os.path.join(folder, "trainer_state.json")
     recorded = read_json_file(path)
@@ -760,7 +789,7 @@ def resume_state(state, optimizer, out):
 
 
 def load_optimizer_state(optimizer, folder, step):
-    """StableAdamW's moments back from optimizer.safetensors, by parameter name; returns the recorded training
+    """The optimizer's moments back from optimizer.safetensors, by parameter name; returns the recorded training
     seconds. A file that does not match the model, or this step, is an error, not a fresh start."""
     from safetensors import SafetensorError, safe_open
 
@@ -786,7 +815,8 @@ def load_optimizer_state(optimizer, folder, step):
                 raise ValueError(
                     f"{path} has no state of the right shape for {name}: it does not belong to this model."
                 )
-            optimizer.state[p] = {"step": saved_step, "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
+            step_count = saved_step if isinstance(optimizer, StableAdamW) else torch.tensor(float(saved_step))
+            optimizer.state[p] = {"step": step_count, "exp_avg": m.to(p.device), "exp_avg_sq": v.to(p.device)}
     if moments:
         raise ValueError(f"{path} holds state for parameters this model lacks: {sorted(moments)[:3]}.")
     return seconds
@@ -810,6 +840,8 @@ def read_recorded_run(out):
     for name in RECORDED_REQUIRED:
         if recorded.get(name) is None:
             raise damaged(path, f"no {name}")
+    for name in SWITCHES:  # a run saved before the switches existed ran the paper's pieces
+        recorded.setdefault(name, DEFAULTS[name])
     for name, kind in RECORDED_TYPES.items():
         if recorded.get(name) is not None and not of_kind(recorded[name], kind):
             raise damaged(path, f"its {name} is {recorded[name]!r}, not of type {kind.__name__}")
@@ -820,7 +852,10 @@ def read_recorded_run(out):
 RECORDED_TYPES = {name: type(value) for name, value in DEFAULTS.items() if value is not None}
 RECORDED_TYPES |= dict(data=list, init=str, minutes=float, warmup_steps=int, train_seconds=float, processes=int)
 RECORDED_TYPES |= dict(device=str, dtype=str, compile=bool, samples=list, data_sha256=str)
-RECORDED_REQUIRED = [name for name in DEFAULTS if name not in ("out", "steps", "warmup_steps", "vocab", *MODEL_FLAGS)]
+SWITCHES = ("packing", "sparse_prediction", "optimizer", "schedule")  # the recipe's pieces, each with a classic flag
+RECORDED_REQUIRED = [
+    n for n in DEFAULTS if n not in ("out", "steps", "warmup_steps", "vocab", *MODEL_FLAGS, *SWITCHES)
+]
 
 
 def of_kind(value, kind):
@@ -872,7 +907,8 @@ class Clock:
         self.warmup_steps = (
             warmup if warmup is not None else round(0.05 * self.total_steps) if self.total_steps else 50
         )
-        self.peak, self.cooldown = settings["lr"], settings["cooldown"]
+        self.peak, self.cooldown, self.schedule = settings["lr"], settings["cooldown"], settings["schedule"]
+        self.classic = classic_flags(settings)
 
     def progress_after_next_step(self):
         """The fraction of the run done once the next step ends (time: guessing it lasts as long as the last)."""
@@ -893,13 +929,17 @@ class Clock:
             length = f"{self.total_steps:,} steps of {tokens}"
             start = round(self.total_steps * (1 - self.cooldown))
             cooldown = f"1-sqrt cooldown from step {start:,} to {self.total_steps:,}"
+            linear = f"linear decay to 0 at step {self.total_steps:,}"
         else:
             length = f"steps of {tokens} for {self.total_seconds:,.0f} seconds of training (--minutes)"
             cooldown = f"1-sqrt cooldown over the last {self.cooldown:.0%} of the time"
+            linear = "linear decay to 0 at the end of the time"
         if self.state["global_step"]:
             length += f", resumed after step {self.state['global_step']:,}"
         warmup = f" after a {self.warmup_steps:,}-step warmup" if self.warmup_steps else ", no warmup"
-        return f"{length}: lr {self.peak:.2e}{warmup}, {cooldown if self.cooldown else 'no cooldown'}."
+        decay = linear if self.schedule == "linear" else cooldown if self.cooldown else "no cooldown"
+        classic = f" Classic pieces: {' '.join(self.classic)}." if self.classic else ""
+        return f"{length}: lr {self.peak:.2e}{warmup}, {decay}.{classic}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1035,7 +1075,7 @@ def diverged(what, step, lr, out):
 #     config.json  model.safetensors  tokenizer.json  tokenizer_config.json  special_tokens_map.json
 #     trainer_state.json            the loss curve, as transformers' Trainer writes it
 #     checkpoint-720/               what --resume reads: the same files (linked, not copied), and
-#       optimizer.safetensors         StableAdamW's moments, its step and the seconds trained
+#       optimizer.safetensors         the optimizer's moments, its step and the seconds trained
 #       training_args.json            the run's settings
 #     .lock                         while a run writes the folder
 
@@ -1077,7 +1117,7 @@ def save_run(out, model, optimizer, state, settings, tokenizer_folder):
 
 
 def save_optimizer_state(optimizer, state, folder):
-    """StableAdamW's moments by parameter name, with its step and the seconds trained, in optimizer.safetensors."""
+    """The optimizer's moments by parameter name, with its step and the seconds trained, in optimizer.safetensors."""
     from safetensors.torch import save_file
 
     moments = {}
@@ -1395,6 +1435,15 @@ def sample_texts(texts, mask):
 # What a resumed run may change; everything else it continues as recorded (an explicit different value is an error).
 RESUMABLE_CHANGES = ("steps", "minutes", "device", "dtype", "compile", "save_every", "log_every", "evals", "samples")
 RESERVE_SECONDS = 30  # of --minutes, kept for the last evaluation, saving and the samples
+OFF_FLAGS = {"packing": "--no-packing", "sparse_prediction": "--dense-prediction"}  # the flag turns the setting off
+OPTIMIZERS, SCHEDULES = ("stableadamw", "adamw"), ("wsd", "linear")  # the paper's first, then the classic
+
+
+def classic_flags(settings):
+    """The flags that switch this run's pieces of the recipe to their classic counterparts, for its plan line."""
+    flags = [flag for name, flag in OFF_FLAGS.items() if settings.get(name) is False]
+    changed = [name for name in ("mask_rate", "optimizer", "schedule") if settings[name] != DEFAULTS[name]]
+    return flags + [f"--{name.replace('_', '-')} {settings[name]}" for name in changed]
 
 
 def parse_args(argv=None):
@@ -1442,9 +1491,9 @@ def parse_args(argv=None):
     )
     run.add_argument("--warmup-steps", type=whole, help="linear warmup (default: 5%% of --steps; 50 with --minutes)")
     run.add_argument(
-        "--cooldown", type=float, help="the final fraction of the run spent in 1-sqrt decay (default: 0.2)"
+        "--cooldown", type=float, help="the final fraction of the run spent in 1-sqrt decay (default: 0.2; wsd only)"
     )
-    run.add_argument("--mask-rate", type=float, help="fraction of tokens masked (default: 0.3)")
+    run.add_argument("--mask-rate", type=float, help="fraction of tokens masked (default: 0.3; BERT's: 0.15)")
     run.add_argument("--seed", type=whole, help="model init, data order and masks (default: 0)")
     run.add_argument("--log-every", type=whole, help="steps between loss lines (default: 10)")
     run.add_argument(
@@ -1452,6 +1501,33 @@ def parse_args(argv=None):
     )
     run.add_argument("--save-every", type=whole, help="steps between saves; 0: at the end only (default: 0)")
     run.add_argument("--samples", nargs="+", metavar="TEXT", help="fill-mask texts for the end ([MASK] is replaced)")
+    classic = p.add_argument_group(
+        "switches: a piece of the recipe to its classic counterpart (with --mask-rate 0.15)"
+    )
+    classic.add_argument(
+        "--no-packing",
+        dest="packing",
+        action="store_false",
+        default=None,
+        help="one document a row, padded to --max-len: --batch-tokens // --max-len documents a batch (the held-out "
+        "batches stay packed)",
+    )
+    classic.add_argument(
+        "--dense-prediction",
+        dest="sparse_prediction",
+        action="store_false",
+        default=None,
+        help="every position through the head and decoder, not only the masked ones (the loss is over those still)",
+    )
+    classic.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="adamw: torch's AdamW, its weight decay --weight-decay / --lr (the same shrink at the peak), gradients "
+        "clipped to norm 1.0 (default: stableadamw)",
+    )
+    classic.add_argument(
+        "--schedule", choices=SCHEDULES, help="linear: the same warmup, then linear decay to 0 (default: wsd)"
+    )
     return p.parse_args(argv)
 
 
@@ -1478,9 +1554,12 @@ def settle(args):
         for k, v in given.items():
             if k not in RESUMABLE_CHANGES and k != "out" and v != recorded.get(k):
                 flag = "--" + k.replace("_", "-")
+                was, now = f"with {flag} {recorded.get(k)}", f"{flag} {v}"
+                if k in OFF_FLAGS:  # an on/off piece, named by the flag that turns it off
+                    was, now = f"without {OFF_FLAGS[k]}", OFF_FLAGS[k]
                 raise ValueError(
-                    f"--resume continues the run in {out} as it was started, with {flag} {recorded.get(k)}; "
-                    f"{flag} {v} was given. Drop it, or start a new run in another --out."
+                    f"--resume continues the run in {out} as it was started, {was}; {now} was given. Drop it, or "
+                    "start a new run in another --out."
                 )
         if "steps" in given or "minutes" in given:  # a new end for the run
             for name in ("steps", "minutes", "train_seconds"):
@@ -1516,6 +1595,8 @@ def check_settings(settings):
     # fully decoupled: each step multiplies the weights by 1 - weight_decay at the peak learning rate
     rules["weight_decay"] = (lambda v: 0 <= v < 1, "at least 0 and less than 1 (the shrink of a step at peak lr)")
     rules["seed"] = (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1")
+    rules["optimizer"] = (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS))
+    rules["schedule"] = (lambda v: v in SCHEDULES, " or ".join(SCHEDULES))
     for name, (ok, words) in rules.items():
         if settings.get(name) is not None and not ok(settings[name]):
             raise ValueError(f"--{name.replace('_', '-')} must be {words}, got {settings[name]}.")
@@ -1524,6 +1605,11 @@ def check_settings(settings):
         raise ValueError(
             f"--mask-rate {rate} masks {rate * budget:.2g} of a batch's {budget:,} tokens on average: nothing to "
             f"learn from. Give at least 1/{budget} = {1 / budget:.2g} (the recipe's is {DEFAULTS['mask_rate']})."
+        )
+    if not settings["packing"] and settings["batch_tokens"] < settings["max_len"]:
+        raise ValueError(
+            f"--no-packing puts each document in a row of --max-len {settings['max_len']} tokens: --batch-tokens "
+            f"{budget} cannot hold one row. Give at least {settings['max_len']}."
         )
     if settings.get("vocab") is not None and not settings.get("init"):  # a tokenizer trained here
         check_vocab(settings["vocab"])

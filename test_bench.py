@@ -104,3 +104,77 @@ def test_docs_32k_config_is_the_one_benchmarked():
     namespace = {"modernbert": mb}
     exec(section.split("```python\n")[1].split("```")[0], namespace)
     assert namespace["config"] == mb.ModernBertConfig(**bench.LONG_CONTEXT)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --ablations: each row switches one piece of train.py's recipe; the run_mlm way is the reference row
+
+
+@needs_transformers  # (bench.py imports it)
+def test_each_ablation_row_switches_one_piece_of_the_recipe():
+    """The first row is train.py's default run; every other row changes exactly one setting, away from its
+    default, through train.py's own command line."""
+    import bench
+    import train
+
+    rows = list(bench.ABLATIONS.values())
+    assert rows[0] == []
+    switched, plain = [], vars(train.parse_args([]))
+    for flags in rows[1:]:
+        given = {k: v for k, v in vars(train.parse_args(flags)).items() if v != plain[k]}
+        assert len(given) == 1, (flags, given)
+        ((name, value),) = given.items()
+        assert value != train.DEFAULTS[name], flags
+        switched.append(name)
+    assert switched == ["packing", "mask_rate", "sparse_prediction", "optimizer", "schedule"]
+
+
+@pytest.mark.slow
+@needs_transformers
+def test_ablations_train_every_row_and_seed_and_score_them_alike(tmp_path):
+    """A tiny --ablations run: the recipe, packing off and the run_mlm way, two seeds each, on a small text; the
+    table has each row, the results file every run (the same held-out evaluation: seed 0's rows share their
+    baseline's token count only where they pack alike), and tools/plot_run.py draws it."""
+    import json
+    import subprocess
+    import sys
+
+    words = "the a list of values file name returns given number string object each default when".split()
+    gen = torch.Generator().manual_seed(0)
+    documents = [
+        " ".join(words[i] for i in torch.randint(len(words), (int(n),), generator=gen).tolist())
+        for n in torch.randint(20, 120, (300,), generator=gen)
+    ]
+    (tmp_path / "text.txt").write_text("\n\n".join(documents))
+    results = tmp_path / "ablations.json"
+    command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--seeds", "0,1", "--rows", "0,1,6"]
+    command += [
+        "--data",
+        str(tmp_path / "text.txt"),
+        "--jobs",
+        "2",
+        "--threads",
+        "1",
+        "--ablations-json",
+        str(results),
+    ]
+    run = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import bench
+
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [*bench.ABLATIONS][:2] + [bench.RUN_MLM]
+    assert [line.split(" | ")[0][2:] for line in table] == names, run.stdout
+    saved = json.loads(results.read_text())["results"]
+    assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, s) for n in names for s in (0, 1))
+    assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 and r["steps"] == 2 for r in saved)
+    tokens = {r["row"]: r["tokens"] for r in saved if r["seed"] == 0}
+    assert tokens[names[1]] < tokens[names[0]] <= 2 * 2048 == tokens[names[2]], tokens  # packing off: fewer
+    pytest.importorskip("matplotlib", reason="matplotlib (tools/ only) is not installed: requirements-oracle.txt")
+    plot = subprocess.run(
+        [sys.executable, "tools/plot_run.py", "--ablations", str(results), "--out", str(tmp_path / "a.png")],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
+    assert plot.returncode == 0 and (tmp_path / "a.png").stat().st_size > 0, plot.stderr

@@ -343,3 +343,24 @@ def test_plot_run_attention_is_the_models():
     assert half_window == 64
     assert torch.equal(masks["global"], same_document)
     assert torch.equal(masks["local"], same_document & near) and not torch.equal(masks["local"], masks["global"])
+
+
+def test_the_ablation_table_is_the_results_file():
+    """docs/training.md's ablation table is docs/ablations.json, the file bench.py --ablations wrote and the
+    picture is drawn from: each row's mean and spread over the seeds, tokens seen and seconds a step."""
+    import json
+    import statistics
+
+    saved = json.loads((HERE / "docs" / "ablations.json").read_text())["results"]
+    section = (HERE / "docs" / "training.md").read_text().split("## What each piece buys")[1].split("\n## ")[0]
+    table = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    rows = list(dict.fromkeys(r["row"] for r in saved))
+    assert [cells[0].strip().replace("`", "") for cells in table] == rows
+    for cells, row in zip(table, rows):
+        accuracy = [r["accuracy"] for r in saved if r["row"] == row]
+        mean, spread = statistics.mean(accuracy), statistics.stdev(accuracy)
+        tokens = statistics.mean(r["tokens"] for r in saved if r["row"] == row)
+        seconds = statistics.mean(r["step_s"] for r in saved if r["row"] == row)
+        expected = [f"{mean:.3f} ± {spread:.3f}", f"{tokens:,.0f}", f"{seconds:.2f}"]
+        assert [cells[1].strip(), cells[3].strip(), cells[4].strip()] == expected, row
+    assert "240 steps" in section and {r["steps"] for r in saved} == {240} and len(saved) == 3 * len(rows)

@@ -158,7 +158,7 @@ def ablations_figure(results):
         means.append(sum(accuracy) / len(accuracy))
         ax.barh(y, means[-1], color=TRAINING if y else LOSS, height=0.6)
         ax.plot(accuracy, [y] * len(accuracy), "o", color=ACCURACY, ms=4)
-        ax.text(means[-1], y, f"  {means[-1]:.3f}", va="center")
+        ax.text(max(accuracy), y, f"   {means[-1]:.3f}", va="center")
     ax.axvline(means[0], ls="--", color=BASELINE)
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()

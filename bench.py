@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -517,11 +518,19 @@ def parse_args(argv=None):
     modes = [f"--{m.replace('_', '-')}" for m in modes if vars(args)[m]]
     if len(modes) > 1:
         p.error(f"{' and '.join(modes)} are separate benchmarks: run one at a time")
+    if args.ablations:
+        count = len(ABLATIONS) + 1
+        if args.rows and not all(r.isdigit() and int(r) < count for r in args.rows.split(",")):
+            p.error(f"--rows: numbers from 0 to {count - 1}, comma-separated, not {args.rows!r}")
+        if not re.fullmatch(r"\d+(,\d+)*", args.seeds) or min(args.steps, args.jobs, args.threads) < 1:
+            p.error(
+                "--ablations: --seeds are whole numbers, comma-separated; --steps, --jobs and --threads at least 1"
+            )
     if args.train and args.dtypes and "," in args.dtypes:
         p.error(f"--train times one dtype a run: give --dtypes fp32 or --dtypes bf16, not {args.dtypes}")
-    if (
-        args.child or args.long_context_child or args.ablation_job or args.ablations
-    ):  # the parent passes --device, --workloads, --dtypes and --batch
+    if args.ablations or args.ablation_job:  # train.py picks its device, and the run_mlm way the same one
+        return args, None
+    if args.child or args.long_context_child:  # the parent passes --device, --workloads, --dtypes and --batch
         return args, None
     if args.long_context:  # a CPU measurement (RSS) of one sequence: fp32 unless asked, no workloads
         if args.device == "cuda":
@@ -1278,11 +1287,13 @@ def run_mlm_way(steps, seed, data, out):
     held_plan = enumerate(train.best_fit([len(p) for p in held_pieces], budget))
     held_out = [train.batch(held_pieces, b, settings, vocab, train.EVAL_MASK_RATE, -1 - n) for n, b in held_plan]
 
+    device = mb.pick_device()  # the device train.py's rows train on
+    held_out = [b.to(device) for b in held_out]
     config = train.new_config(settings, vocab)
     theirs_config = transformers.ModernBertConfig.from_dict(config.to_dict(), attn_implementation="sdpa")
     theirs_config.sparse_prediction = False  # dense logits, as run_mlm.py computes them
     torch.manual_seed(seed)
-    model = transformers.ModernBertForMaskedLM(theirs_config).train()
+    model = transformers.ModernBertForMaskedLM(theirs_config).train().to(device)
     collator = transformers.DataCollatorForLanguageModeling(
         transformers.AutoTokenizer.from_pretrained(out), mlm_probability=0.15, return_tensors="pt"
     )
@@ -1296,14 +1307,15 @@ def run_mlm_way(steps, seed, data, out):
         t0 = time.perf_counter()
         inputs = collator([{"input_ids": blocks[i]} for i in order[:rows]])
         del order[:rows]
-        loss = model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+        loss = model(input_ids=inputs["input_ids"].to(device), labels=inputs["labels"].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         seconds += time.perf_counter() - t0
-    ours = mb.ModernBertForMaskedLM(config)
+    ours = mb.ModernBertForMaskedLM(config).to(device)
     ours.load_state_dict(model.state_dict())
     _, accuracy = train.evaluate(ours, held_out, contextlib.nullcontext)
     return {"accuracy": accuracy, "tokens": steps * rows * max_len, "step_s": seconds / steps}
@@ -1319,10 +1331,11 @@ def bench_ablations(args):
         [*ABLATIONS, RUN_MLM] if args.rows is None else [[*ABLATIONS, RUN_MLM][int(i)] for i in args.rows.split(",")]
     )
     seeds = [int(s) for s in args.seeds.split(",")]
+    data = [os.path.abspath(p) for p in args.data] if args.data else None  # train.py runs in this file's folder
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [
-            {"row": r, "seed": s, "steps": args.steps, "data": args.data, "out": os.path.join(tmp, f"{i}-{s}")}
+            {"row": r, "seed": s, "steps": args.steps, "data": data, "out": os.path.join(tmp, f"{i}-{s}")}
             for i, r in enumerate(rows)
             for s in seeds
         ]
@@ -1354,10 +1367,12 @@ def bench_ablations(args):
 
 
 def print_ablations(args, rows, seeds, results):
+    import train
+
     print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
     data = " ".join(args.data) if args.data else "this Python's standard-library docstrings"
     print(
-        f"{args.steps} steps of {train_defaults()['batch_tokens']:,} token positions each, on {data}; seeds "
+        f"{args.steps} steps of {train.DEFAULTS['batch_tokens']:,} token positions each, on {data}; seeds "
         f"{', '.join(map(str, seeds))}. Held-out masked-token accuracy (15% masked, the same masks for every row): "
         "mean and standard deviation over the seeds. Tokens: real tokens trained on. Seconds a step: mean, with "
         f"{args.jobs} run(s) at a time of {args.threads} thread(s) each.\n"
@@ -1376,12 +1391,6 @@ def print_ablations(args, rows, seeds, results):
             f"{sum(r['step_s'] for r in mine) / len(mine):.2f}",
         ]
         print(md_row(cells))
-
-
-def train_defaults():
-    import train
-
-    return train.DEFAULTS
 
 
 def main():

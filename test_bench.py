@@ -74,6 +74,9 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
         (("--dtypes", "fp16"), "--dtypes: unknown 'fp16'"),
         (("--build", "--train"), "--build and --train are separate benchmarks: run one at a time"),
         (("--train", "--dtypes", "fp32,bf16"), "--train times one dtype a run: give --dtypes fp32 or --dtypes bf16"),
+        (("--ablations", "--rows", "0,9"), "--rows: numbers from 0 to 6, comma-separated, not '0,9'"),
+        (("--ablations", "--seeds", "0,x"), "--ablations: --seeds are whole numbers, comma-separated"),
+        (("--ablations", "--jobs", "0"), "--steps, --jobs and --threads at least 1"),
     ]:
         with pytest.raises(SystemExit) as e:
             parsed(*argv)

@@ -1037,7 +1037,7 @@ def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=Non
     block_mask = (block_masks or {}).get(half_window)
     if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
         block_mask = flex_block_mask(packing, half_window)
-    if q.device.type == "cpu" and torch.__version__ < "2.13":  # 2.8 to 2.12's CPU kernel aborts the process here
+    if q.device.type == "cpu" and torch.__version__ < "2.13":  # 2.8-2.12's CPU kernel (4 tried) aborts the process
         raise RuntimeError(
             f"FlexAttention on a CPU needs torch >= 2.13 (this is {torch.__version__}): use attn_implementation='sdpa'"
             " (the same rule) on a CPU, or upgrade torch."

@@ -134,10 +134,10 @@ def test_each_ablation_row_switches_one_piece_of_the_recipe():
 
 @pytest.mark.slow
 @needs_transformers
-def test_ablations_train_every_row_and_seed_and_score_them_alike(tmp_path):
-    """A tiny --ablations run: the recipe, packing off and the run_mlm way, two seeds each, on a small text; the
-    table has each row, the results file every run (the same held-out evaluation: seed 0's rows share their
-    baseline's token count only where they pack alike), and tools/plot_run.py draws it."""
+def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(tmp_path):
+    """A tiny --ablations run: packing off and the run_mlm way on a small text; the table has each row, the
+    results file every run (packing off sees fewer real tokens than the steps' positions), and tools/plot_run.py
+    draws it."""
     import json
     import subprocess
     import sys
@@ -150,7 +150,7 @@ def test_ablations_train_every_row_and_seed_and_score_them_alike(tmp_path):
     ]
     (tmp_path / "text.txt").write_text("\n\n".join(documents))
     results = tmp_path / "ablations.json"
-    command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--seeds", "0,1", "--rows", "0,1,6"]
+    command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--seeds", "3", "--rows", "1,6"]
     command += [
         "--data",
         str(tmp_path / "text.txt"),
@@ -166,13 +166,13 @@ def test_ablations_train_every_row_and_seed_and_score_them_alike(tmp_path):
     import bench
 
     table = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    names = [*bench.ABLATIONS][:2] + [bench.RUN_MLM]
+    names = [[*bench.ABLATIONS][1], bench.RUN_MLM]
     assert [line.split(" | ")[0][2:] for line in table] == names, run.stdout
     saved = json.loads(results.read_text())["results"]
-    assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, s) for n in names for s in (0, 1))
+    assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, 3) for n in names)
     assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 and r["steps"] == 2 for r in saved)
-    tokens = {r["row"]: r["tokens"] for r in saved if r["seed"] == 0}
-    assert tokens[names[1]] < tokens[names[0]] <= 2 * 2048 == tokens[names[2]], tokens  # packing off: fewer
+    tokens = {r["row"]: r["tokens"] for r in saved}
+    assert tokens[names[0]] < 2 * 2048 == tokens[names[1]], tokens  # packing off: padding in every row
     pytest.importorskip("matplotlib", reason="matplotlib (tools/ only) is not installed: requirements-oracle.txt")
     plot = subprocess.run(
         [sys.executable, "tools/plot_run.py", "--ablations", str(results), "--out", str(tmp_path / "a.png")],

@@ -1238,10 +1238,10 @@ RUN_MLM = "run_mlm.py's way, with transformers"
 def ablation_job(job):
     """One row and seed, in its own process: train.py's run (a child process of its own), or the run_mlm way
     here. Returns held-out accuracy, real tokens seen and seconds a step."""
-    flags = ["--steps", str(job["steps"]), "--seed", str(job["seed"]), "--out", job["out"]]
-    flags += ["--data", *job["data"]] if job["data"] else []
     if job["row"] == RUN_MLM:
         return run_mlm_way(job["steps"], job["seed"], job["data"], job["out"])
+    flags = ["--steps", str(job["steps"]), "--seed", str(job["seed"]), "--out", job["out"]]
+    flags += ["--data", *job["data"]] if job["data"] else []
     from safetensors import safe_open
 
     run = subprocess.run(
@@ -1254,8 +1254,8 @@ def ablation_job(job):
         raise RuntimeError(f"train.py {' '.join(flags)} failed:\n{run.stderr[-2000:]}")
     with open(os.path.join(job["out"], "trainer_state.json")) as f:
         state = json.load(f)
-    folder = os.path.join(job["out"], f"checkpoint-{state['global_step']}", "optimizer.safetensors")
-    with safe_open(folder, "pt") as f:
+    path = os.path.join(job["out"], f"checkpoint-{state['global_step']}", "optimizer.safetensors")
+    with safe_open(path, "pt") as f:
         seconds = float(f.metadata()["train_seconds"])
     evals = [e for e in state["log_history"] if "eval_accuracy" in e]
     return {
@@ -1327,9 +1327,8 @@ def bench_ablations(args):
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    rows = (
-        [*ABLATIONS, RUN_MLM] if args.rows is None else [[*ABLATIONS, RUN_MLM][int(i)] for i in args.rows.split(",")]
-    )
+    every = [*ABLATIONS, RUN_MLM]
+    rows = every if args.rows is None else [every[int(i)] for i in args.rows.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     data = [os.path.abspath(p) for p in args.data] if args.data else None  # train.py runs in this file's folder
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}

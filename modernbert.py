@@ -1013,6 +1013,7 @@ def sdpa_equal_lengths(q, k, v, packing, half_window=None, dropout_p=0.0):
 
 
 FLEX_BLOCK = 128  # FlexAttention visits queries and keys in tiles of 128 x 128
+FLEX_ON_CPU = torch.__version__ >= "2.13"  # the CPU kernels of 2.8-2.12 (4 tried) abort the process on our masks
 
 
 def flex_kernel(packing, half_window):
@@ -1032,16 +1033,16 @@ def flex_attention(q, k, v, packing, half_window, dropout_p=0.0, block_masks=Non
         raise RuntimeError("FlexAttention has no attention dropout: use attn_implementation='sdpa' to train with it.")
     if q.device.type == "cpu" and q.shape[0] < 128:
         return sdpa_attention(q, k, v, packing, half_window)
+    if q.device.type == "cpu" and not FLEX_ON_CPU:
+        raise RuntimeError(
+            f"FlexAttention on a CPU needs torch >= 2.13 (this is {torch.__version__}): use attn_implementation='sdpa'"
+            " (the same rule) on a CPU, or upgrade torch."
+        )
     if q.shape[0] == 0:  # no real token in the batch: nothing to attend to
         return q
     block_mask = (block_masks or {}).get(half_window)
     if block_mask is None:  # a window the forward did not build for (a layer changed by hand)
         block_mask = flex_block_mask(packing, half_window)
-    if q.device.type == "cpu" and torch.__version__ < "2.13":  # 2.8-2.12's CPU kernel (4 tried) aborts the process
-        raise RuntimeError(
-            f"FlexAttention on a CPU needs torch >= 2.13 (this is {torch.__version__}): use attn_implementation='sdpa'"
-            " (the same rule) on a CPU, or upgrade torch."
-        )
     # (1, H, T, D), contiguous: Inductor's CPU lowering of flex rejects strided views.
     q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
     out = compiled_flex()(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)

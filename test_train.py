@@ -1465,11 +1465,12 @@ def test_the_tokenizer_trainer_sees_no_word_longer_than_its_limit():
 
 
 @pytest.mark.slow
-def test_5_mb_without_whitespace_trains_the_tokenizer():
-    """5 MB of letters with no space between them: BPE rescans a word at every merge that touches it, so one
-    5-MB word kept the trainer busy for hours; cut into LONGEST_WORD pieces, it is as any 5 MB of text."""
+def test_a_megabyte_without_whitespace_trains_the_tokenizer():
+    """1 MB of letters with no space between them: BPE rescans a word at every merge that touches it, so one
+    5-MB word kept the trainer busy for hours (one of 1 MB, for minutes); cut into LONGEST_WORD pieces,
+    it is as any 1 MB of text."""
     letters = re.sub(r"[^A-Za-z]", "", "".join(itertools.islice(train.stdlib_docstrings(), 3000)))
-    doc = (letters * (5_000_000 // len(letters) + 1))[:5_000_000]
+    doc = (letters * (1_000_000 // len(letters) + 1))[:1_000_000]
     tokenizer = train.train_tokenizer([doc, "a second document"], 4096)
     assert tokenizer.get_vocab_size() == 4096
     assert max(len(t) for t in tokenizer.get_vocab()) <= train.LONGEST_WORD

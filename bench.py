@@ -493,6 +493,12 @@ def parse_args(argv=None):
         "and transformers' run_mlm.py way, for --steps steps, once per seed; held-out masked accuracy, tokens, s/step",
     )
     p.add_argument("--steps", type=int, default=240, help="--ablations: optimizer steps of each run (default 240)")
+    p.add_argument(
+        "--run-mlm-steps",
+        type=int,
+        help="--ablations: the run_mlm way's steps (default: --steps); for equal minutes, the steps it makes in the "
+        "time the recipe's run takes",
+    )
     p.add_argument("--seeds", default="0,1,2", help="--ablations: the seeds, comma-separated (default 0,1,2)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="--ablations: train.py's --data (default: its own)")
     p.add_argument("--rows", help="--ablations: a subset of the rows, by number from 0 (default: all)")
@@ -522,9 +528,11 @@ def parse_args(argv=None):
         count = len(ABLATIONS) + 1
         if args.rows and not all(r.isdigit() and int(r) < count for r in args.rows.split(",")):
             p.error(f"--rows: numbers from 0 to {count - 1}, comma-separated, not {args.rows!r}")
-        if not re.fullmatch(r"\d+(,\d+)*", args.seeds) or min(args.steps, args.jobs, args.threads) < 1:
+        numbers = (args.steps, args.jobs, args.threads, 1 if args.run_mlm_steps is None else args.run_mlm_steps)
+        if not re.fullmatch(r"\d+(,\d+)*", args.seeds) or min(numbers) < 1:
             p.error(
-                "--ablations: --seeds are whole numbers, comma-separated; --steps, --jobs and --threads at least 1"
+                "--ablations: --seeds are whole numbers, comma-separated; --steps, --run-mlm-steps, --jobs and "
+                "--threads at least 1"
             )
     if args.train and args.dtypes and "," in args.dtypes:
         p.error(f"--train times one dtype a run: give --dtypes fp32 or --dtypes bf16, not {args.dtypes}")
@@ -1332,9 +1340,10 @@ def bench_ablations(args):
     seeds = [int(s) for s in args.seeds.split(",")]
     data = [os.path.abspath(p) for p in args.data] if args.data else None  # train.py runs in this file's folder
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    steps = {r: args.run_mlm_steps if r == RUN_MLM and args.run_mlm_steps is not None else args.steps for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [
-            {"row": r, "seed": s, "steps": args.steps, "data": data, "out": os.path.join(tmp, f"{i}-{s}")}
+            {"row": r, "seed": s, "steps": steps[r], "data": data, "out": os.path.join(tmp, f"{i}-{s}")}
             for i, r in enumerate(rows)
             for s in seeds
         ]
@@ -1371,7 +1380,9 @@ def print_ablations(args, rows, seeds, results):
     print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
     data = " ".join(args.data) if args.data else "this Python's standard-library docstrings"
     print(
-        f"{args.steps} steps of {train.DEFAULTS['batch_tokens']:,} token positions each, on {data}; seeds "
+        f"{args.steps} steps of {train.DEFAULTS['batch_tokens']:,} token positions each"
+        + (f" ({args.run_mlm_steps} for the run_mlm way)" if args.run_mlm_steps is not None else "")
+        + f", on {data}; seeds "
         f"{', '.join(map(str, seeds))}. Held-out masked-token accuracy (15% masked, the same masks for every row): "
         "mean and standard deviation over the seeds. Tokens: real tokens trained on. Seconds a step: mean, with "
         f"{args.jobs} run(s) at a time of {args.threads} thread(s) each.\n"

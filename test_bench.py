@@ -76,7 +76,8 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
         (("--train", "--dtypes", "fp32,bf16"), "--train times one dtype a run: give --dtypes fp32 or --dtypes bf16"),
         (("--ablations", "--rows", "0,9"), "--rows: numbers from 0 to 6, comma-separated, not '0,9'"),
         (("--ablations", "--seeds", "0,x"), "--ablations: --seeds are whole numbers, comma-separated"),
-        (("--ablations", "--jobs", "0"), "--steps, --jobs and --threads at least 1"),
+        (("--ablations", "--jobs", "0"), "--steps, --run-mlm-steps, --jobs and --threads at least 1"),
+        (("--ablations", "--run-mlm-steps", "0"), "--steps, --run-mlm-steps, --jobs and --threads at least 1"),
     ]:
         with pytest.raises(SystemExit) as e:
             parsed(*argv)
@@ -150,7 +151,8 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     ]
     (tmp_path / "text.txt").write_text("\n\n".join(documents))
     results = tmp_path / "ablations.json"
-    command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--seeds", "3", "--rows", "1,6"]
+    command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--run-mlm-steps", "3", "--seeds", "3"]
+    command += ["--rows", "1,6"]
     command += [
         "--data",
         str(tmp_path / "text.txt"),
@@ -170,9 +172,10 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     assert [line.split(" | ")[0][2:] for line in table] == names, run.stdout
     saved = json.loads(results.read_text())["results"]
     assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, 3) for n in names)
-    assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 and r["steps"] == 2 for r in saved)
+    assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 for r in saved)
+    assert [r["steps"] for r in saved] == [2, 3]  # --run-mlm-steps: the run_mlm way's own
     tokens = {r["row"]: r["tokens"] for r in saved}
-    assert tokens[names[0]] < 2 * 2048 == tokens[names[1]], tokens  # packing off: padding in every row
+    assert tokens[names[0]] < 2 * 2048 and tokens[names[1]] == 3 * 2048, tokens  # packing off: padding in each row
     pytest.importorskip("matplotlib", reason="matplotlib (tools/ only) is not installed: requirements-oracle.txt")
     plot = subprocess.run(
         [sys.executable, "tools/plot_run.py", "--ablations", str(results), "--out", str(tmp_path / "a.png")],

@@ -159,10 +159,8 @@ def best_fit(lengths, budget, open_batches=8):
     batches = []  # [room left, indices]
     for i, n in enumerate(lengths):
         check_budget(n, budget)
-        fits = [b for b in batches if b[0] >= n]
-        if fits:
-            batch = min(fits, key=lambda b: b[0])
-        else:
+        batch = min((b for b in batches if b[0] >= n), key=lambda b: b[0], default=None)  # the fullest that fits
+        if batch is None:
             if len(batches) == open_batches:
                 fullest = min(batches, key=lambda b: b[0])
                 batches.remove(fullest)
@@ -280,10 +278,12 @@ class StableAdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(g, 1 - debias(beta1, state["step"]))
                 v.mul_(debias(beta2, state["step"])).addcmul_(g, g, value=1 - debias(beta2, state["step"]))
-                rms = (g.square() / v.clamp(min=eps**2)).mean().sqrt()  # a tensor: no wait for the GPU
-                lr = group["lr"] / rms.clamp(min=1.0)
+                scratch = v.clamp(min=eps**2)  # one scratch tensor, in place: on a CPU, new big ones cost more
+                rms = scratch.reciprocal_().mul_(g).mul_(g).mean().sqrt()  # sqrt(mean(g^2 / v)); a tensor: no wait
+                lr = group["lr"] / rms.clamp(min=1.0)  # for the GPU
                 p.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
-                p.sub_(lr * m / (v.sqrt() + eps))
+                update = torch.div(m, torch.sqrt(v, out=scratch).add_(eps), out=scratch)  # m / (sqrt(v) + eps)
+                p.sub_(update.mul_(lr))
 
 
 class ClippedAdamW(torch.optim.AdamW):

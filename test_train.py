@@ -1487,7 +1487,7 @@ def test_a_vocabulary_larger_than_the_data_gives_resumes_with_the_same_command(t
     first = capsys.readouterr().out
     assert train.main([*args, "--steps", "2", "--resume"]) == 0, capsys.readouterr().err
     assert load.load_tokenizer(str(tmp_path / "out")).get_vocab_size() < 5000
-    assert "(the data gave no more of the --vocab 5,000 asked)" in first, first
+    assert "(the data gave no more of the --vocab 5,000 asked)" in first and "on cpu, fp32" in first, first
 
 
 @pytest.mark.parametrize("shape", [dict(layers=4, hidden=256, intermediate=384, vocab=8192), TINY_SHAPE])

@@ -1312,6 +1312,7 @@ class Log:
         self.baseline = baseline  # recorded beside each evaluation, so a plot of the run can draw it
         self.evals, self.evals_passed = settings["evals"], 0
         self.vocab_asked = settings.get("vocab") or 0
+        self.dtype = "bf16 autocast" if settings.get("dtype") == "bf16" else "fp32"
         self.window = []  # (loss, tokens, seconds) of the steps since the last line
         terminal = show and sys.stderr.isatty()
         self.bar = tqdm(total=1000, disable=not terminal, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
@@ -1323,7 +1324,7 @@ class Log:
         fewer = f" (the data gave no more of the --vocab {self.vocab_asked:,} asked)" * (vocab.size < self.vocab_asked)
         self.write(
             f"{len(pieces):,} training pieces ({sum(map(len, pieces)):,} tokens), {len(held_pieces):,} held out; "
-            f"vocabulary {vocab.size:,}{fewer}; {n_params / 1e6:.1f}M parameters on {device}{processes}"
+            f"vocabulary {vocab.size:,}{fewer}; {n_params / 1e6:.1f}M parameters on {device}{processes}, {self.dtype}"
         )
         self.write(clock.plan())
 

@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -499,6 +500,11 @@ def parse_args(argv=None):
         help="--ablations: the run_mlm way's steps (default: --steps); for equal minutes, the steps it makes in the "
         "time the recipe's run takes",
     )
+    p.add_argument(
+        "--recipe-flags",
+        default="",
+        help='--ablations: train.py flags for every train.py row, before the row\'s own (e.g. "--mask-rate 0.3")',
+    )
     p.add_argument("--seeds", default="0,1,2", help="--ablations: the seeds, comma-separated (default 0,1,2)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="--ablations: train.py's --data (default: its own)")
     p.add_argument("--rows", help="--ablations: a subset of the rows, by number from 0 (default: all)")
@@ -528,6 +534,16 @@ def parse_args(argv=None):
         count = len(ABLATIONS) + 1
         if args.rows and not all(r.isdigit() and int(r) < count for r in args.rows.split(",")):
             p.error(f"--rows: numbers from 0 to {count - 1}, comma-separated, not {args.rows!r}")
+        if args.recipe_flags:  # a flag train.py refuses is its one-line error now, not after the first runs
+            import train
+
+            given = vars(train.parse_args(shlex.split(args.recipe_flags)))
+            try:
+                train.check_settings(
+                    {**train.DEFAULTS, **{k: given[k] for k in train.DEFAULTS if given.get(k) is not None}}
+                )
+            except ValueError as e:
+                p.error(f"--recipe-flags: {e}")
         numbers = (args.steps, args.jobs, args.threads, 1 if args.run_mlm_steps is None else args.run_mlm_steps)
         if not re.fullmatch(r"\d+(,\d+)*", args.seeds) or min(numbers) < 1:
             p.error(
@@ -1253,7 +1269,7 @@ def ablation_job(job):
     from safetensors import safe_open
 
     run = subprocess.run(
-        [sys.executable, "train.py", *flags, "--evals", "1", *ABLATIONS[job["row"]]],
+        [sys.executable, "train.py", *flags, "--evals", "1", *job["recipe_flags"], *ABLATIONS[job["row"]]],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1344,6 +1360,7 @@ def bench_ablations(args):
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [
             {"row": r, "seed": s, "steps": steps[r], "data": data, "out": os.path.join(tmp, f"{i}-{s}")}
+            | {"recipe_flags": shlex.split(args.recipe_flags)}
             for i, r in enumerate(rows)
             for s in seeds
         ]

@@ -78,6 +78,7 @@ def test_bench_says_what_it_skips_and_refuses_what_it_cannot_run(monkeypatch, ca
         (("--ablations", "--seeds", "0,x"), "--ablations: --seeds are whole numbers, comma-separated"),
         (("--ablations", "--jobs", "0"), "--steps, --run-mlm-steps, --jobs and --threads at least 1"),
         (("--ablations", "--run-mlm-steps", "0"), "--steps, --run-mlm-steps, --jobs and --threads at least 1"),
+        (("--ablations", "--recipe-flags=--mask-rate 2"), "--recipe-flags: --mask-rate must be between 0 and 1"),
     ]:
         with pytest.raises(SystemExit) as e:
             parsed(*argv)
@@ -152,7 +153,7 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     (tmp_path / "text.txt").write_text("\n\n".join(documents))
     results = tmp_path / "ablations.json"
     command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--run-mlm-steps", "3", "--seeds", "3"]
-    command += ["--rows", "1,6"]
+    command += ["--rows", "1,6", "--recipe-flags=--mask-rate 0.2"]
     command += [
         "--data",
         str(tmp_path / "text.txt"),
@@ -174,6 +175,7 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, 3) for n in names)
     assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 for r in saved)
     assert [r["steps"] for r in saved] == [2, 3]  # --run-mlm-steps: the run_mlm way's own
+    assert saved[0]["recipe_flags"] == ["--mask-rate", "0.2"]
     tokens = {r["row"]: r["tokens"] for r in saved}
     assert tokens[names[0]] < 2 * 2048 and tokens[names[1]] == 3 * 2048, tokens  # packing off: padding in each row
     pytest.importorskip("matplotlib", reason="matplotlib (tools/ only) is not installed: requirements-oracle.txt")

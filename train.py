@@ -279,8 +279,8 @@ class StableAdamW(torch.optim.Optimizer):
                 m.lerp_(g, 1 - debias(beta1, state["step"]))
                 v.mul_(debias(beta2, state["step"])).addcmul_(g, g, value=1 - debias(beta2, state["step"]))
                 scratch = v.clamp(min=eps**2)  # one scratch tensor, in place: on a CPU, new big ones cost more
-                rms = scratch.reciprocal_().mul_(g).mul_(g).mean().sqrt()  # sqrt(mean(g^2 / v)); a tensor: no wait
-                lr = group["lr"] / rms.clamp(min=1.0)  # for the GPU
+                rms = scratch.reciprocal_().mul_(g).mul_(g).mean().sqrt()  # sqrt(mean(g^2 / v)), a tensor: no sync
+                lr = group["lr"] / rms.clamp(min=1.0)
                 p.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
                 update = torch.div(m, torch.sqrt(v, out=scratch).add_(eps), out=scratch)  # m / (sqrt(v) + eps)
                 p.sub_(update.mul_(lr))

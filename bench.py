@@ -1357,10 +1357,10 @@ def bench_ablations(args):
     data = [os.path.abspath(p) for p in args.data] if args.data else None  # train.py runs in this file's folder
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     steps = {r: args.run_mlm_steps if r == RUN_MLM and args.run_mlm_steps is not None else args.steps for r in rows}
+    shared = {"data": data, "recipe_flags": shlex.split(args.recipe_flags)}  # the same for every run
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [
-            {"row": r, "seed": s, "steps": steps[r], "data": data, "out": os.path.join(tmp, f"{i}-{s}")}
-            | {"recipe_flags": shlex.split(args.recipe_flags)}
+            {"row": r, "seed": s, "steps": steps[r], "out": os.path.join(tmp, f"{i}-{s}"), **shared}
             for i, r in enumerate(rows)
             for s in seeds
         ]

@@ -1241,7 +1241,7 @@ def bench_train(args, device):
 
 # --ablations: what each piece of train.py's recipe buys. Each row is train.py's default run with one piece
 # switched to its classic counterpart (one flag), trained for the same number of steps of the same batch shape
-# (--batch-tokens positions a step) on the same documents, once per seed, and scored by the same held-out
+# (ABLATION_BATCH_TOKENS positions a step) on the same documents, once per seed, and scored by the same held-out
 # evaluation: train.py's own, 15% of the held-out tokens masked, the same masks for every row of a seed. The
 # reference row is the way people train with transformers (run_mlm.py): its ModernBertForMaskedLM, the texts
 # concatenated and cut into --max-len blocks across documents, DataCollatorForLanguageModeling's 15% masking,
@@ -1257,6 +1257,7 @@ ABLATIONS = {  # row -> train.py's flags
     "linear decay instead of warmup-stable-decay": ["--schedule", "linear"],
 }
 RUN_MLM = "run_mlm.py's way, with transformers"
+ABLATION_BATCH_TOKENS = 2048  # the run_mlm way's 4 blocks of 512, for every row: equal steps are equal tokens
 
 
 def ablation_job(job):
@@ -1269,7 +1270,8 @@ def ablation_job(job):
     from safetensors import safe_open
 
     run = subprocess.run(
-        [sys.executable, "train.py", *flags, "--evals", "1", *job["recipe_flags"], *ABLATIONS[job["row"]]],
+        [sys.executable, "train.py", *flags, "--evals", "1", "--batch-tokens", str(ABLATION_BATCH_TOKENS)]
+        + [*job["recipe_flags"], *ABLATIONS[job["row"]]],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1294,7 +1296,7 @@ def run_mlm_way(steps, seed, data, out):
     import load
     import train
 
-    settings = {**train.DEFAULTS, "seed": seed, "steps": steps}
+    settings = {**train.DEFAULTS, "seed": seed, "steps": steps, "batch_tokens": ABLATION_BATCH_TOKENS}
     budget, max_len = settings["batch_tokens"], settings["max_len"]
     documents = train.read_documents(data) if data else list(train.stdlib_docstrings())
     train_docs, held_docs = train.split_held_out(documents)
@@ -1392,12 +1394,11 @@ def bench_ablations(args):
 
 
 def print_ablations(args, rows, seeds, results):
-    import train
 
     print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
     data = " ".join(args.data) if args.data else "this Python's standard-library docstrings"
     print(
-        f"{args.steps} steps of {train.DEFAULTS['batch_tokens']:,} token positions each"
+        f"{args.steps} steps of {ABLATION_BATCH_TOKENS:,} token positions each"
         + (f" ({args.run_mlm_steps} for the run_mlm way)" if args.run_mlm_steps is not None else "")
         + f", on {data}; seeds "
         f"{', '.join(map(str, seeds))}. Held-out masked-token accuracy (15% masked, the same masks for every row): "

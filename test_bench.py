@@ -153,7 +153,7 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     (tmp_path / "text.txt").write_text("\n\n".join(documents))
     results = tmp_path / "ablations.json"
     command = [sys.executable, "bench.py", "--ablations", "--steps", "2", "--run-mlm-steps", "3", "--seeds", "3"]
-    command += ["--rows", "1,6", "--recipe-flags=--mask-rate 0.2"]
+    command += ["--rows", "0,1,6", "--recipe-flags=--mask-rate 0.2"]
     command += [
         "--data",
         str(tmp_path / "text.txt"),
@@ -167,17 +167,20 @@ def test_ablations_train_each_row_and_write_the_table_the_file_and_the_picture(t
     run = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     import bench
+    import train
 
     table = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    names = [[*bench.ABLATIONS][1], bench.RUN_MLM]
+    names = [*[*bench.ABLATIONS][:2], bench.RUN_MLM]
     assert [line.split(" | ")[0][2:] for line in table] == names, run.stdout
     saved = json.loads(results.read_text())["results"]
     assert sorted((r["row"], r["seed"]) for r in saved) == sorted((n, 3) for n in names)
     assert all(0 <= r["accuracy"] <= 1 and r["step_s"] > 0 for r in saved)
-    assert [r["steps"] for r in saved] == [2, 3]  # --run-mlm-steps: the run_mlm way's own
+    assert [r["steps"] for r in saved] == [2, 2, 3]  # --run-mlm-steps: the run_mlm way's own
     assert saved[0]["recipe_flags"] == ["--mask-rate", "0.2"]
-    tokens = {r["row"]: r["tokens"] for r in saved}
-    assert tokens[names[0]] < 2 * 2048 and tokens[names[1]] == 3 * 2048, tokens  # packing off: padding in each row
+    tokens, batch = {r["row"]: r["tokens"] for r in saved}, bench.ABLATION_BATCH_TOKENS
+    assert batch != train.DEFAULTS["batch_tokens"]  # so the rows below show the ablation's batch, not the default's
+    assert batch < tokens[names[0]] <= 2 * batch, tokens  # packed: 2 batches nearly full
+    assert tokens[names[1]] < 2 * batch and tokens[names[2]] == 3 * batch, tokens  # packing off: padding in each row
     pytest.importorskip("matplotlib", reason="matplotlib (tools/ only) is not installed: requirements-oracle.txt")
     plot = subprocess.run(
         [sys.executable, "tools/plot_run.py", "--ablations", str(results), "--out", str(tmp_path / "a.png")],

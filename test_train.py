@@ -793,6 +793,25 @@ def test_the_folder_holds_a_checkpoint_its_tokenizer_and_the_trainer_state(train
 
 
 @pytest.mark.slow
+def test_score_runs_scores_each_run_on_the_same_masks_and_its_own_masks_as_the_run_did(trained, tmp_path, capsys):
+    """tools/score_runs.py: with the run's own seed and batch tokens, the accuracy the run recorded at its end; with
+    others, other masks; a folder train.py did not write is one line and exit status 2."""
+    spec = importlib.util.spec_from_file_location("score_runs", os.path.join(HERE, "tools", "score_runs.py"))
+    score_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_runs)
+    state = json.load(open(os.path.join(trained, "trainer_state.json")))
+    recorded = [e["eval_accuracy"] for e in state["log_history"] if "eval_accuracy" in e][-1]
+    assert score_runs.score(trained, [0], 512) == [pytest.approx(recorded, abs=5e-5)]  # TINY: seed 0, 512 tokens
+    assert len(set(score_runs.score(trained, range(4), 2048))) > 1  # four draws, four sets of masks
+    assert score_runs.main([trained, "--draws", "2", "--batch-tokens", "512"]) == 0
+    mean = float(capsys.readouterr().out.splitlines()[-1].split("\t")[1])
+    assert mean == pytest.approx(sum(score_runs.score(trained, [0, 1], 512)) / 2, abs=5e-5)
+    with pytest.raises(SystemExit) as e:
+        score_runs.main([str(tmp_path)])
+    assert e.value.code == 2 and "holds no checkpoint-<step>/ folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 @needs_transformers
 def test_transformers_loads_the_folder_with_the_same_logits(trained):
     ours = load.load_model(trained)

@@ -721,8 +721,8 @@ def test_the_default_run_is_a_fixed_number_of_steps(tmp_path):
     warmup, cooldown_start = round(0.05 * steps), round(0.8 * steps)
     assert clock.warmup_steps == warmup
     assert clock.plan() == (
-        f"{steps} steps of 2,048 tokens: lr 1.00e-03 after a {warmup}-step warmup, 1-sqrt cooldown from step "
-        f"{cooldown_start} to {steps}."
+        f"{steps:,} steps of 1,024 tokens: lr 1.00e-03 after a {warmup}-step warmup, 1-sqrt cooldown from step "
+        f"{cooldown_start:,} to {steps:,}."
     )
     progress = []
     for seconds in (0.1, 100.0, 1e-3, 5.0):  # however long each step takes
@@ -743,9 +743,9 @@ def test_the_plan_line_names_the_pieces_switched_to_the_classic(tmp_path):
     assert {k: settings[k] for k in (*train.SWITCHES, "mask_rate")} == dict(
         packing=False, sparse_prediction=False, optimizer="adamw", schedule="linear", mask_rate=0.15
     )
-    clock = train.Clock(settings, train.new_state(settings, 2048), 1, torch.device("cpu"), seconds_left=0.0)
+    clock = train.Clock(settings, train.new_state(settings, 1024), 1, torch.device("cpu"), seconds_left=0.0)
     assert clock.plan() == (
-        "720 steps of 2,048 tokens: lr 1.00e-03 after a 36-step warmup, linear decay to 0 at step 720. Classic "
+        "1,440 steps of 1,024 tokens: lr 1.00e-03 after a 72-step warmup, linear decay to 0 at step 1,440. Classic "
         "pieces: --no-packing --dense-prediction --mask-rate 0.15 --optimizer adamw --schedule linear."
     )
 

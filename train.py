@@ -1075,7 +1075,7 @@ def diverged(what, step, lr, out):
 #   trained-modernbert/             the last saved model: load.py, transformers' from_pretrained
 #     config.json  model.safetensors  tokenizer.json  tokenizer_config.json  special_tokens_map.json
 #     trainer_state.json            the loss curve, as transformers' Trainer writes it
-#     checkpoint-720/               what --resume reads: the same files (linked, not copied), and
+#     checkpoint-1440/              what --resume reads: the same files (linked, not copied), and
 #       optimizer.safetensors         the optimizer's moments, its step and the seconds trained
 #       training_args.json            the run's settings
 #     .lock                         while a run writes the folder

@@ -1394,7 +1394,6 @@ def bench_ablations(args):
 
 
 def print_ablations(args, rows, seeds, results):
-
     print(f"Machine: {machine_line()}  \nCommand: `python bench.py {' '.join(sys.argv[1:])}`  \n")
     data = " ".join(args.data) if args.data else "this Python's standard-library docstrings"
     print(

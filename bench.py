@@ -538,10 +538,9 @@ def parse_args(argv=None):
             import train
 
             given = vars(train.parse_args(shlex.split(args.recipe_flags)))
+            ran = {**train.DEFAULTS, "batch_tokens": ABLATION_BATCH_TOKENS}  # what every row runs with, unless given
             try:
-                train.check_settings(
-                    {**train.DEFAULTS, **{k: given[k] for k in train.DEFAULTS if given.get(k) is not None}}
-                )
+                train.check_settings({**ran, **{k: given[k] for k in train.DEFAULTS if given.get(k) is not None}})
             except ValueError as e:
                 p.error(f"--recipe-flags: {e}")
         numbers = (args.steps, args.jobs, args.threads, 1 if args.run_mlm_steps is None else args.run_mlm_steps)
@@ -1298,7 +1297,7 @@ def run_mlm_way(steps, seed, data, out):
 
     settings = {**train.DEFAULTS, "seed": seed, "steps": steps, "batch_tokens": ABLATION_BATCH_TOKENS}
     budget, max_len = settings["batch_tokens"], settings["max_len"]
-    documents = train.read_documents(data) if data else list(train.stdlib_docstrings())
+    documents = train.read_documents(data)
     train_docs, held_docs = train.split_held_out(documents)
     os.makedirs(out, exist_ok=True)
     train.save_tokenizer(train.train_tokenizer(train_docs, settings["vocab"]), out, max_len)
@@ -1309,9 +1308,7 @@ def run_mlm_way(steps, seed, data, out):
     blocks = torch.tensor(stream[: len(stream) // max_len * max_len]).view(-1, max_len)  # group_texts
     if len(blocks) < budget // max_len:
         raise ValueError(f"the run_mlm way needs {budget:,} tokens of training text; this has {len(stream):,}")
-    held_pieces = train.tokenize(tokenizer, vocab, held_docs, max_len)
-    held_plan = enumerate(train.best_fit([len(p) for p in held_pieces], budget))
-    held_out = [train.batch(held_pieces, b, settings, vocab, train.EVAL_MASK_RATE, -1 - n) for n, b in held_plan]
+    held_out = train.held_out_batches(train.tokenize(tokenizer, vocab, held_docs, max_len), settings, vocab)
 
     device = mb.pick_device()  # the device train.py's rows train on
     held_out = [b.to(device) for b in held_out]

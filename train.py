@@ -86,7 +86,10 @@ EVAL_MASK_RATE = 0.15  # the official evaluation masks 15%; training masks --mas
 
 
 def read_documents(paths):
-    """The documents of --data: each file split at blank lines; a folder gives every .txt file under it."""
+    """The documents of --data: each file split at blank lines; a folder gives every .txt file under it. Without
+    --data (no paths), every docstring of the standard library."""
+    if not paths:
+        return list(stdlib_docstrings())
     return [d.strip() for text in read_texts(paths) for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
 
 
@@ -243,6 +246,13 @@ def batch(pieces, indices, settings, vocab, rate, number, rows=0):
     return mask_tokens(packed, rate, vocab, generator)
 
 
+def held_out_batches(pieces, settings, vocab):
+    """The held-out set as every evaluation sees it: best-fit batches of --batch-tokens (whatever --no-packing),
+    masked at EVAL_MASK_RATE, each with its own stream (negative numbers), so the masks never change in a run."""
+    plan = best_fit([len(p) for p in pieces], settings["batch_tokens"])
+    return [batch(pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in enumerate(plan)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. StableAdamW (Wortsman et al., 2023; optimi's implementation, which the official code copies)
 
@@ -397,8 +407,7 @@ def train(settings):
         # documents -> tokenizer -> pieces, and the model: a new one, --init's, or the --resume'd run's
         model, tokenizer_folder, vocab, pieces, held_pieces = build(settings, rank, tokenizer_tmp, device)
         budget, per_step = settings["batch_tokens"], world * settings["accum"]
-        held_plan = enumerate(best_fit([len(p) for p in held_pieces], budget))  # best fit, whatever --no-packing
-        held_out = [batch(held_pieces, b, settings, vocab, EVAL_MASK_RATE, number=-1 - n) for n, b in held_plan]
+        held_out = held_out_batches(held_pieces, settings, vocab)
         top_token, baseline = most_frequent_token_accuracy(pieces, held_out)
         held_out = [b.to(device) for b in held_out]
         optimizer = new_optimizer(model, settings)
@@ -669,7 +678,7 @@ def build(settings, rank, tokenizer_folder, device):
     source = get_last_checkpoint(settings["out"]) if settings["resume"] else settings.get("init")
     config = ModernBertConfig.from_pretrained(source) if source is not None else None  # else settings say the size
     check_memory(settings, config, device)
-    documents = read_documents(settings["data"]) if settings.get("data") else list(stdlib_docstrings())
+    documents = read_documents(settings.get("data"))
     check_same_data(documents, settings)
     train_docs, held_docs = split_held_out(documents)
     if settings["resume"]:  # a copy: the run removes its checkpoint folders as it saves new ones

@@ -30,25 +30,22 @@ import train  # noqa: E402
 
 def score(folder, draws, batch_tokens):
     """The run's held-out accuracy at each draw (a list), on CPU in fp32."""
-    steps = sorted(
-        (int(d.split("-")[1]), d) for d in os.listdir(folder) if d.startswith("checkpoint-") and d[11:].isdigit()
-    )
-    if not steps:
+    checkpoint = train.get_last_checkpoint(folder)
+    if checkpoint is None:
         raise ValueError(f"{folder} holds no checkpoint-<step>/ folder: give a run folder that train.py wrote")
-    with open(os.path.join(folder, steps[-1][1], "training_args.json")) as f:
+    with open(os.path.join(checkpoint, "training_args.json")) as f:
         args = json.load(f)
-    documents = train.read_documents(args["data"]) if args.get("data") else list(train.stdlib_docstrings())
     tokenizer = load.load_tokenizer(folder)
     tokenizer.no_padding()
     vocab = train.read_vocab(tokenizer)
-    pieces = train.tokenize(tokenizer, vocab, train.split_held_out(documents)[1], args["max_len"])
+    held_docs = train.split_held_out(train.read_documents(args.get("data")))[1]
+    pieces = train.tokenize(tokenizer, vocab, held_docs, args["max_len"])
     train.check_budget(max(map(len, pieces)), batch_tokens)
     model = mb.ModernBertForMaskedLM.from_pretrained(folder)
-    plan = list(enumerate(train.best_fit([len(p) for p in pieces], batch_tokens)))
     accuracies = []
     for k in draws:
         settings = {**train.DEFAULTS, "seed": k, "batch_tokens": batch_tokens, "max_len": args["max_len"]}
-        batches = [train.batch(pieces, b, settings, vocab, train.EVAL_MASK_RATE, -1 - n) for n, b in plan]
+        batches = train.held_out_batches(pieces, settings, vocab)
         accuracies.append(train.evaluate(model, batches, train.mixed_precision(torch.device("cpu"), None))[1])
     return accuracies
 
